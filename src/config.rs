@@ -1,0 +1,290 @@
+//! Settings: built-in defaults, overlaid by a TOML file (`--config`), overlaid
+//! by command-line flags. `config/inference-core.toml` documents every key and
+//! a unit test keeps it identical to the built-in defaults.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::protocol::Generation;
+
+/// The default model's file name inside the model cache (see scripts/fetch-model.sh).
+pub const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+/// The default model's GGUF carries no chat template; it uses Gemma's turns.
+const DEFAULT_MODEL_CHAT_TEMPLATE: &str = "gemma";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "inference-core",
+    version,
+    about = "Streams tokens from one llama.cpp model to WebSocket clients"
+)]
+pub struct Cli {
+    /// GGUF model to serve [default: the cached Gemma 3 270M Q4_K_M]
+    #[arg(short = 'm', long = "model", value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1]
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 8080]
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Threads for generation and prompt processing [default: physical cores]
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Context size in tokens [default: 4096]
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<u32>,
+    /// Chat template for "messages": a llama.cpp built-in name (gemma, chatml,
+    /// llama3...) or a template text [default: the model's own]
+    #[arg(long, value_name = "NAME")]
+    pub chat_template: Option<String>,
+    /// TOML settings file (see config/inference-core.toml)
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log level: error, warn, info, debug, trace [default: info]
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: Server,
+    pub model: Model,
+    pub defaults: Generation,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    pub max_connections: usize,
+    pub max_inflight_per_connection: usize,
+    pub handshake_timeout_s: f64,
+    pub max_message_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub max_write_buffer_bytes: usize,
+    pub shutdown_timeout_s: f64,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_connections: 1024,
+            max_inflight_per_connection: 8,
+            handshake_timeout_s: 10.0,
+            max_message_bytes: 1 << 20,
+            max_frame_bytes: 1 << 20,
+            max_write_buffer_bytes: 4 << 20,
+            shutdown_timeout_s: 5.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Model {
+    /// Empty: the default model in the cache directory.
+    pub path: String,
+    pub ctx_size: u32,
+    /// 0: the number of physical cores.
+    pub threads: usize,
+    pub batch_size: u32,
+    pub n_gpu_layers: i32,
+    /// Empty: the template in the GGUF (or "gemma" for the default model, whose GGUF has none).
+    pub chat_template: String,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Model {
+            path: String::new(),
+            ctx_size: 4096,
+            threads: 0,
+            batch_size: 512,
+            n_gpu_layers: 0,
+            chat_template: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    pub level: String,
+    /// Directory for rotating log files; empty: stderr only.
+    pub dir: String,
+    pub rotate_mb: u64,
+    pub keep_files: usize,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+            dir: String::new(),
+            rotate_mb: 16,
+            keep_files: 5,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("invalid config file {0}: {1}")]
+    Parse(String, toml::de::Error),
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(origin.to_owned(), e))
+    }
+
+    /// Defaults, then the `--config` file, then flags.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let mut config = match &cli.config {
+            Some(path) => {
+                let shown = path.display().to_string();
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::Read(shown.clone(), e))?;
+                Config::from_toml(&text, &shown)?
+            }
+            None => Config::default(),
+        };
+        if let Some(m) = &cli.model {
+            config.model.path = m.display().to_string();
+        }
+        if let Some(h) = &cli.host {
+            config.server.host = h.clone();
+        }
+        if let Some(p) = cli.port {
+            config.server.port = p;
+        }
+        if let Some(t) = cli.threads {
+            config.model.threads = t;
+        }
+        if let Some(c) = cli.ctx_size {
+            config.model.ctx_size = c;
+        }
+        if let Some(t) = &cli.chat_template {
+            config.model.chat_template = t.clone();
+        }
+        if let Some(l) = &cli.log_level {
+            config.log.level = l.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.model.ctx_size < 16 {
+            return bad("model.ctx_size must be at least 16");
+        }
+        if self.model.batch_size == 0 {
+            return bad("model.batch_size must be at least 1");
+        }
+        if self.server.max_connections == 0 || self.server.max_inflight_per_connection == 0 {
+            return bad(
+                "server.max_connections and server.max_inflight_per_connection must be at least 1",
+            );
+        }
+        if self.defaults.max_tokens == 0 {
+            return bad("defaults.max_tokens must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn model_path(&self) -> PathBuf {
+        if self.model.path.is_empty() {
+            model_cache_dir().join(DEFAULT_MODEL_FILE)
+        } else {
+            PathBuf::from(&self.model.path)
+        }
+    }
+
+    /// The chat template to use instead of the model's own, if any.
+    pub fn chat_template(&self) -> Option<String> {
+        match (self.model.chat_template.as_str(), self.model.path.as_str()) {
+            ("", "") => Some(DEFAULT_MODEL_CHAT_TEMPLATE.to_owned()),
+            ("", _) => None,
+            (t, _) => Some(t.to_owned()),
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        if self.model.threads == 0 {
+            num_cpus::get_physical().max(1)
+        } else {
+            self.model.threads
+        }
+    }
+}
+
+/// `$INFERENCE_CORE_CACHE`, else `$XDG_CACHE_HOME/inference-core/models`, else
+/// `~/.cache/inference-core/models`; scripts/fetch-model.sh uses the same rule.
+pub fn model_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("INFERENCE_CORE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("inference-core").join("models")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_file_equals_builtin_defaults() {
+        let text = include_str!("../config/inference-core.toml");
+        let parsed = Config::from_toml(text, "config/inference-core.toml").unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = Config::from_toml("[server]\nprot = 1\n", "t").unwrap_err();
+        assert!(e.to_string().contains("unknown field `prot`"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = std::env::temp_dir().join(format!("ic-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[server]\nport = 9000\nhost = \"0.0.0.0\"\n[model]\nctx_size = 1024\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "inference-core",
+            "--config",
+            file.to_str().unwrap(),
+            "--port",
+            "9100",
+            "-t",
+            "3",
+        ]);
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.server.port, 9100);
+        assert_eq!(c.server.host, "0.0.0.0");
+        assert_eq!(c.model.ctx_size, 1024);
+        assert_eq!(c.threads(), 3);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,407 @@
+//! One client socket: a state machine from HTTP request to open WebSocket to close.
+//!
+//! The reactor calls `on_readable` / `on_writable` when mio reports readiness
+//! (edge-triggered: each drains until `WouldBlock`), gets back what the client
+//! sent as `Input`s, queues replies with `send_text` / `respond`, and calls
+//! `flush`. A plain HTTP request (no `Upgrade: websocket`) becomes
+//! `Input::Http` so the reactor can serve routes such as `/health` on the same
+//! port. Outbound bytes are bounded by tungstenite's `max_write_buffer_size`:
+//! a client that reads too slowly gets `SendError::SlowReader`.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use tungstenite::handshake::server::{NoCallback, ServerHandshake};
+use tungstenite::handshake::{HandshakeError, MidHandshake};
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+use crate::engine::JobKey;
+use crate::protocol::{ErrorCode, ServerMsg};
+
+/// Largest HTTP request head we accept before answering 431.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// A socket whose first bytes were already read (the HTTP request head we
+/// parsed to route it) and are replayed to tungstenite's handshake.
+pub struct Prefixed {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: TcpStream,
+}
+
+impl Read for Prefixed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos < self.prefix.len() {
+            let n = buf.len().min(self.prefix.len() - self.pos);
+            buf[..n].copy_from_slice(&self.prefix[self.pos..self.pos + n]);
+            self.pos += n;
+            if self.pos == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.pos = 0;
+            }
+            return Ok(n);
+        }
+        self.inner.read(buf)
+    }
+}
+
+impl Write for Prefixed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+type Handshake = MidHandshake<ServerHandshake<Prefixed, NoCallback>>;
+
+enum State {
+    /// Reading the HTTP request head.
+    Http {
+        stream: TcpStream,
+        head: Vec<u8>,
+    },
+    /// tungstenite is answering the upgrade; may take several readiness events.
+    Handshaking(Box<Handshake>),
+    Open(Box<WebSocket<Prefixed>>),
+    /// Writing a plain HTTP response, then closing.
+    Responding {
+        stream: TcpStream,
+        out: Vec<u8>,
+        written: usize,
+    },
+    Closed,
+}
+
+/// What a client sent, for the reactor to act on.
+#[derive(Debug)]
+pub enum Input {
+    /// The WebSocket is open: send the greeting.
+    Opened,
+    Text(String),
+    Binary,
+    /// A plain HTTP request (not an upgrade).
+    Http {
+        method: String,
+        path: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    Gone,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("the client reads too slowly: its outbound buffer is full")]
+    SlowReader,
+    #[error("the connection is closed")]
+    Closed,
+}
+
+pub struct Connection {
+    /// Distinguishes this connection from earlier ones that used the same slab slot.
+    pub generation: u64,
+    state: State,
+    /// Handshake or close deadline; past it the reactor drops the connection.
+    pub deadline: Option<Instant>,
+    /// Requests in flight on this connection: client id -> engine key.
+    pub requests: HashMap<String, JobKey>,
+    pub peer: String,
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream, generation: u64, deadline: Instant) -> Connection {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        Connection {
+            generation,
+            state: State::Http {
+                stream,
+                head: Vec::new(),
+            },
+            deadline: Some(deadline),
+            requests: HashMap::new(),
+            peer,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Open(_))
+    }
+
+    pub fn on_readable(&mut self, config: &WebSocketConfig, inputs: &mut Vec<Input>) -> Liveness {
+        match &mut self.state {
+            State::Http { stream, head } => match read_head(stream, head) {
+                Ok(true) => self.route_head(config, inputs),
+                Ok(false) => Liveness::Alive,
+                Err(_) => Liveness::Gone,
+            },
+            State::Handshaking(_) => self.drive_handshake(inputs),
+            State::Open(ws) => read_messages(ws, inputs),
+            State::Responding { stream, .. } => {
+                // Discard anything more the client sends; we are closing.
+                let mut sink = [0u8; 4096];
+                loop {
+                    match stream.read(&mut sink) {
+                        Ok(0) => return Liveness::Gone,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Liveness::Alive,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => return Liveness::Gone,
+                    }
+                }
+            }
+            State::Closed => Liveness::Gone,
+        }
+    }
+
+    pub fn on_writable(&mut self, inputs: &mut Vec<Input>) -> Liveness {
+        match &self.state {
+            State::Handshaking(_) => self.drive_handshake(inputs),
+            _ => self.flush(),
+        }
+    }
+
+    /// Writes queued bytes until done or `WouldBlock` (the rest goes out on WRITABLE).
+    pub fn flush(&mut self) -> Liveness {
+        match &mut self.state {
+            State::Open(ws) => match ws.flush() {
+                Ok(()) => Liveness::Alive,
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Liveness::Alive
+                }
+                Err(_) => Liveness::Gone,
+            },
+            State::Responding {
+                stream,
+                out,
+                written,
+            } => {
+                while *written < out.len() {
+                    match stream.write(&out[*written..]) {
+                        Ok(0) => return Liveness::Gone,
+                        Ok(n) => *written += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Liveness::Alive,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => return Liveness::Gone,
+                    }
+                }
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                Liveness::Gone
+            }
+            State::Http { .. } | State::Handshaking(_) => Liveness::Alive,
+            State::Closed => Liveness::Gone,
+        }
+    }
+
+    /// Queues a text frame (sent by the next `flush`).
+    pub fn send_text(&mut self, text: String) -> Result<(), SendError> {
+        let State::Open(ws) = &mut self.state else {
+            return Err(SendError::Closed);
+        };
+        match ws.write(Message::text(text)) {
+            Ok(()) => Ok(()),
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(tungstenite::Error::WriteBufferFull(_)) => Err(SendError::SlowReader),
+            Err(_) => Err(SendError::Closed),
+        }
+    }
+
+    /// Answers a plain HTTP request and closes the connection once written.
+    pub fn respond(&mut self, status: u16, content_type: &str, body: &str) {
+        let State::Http { .. } = self.state else {
+            return;
+        };
+        let State::Http { stream, .. } = std::mem::replace(&mut self.state, State::Closed) else {
+            unreachable!()
+        };
+        let out = http_response(status, content_type, body).into_bytes();
+        self.state = State::Responding {
+            stream,
+            out,
+            written: 0,
+        };
+    }
+
+    /// Starts the WebSocket closing handshake; the client has until `deadline` to answer.
+    pub fn close(&mut self, code: CloseCode, reason: &str, deadline: Instant) {
+        if let State::Open(ws) = &mut self.state {
+            let _ = ws.close(Some(CloseFrame {
+                code,
+                reason: reason.to_owned().into(),
+            }));
+            self.deadline = Some(deadline);
+        }
+    }
+
+    fn route_head(&mut self, config: &WebSocketConfig, inputs: &mut Vec<Input>) -> Liveness {
+        let State::Http { head, .. } = &self.state else {
+            unreachable!()
+        };
+        if head.len() > MAX_HEAD_BYTES {
+            self.respond(431, "text/plain", "request header too large\n");
+            return self.flush();
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let (method, path, upgrade) = match req.parse(head) {
+            Ok(_) => {
+                let upgrade = req.headers.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case("upgrade")
+                        && String::from_utf8_lossy(h.value).eq_ignore_ascii_case("websocket")
+                });
+                (
+                    req.method.unwrap_or("").to_owned(),
+                    req.path.unwrap_or("").to_owned(),
+                    upgrade,
+                )
+            }
+            Err(_) => {
+                self.respond(400, "text/plain", "malformed HTTP request\n");
+                return self.flush();
+            }
+        };
+        if !upgrade {
+            inputs.push(Input::Http { method, path });
+            return Liveness::Alive;
+        }
+        let State::Http { stream, head } = std::mem::replace(&mut self.state, State::Closed) else {
+            unreachable!()
+        };
+        let replay = Prefixed {
+            prefix: head,
+            pos: 0,
+            inner: stream,
+        };
+        self.finish_handshake(
+            tungstenite::accept_with_config(replay, Some(*config)),
+            inputs,
+        )
+    }
+
+    fn drive_handshake(&mut self, inputs: &mut Vec<Input>) -> Liveness {
+        let State::Handshaking(mid) = std::mem::replace(&mut self.state, State::Closed) else {
+            unreachable!()
+        };
+        self.finish_handshake(mid.handshake(), inputs)
+    }
+
+    fn finish_handshake(
+        &mut self,
+        result: Result<WebSocket<Prefixed>, HandshakeError<ServerHandshake<Prefixed, NoCallback>>>,
+        inputs: &mut Vec<Input>,
+    ) -> Liveness {
+        match result {
+            Ok(ws) => {
+                self.state = State::Open(Box::new(ws));
+                self.deadline = None;
+                inputs.push(Input::Opened);
+                // Frames may have arrived right behind the request head.
+                let State::Open(ws) = &mut self.state else {
+                    unreachable!()
+                };
+                read_messages(ws, inputs)
+            }
+            Err(HandshakeError::Interrupted(mid)) => {
+                self.state = State::Handshaking(Box::new(mid));
+                Liveness::Alive
+            }
+            Err(HandshakeError::Failure(e)) => {
+                log::debug!("{}: WebSocket handshake failed: {e}", self.peer);
+                Liveness::Gone
+            }
+        }
+    }
+}
+
+/// Reads into `head` until the request head is complete (`\r\n\r\n`), the
+/// socket would block, or the head is too large.
+fn read_head(stream: &mut TcpStream, head: &mut Vec<u8>) -> io::Result<bool> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.len() > MAX_HEAD_BYTES {
+            return Ok(true);
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads every available message. Pings, pongs and the close handshake are
+/// answered by tungstenite itself (queued; the reactor flushes afterwards).
+fn read_messages(ws: &mut WebSocket<Prefixed>, inputs: &mut Vec<Input>) -> Liveness {
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => inputs.push(Input::Text(t.as_str().to_owned())),
+            Ok(Message::Binary(_)) => inputs.push(Input::Binary),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Liveness::Alive;
+            }
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                return Liveness::Gone;
+            }
+            Err(e) => {
+                // tungstenite reports protocol violations but leaves the close
+                // frame to us: send the RFC 6455 code that names the problem.
+                let (code, why) = match &e {
+                    tungstenite::Error::Capacity(c) => (CloseCode::Size, c.to_string()),
+                    tungstenite::Error::Utf8(_) => (
+                        CloseCode::Invalid,
+                        "text frame is not valid UTF-8".to_owned(),
+                    ),
+                    other => (CloseCode::Protocol, other.to_string()),
+                };
+                log::debug!("closing WebSocket after read error: {e}");
+                if code == CloseCode::Size {
+                    let message = format!("message rejected: {why}");
+                    let error = ServerMsg::Error {
+                        id: None,
+                        code: ErrorCode::BadRequest,
+                        message: &message,
+                    };
+                    let _ = ws.write(Message::text(error.to_json()));
+                }
+                let reason: String = why.chars().take(100).collect();
+                let _ = ws.close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                }));
+                let _ = ws.flush();
+                return Liveness::Gone;
+            }
+        }
+    }
+}
+
+pub fn http_response(status: u16, content_type: &str, body: &str) -> String {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n{body}",
+        body.len()
+    )
+}

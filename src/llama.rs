@@ -1,0 +1,671 @@
+//! Our small safe wrapper over llama.cpp (through `llama-cpp-sys-2`).
+//!
+//! Every `unsafe` block of the project lives in this module. The types here own
+//! llama.cpp objects and free them on `Drop`; null pointers and negative return
+//! codes become typed errors at this boundary, so the engine never sees a raw
+//! pointer or a bare integer. A `Context` borrows its `Model`, so the model can
+//! never be freed first, and neither type is `Send`: both are created and dropped
+//! on the engine thread.
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::marker::PhantomData;
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::Once;
+
+use llama_cpp_sys_2 as sys;
+
+pub type Token = sys::llama_token;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaError {
+    #[error("model file not found: {0}")]
+    ModelMissing(String),
+    #[error("cannot load model {path}: {reason}")]
+    ModelLoad { path: String, reason: String },
+    #[error("cannot create a llama.cpp context: {0}")]
+    Context(String),
+    #[error("text contains a NUL byte")]
+    NulByte,
+    #[error("tokenization failed ({0})")]
+    Tokenize(i32),
+    #[error("llama.cpp does not support this model's chat template")]
+    UnsupportedChatTemplate,
+}
+
+/// Result of `llama_decode`, as documented in llama.h.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("no KV slot for the batch")]
+    NoKvSlot,
+    #[error("aborted")]
+    Aborted,
+    #[error("invalid batch")]
+    InvalidBatch,
+    #[error("llama_decode failed with code {0}")]
+    Fatal(i32),
+}
+
+/// Initialises the llama.cpp backend once per process and routes its logs into
+/// the `log` crate (target `llama.cpp`).
+pub fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        // SAFETY: `log_callback` is a plain `extern "C"` function valid for the
+        // whole process and ignores its user-data pointer, which may be null.
+        unsafe { sys::llama_log_set(Some(log_callback), std::ptr::null_mut()) };
+        // SAFETY: called once, before any other llama.cpp call, as llama.h asks.
+        unsafe { sys::llama_backend_init() };
+    });
+}
+
+/// llama.cpp's description of the CPU features ggml was built with
+/// (e.g. "CPU : SSE3 = 1 | AVX2 = 1 | FMA = 1 ...").
+pub fn system_info() -> String {
+    // SAFETY: returns a pointer to a static, NUL-terminated string owned by llama.cpp.
+    unsafe { CStr::from_ptr(sys::llama_print_system_info()) }
+        .to_string_lossy()
+        .trim()
+        .to_owned()
+}
+
+thread_local! {
+    /// Partial log line: llama.cpp logs in fragments (GGML_LOG_LEVEL_CONT).
+    static LOG_LINE: RefCell<(sys::ggml_log_level, String)> = const { RefCell::new((0, String::new())) };
+    /// While a model loads on this thread, error lines are collected here to
+    /// become the reason of a single `ModelLoad` error instead of log noise.
+    static CAPTURE: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: llama.cpp passes a valid NUL-terminated string for the duration of the call.
+    let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    LOG_LINE.with_borrow_mut(|(line_level, line)| {
+        if level != sys::GGML_LOG_LEVEL_CONT {
+            *line_level = level;
+        }
+        line.push_str(&text);
+        while let Some(end) = line.find('\n') {
+            let full: String = line.drain(..=end).collect();
+            emit_log(*line_level, full.trim_end());
+        }
+    });
+}
+
+fn emit_log(level: sys::ggml_log_level, line: &str) {
+    if line.is_empty() {
+        return;
+    }
+    if level == sys::GGML_LOG_LEVEL_ERROR {
+        let captured = CAPTURE.with_borrow_mut(|c| match c {
+            Some(lines) => {
+                lines.push(line.to_owned());
+                true
+            }
+            None => false,
+        });
+        if captured {
+            log::debug!(target: "llama.cpp", "{line}");
+            return;
+        }
+    }
+    let level = match level {
+        sys::GGML_LOG_LEVEL_ERROR => log::Level::Error,
+        sys::GGML_LOG_LEVEL_WARN => log::Level::Warn,
+        sys::GGML_LOG_LEVEL_INFO => log::Level::Debug,
+        _ => log::Level::Trace,
+    };
+    log::log!(target: "llama.cpp", level, "{line}");
+}
+
+pub struct ModelParams {
+    pub n_gpu_layers: i32,
+}
+
+pub struct Model {
+    ptr: NonNull<sys::llama_model>,
+}
+
+impl Model {
+    pub fn load(path: &Path, params: &ModelParams) -> Result<Model, LlamaError> {
+        init();
+        let shown = path.display().to_string();
+        if !path.is_file() {
+            return Err(LlamaError::ModelMissing(shown));
+        }
+        let c_path =
+            CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| LlamaError::NulByte)?;
+        // SAFETY: returns a plain struct of defaults.
+        let mut mparams = unsafe { sys::llama_model_default_params() };
+        mparams.n_gpu_layers = params.n_gpu_layers;
+        CAPTURE.with_borrow_mut(|c| *c = Some(Vec::new()));
+        // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call;
+        // the returned pointer is null on failure and owned by us otherwise.
+        let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mparams) };
+        let errors = CAPTURE.with_borrow_mut(|c| c.take()).unwrap_or_default();
+        match NonNull::new(raw) {
+            Some(ptr) => Ok(Model { ptr }),
+            None => Err(LlamaError::ModelLoad {
+                path: shown,
+                reason: load_reason(&errors),
+            }),
+        }
+    }
+
+    pub fn vocab(&self) -> Vocab<'_> {
+        // SAFETY: the model pointer is valid; the vocab lives as long as the model.
+        let ptr = unsafe { sys::llama_model_get_vocab(self.ptr.as_ptr()) };
+        Vocab {
+            ptr,
+            _model: PhantomData,
+        }
+    }
+
+    /// The chat template stored in the GGUF metadata, if any.
+    pub fn chat_template(&self) -> Option<String> {
+        // SAFETY: the model is valid; a null name selects the default template.
+        // The returned string (or null) is owned by the model.
+        let raw = unsafe { sys::llama_model_chat_template(self.ptr.as_ptr(), std::ptr::null()) };
+        if raw.is_null() {
+            return None;
+        }
+        // SAFETY: non-null, NUL-terminated, valid while the model lives.
+        Some(
+            unsafe { CStr::from_ptr(raw) }
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+
+    /// Formats a conversation with `template` (llama.cpp's built-in template
+    /// engine detects the template family from its text) and opens the assistant turn.
+    pub fn apply_chat_template(
+        template: &str,
+        messages: &[(&str, &str)],
+    ) -> Result<String, LlamaError> {
+        let c_tmpl = CString::new(template).map_err(|_| LlamaError::NulByte)?;
+        let owned: Vec<(CString, CString)> = messages
+            .iter()
+            .map(|(r, c)| Ok((CString::new(*r)?, CString::new(*c)?)))
+            .collect::<Result<_, std::ffi::NulError>>()
+            .map_err(|_| LlamaError::NulByte)?;
+        let chat: Vec<sys::llama_chat_message> = owned
+            .iter()
+            .map(|(r, c)| sys::llama_chat_message {
+                role: r.as_ptr(),
+                content: c.as_ptr(),
+            })
+            .collect();
+        let mut buf =
+            vec![0u8; 2 * messages.iter().map(|(_, c)| c.len() + 16).sum::<usize>() + 256];
+        loop {
+            // SAFETY: all pointers in `chat` point into `owned`, alive for the call;
+            // `buf` is writable for `buf.len()` bytes.
+            let n = unsafe {
+                sys::llama_chat_apply_template(
+                    c_tmpl.as_ptr(),
+                    chat.as_ptr(),
+                    chat.len(),
+                    true,
+                    buf.as_mut_ptr().cast(),
+                    buf.len() as i32,
+                )
+            };
+            if n < 0 {
+                return Err(LlamaError::UnsupportedChatTemplate);
+            }
+            let n = n as usize;
+            if n <= buf.len() {
+                buf.truncate(n);
+                return Ok(String::from_utf8_lossy(&buf).into_owned());
+            }
+            buf.resize(n, 0);
+        }
+    }
+
+    pub fn n_ctx_train(&self) -> u32 {
+        // SAFETY: the model pointer is valid.
+        unsafe { sys::llama_model_n_ctx_train(self.ptr.as_ptr()) }.max(0) as u32
+    }
+
+    /// Short description, e.g. "gemma3 270M Q4_K - Medium".
+    pub fn description(&self) -> String {
+        let mut buf = [0u8; 256];
+        // SAFETY: `buf` is writable for its length; llama.cpp NUL-terminates within it.
+        let n =
+            unsafe { sys::llama_model_desc(self.ptr.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = (n.max(0) as usize).min(buf.len() - 1);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+fn load_reason(errors: &[String]) -> String {
+    let useful: Vec<&str> = errors
+        .iter()
+        .map(|l| l.split_once(": ").map_or(l.as_str(), |(_, rest)| rest))
+        .filter(|l| !l.contains("failed to load model"))
+        .collect();
+    if useful.is_empty() {
+        "llama.cpp could not read it as a GGUF model".to_owned()
+    } else {
+        useful.join("; ")
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: we own the model; every Context borrowing it is already dropped.
+        unsafe { sys::llama_model_free(self.ptr.as_ptr()) }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct Vocab<'m> {
+    ptr: *const sys::llama_vocab,
+    _model: PhantomData<&'m Model>,
+}
+
+impl Vocab<'_> {
+    pub fn n_tokens(&self) -> i32 {
+        // SAFETY: the vocab is valid while the model lives ('m).
+        unsafe { sys::llama_vocab_n_tokens(self.ptr) }
+    }
+
+    pub fn is_eog(&self, token: Token) -> bool {
+        // SAFETY: the vocab is valid; any token id is accepted.
+        unsafe { sys::llama_vocab_is_eog(self.ptr, token) }
+    }
+
+    /// Every end-of-generation token (EOS, end-of-turn...).
+    pub fn eog_tokens(&self) -> Vec<Token> {
+        (0..self.n_tokens()).filter(|&t| self.is_eog(t)).collect()
+    }
+
+    /// Tokenizes `text`, adding BOS if the model wants one (`add_special`) and
+    /// parsing control tokens written as text (`<start_of_turn>`).
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<Token>, LlamaError> {
+        let len = i32::try_from(text.len()).map_err(|_| LlamaError::Tokenize(i32::MIN))?;
+        let mut tokens: Vec<Token> = vec![0; text.len() + 2];
+        loop {
+            // SAFETY: `text` is valid for `len` bytes (no NUL terminator needed);
+            // `tokens` is writable for `tokens.len()` entries.
+            let n = unsafe {
+                sys::llama_tokenize(
+                    self.ptr,
+                    text.as_ptr().cast(),
+                    len,
+                    tokens.as_mut_ptr(),
+                    tokens.len() as i32,
+                    add_special,
+                    true,
+                )
+            };
+            if n >= 0 {
+                tokens.truncate(n as usize);
+                return Ok(tokens);
+            }
+            if n == i32::MIN || (-n) as usize <= tokens.len() {
+                return Err(LlamaError::Tokenize(n));
+            }
+            tokens.resize((-n) as usize, 0);
+        }
+    }
+
+    /// Appends the bytes of `token` to `out` (possibly part of a UTF-8
+    /// character). Control tokens render as nothing.
+    pub fn piece(&self, token: Token, out: &mut Vec<u8>) {
+        let mut buf = [0u8; 64];
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe {
+            sys::llama_token_to_piece(
+                self.ptr,
+                token,
+                buf.as_mut_ptr().cast(),
+                buf.len() as i32,
+                0,
+                false,
+            )
+        };
+        if n >= 0 {
+            out.extend_from_slice(&buf[..n as usize]);
+            return;
+        }
+        let mut big = vec![0u8; (-n) as usize];
+        // SAFETY: `big` is writable for the length llama.cpp asked for.
+        let n = unsafe {
+            sys::llama_token_to_piece(
+                self.ptr,
+                token,
+                big.as_mut_ptr().cast(),
+                big.len() as i32,
+                0,
+                false,
+            )
+        };
+        if n > 0 {
+            out.extend_from_slice(&big[..n as usize]);
+        }
+    }
+}
+
+pub struct ContextParams {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_seq_max: u32,
+    pub n_threads: i32,
+    pub n_threads_batch: i32,
+}
+
+pub struct Context<'m> {
+    ptr: NonNull<sys::llama_context>,
+    _model: PhantomData<&'m Model>,
+}
+
+impl<'m> Context<'m> {
+    pub fn new(model: &'m Model, params: &ContextParams) -> Result<Context<'m>, LlamaError> {
+        // SAFETY: returns a plain struct of defaults.
+        let mut cparams = unsafe { sys::llama_context_default_params() };
+        cparams.n_ctx = params.n_ctx;
+        cparams.n_batch = params.n_batch;
+        cparams.n_ubatch = params.n_batch;
+        cparams.n_seq_max = params.n_seq_max;
+        cparams.n_threads = params.n_threads;
+        cparams.n_threads_batch = params.n_threads_batch;
+        cparams.no_perf = true;
+        CAPTURE.with_borrow_mut(|c| *c = Some(Vec::new()));
+        // SAFETY: the model is valid and outlives the context ('m); null on failure.
+        let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cparams) };
+        let errors = CAPTURE.with_borrow_mut(|c| c.take()).unwrap_or_default();
+        let ptr = NonNull::new(raw).ok_or_else(|| LlamaError::Context(errors.join("; ")))?;
+        Ok(Context {
+            ptr,
+            _model: PhantomData,
+        })
+    }
+
+    pub fn n_ctx(&self) -> u32 {
+        // SAFETY: the context pointer is valid.
+        unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) }
+    }
+
+    /// Runs the batch. `should_abort` is polled by ggml between graph nodes, so
+    /// a long prefill stops within milliseconds of being asked to.
+    pub fn decode(
+        &mut self,
+        batch: &Batch,
+        should_abort: &dyn Fn() -> bool,
+    ) -> Result<(), DecodeError> {
+        extern "C" fn trampoline(data: *mut c_void) -> bool {
+            // SAFETY: `data` is the `&&dyn Fn` set just below, alive until decode returns.
+            let f = unsafe { &*(data as *const &dyn Fn() -> bool) };
+            f()
+        }
+        let data: *const &dyn Fn() -> bool = &should_abort;
+        // SAFETY: the callback and its data stay valid for the whole llama_decode
+        // call; they are cleared again before `should_abort` goes out of scope.
+        let rc = unsafe {
+            sys::llama_set_abort_callback(self.ptr.as_ptr(), Some(trampoline), data as *mut c_void);
+            let rc = sys::llama_decode(self.ptr.as_ptr(), batch.raw);
+            sys::llama_set_abort_callback(self.ptr.as_ptr(), None, std::ptr::null_mut());
+            rc
+        };
+        match rc {
+            0 => Ok(()),
+            1 => Err(DecodeError::NoKvSlot),
+            2 => Err(DecodeError::Aborted),
+            -1 => Err(DecodeError::InvalidBatch),
+            other => Err(DecodeError::Fatal(other)),
+        }
+    }
+
+    /// Logits of output `i` of the last decode (negative counts from the end).
+    fn logits(&self, i: i32, n_vocab: usize) -> &[f32] {
+        // SAFETY: llama.cpp returns a pointer to `n_vocab` floats for a valid
+        // output index (it aborts on an invalid one); they stay valid until the
+        // next decode, which needs `&mut self`.
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.ptr.as_ptr(), i);
+            std::slice::from_raw_parts(p, n_vocab)
+        }
+    }
+
+    /// Removes every cell of every sequence.
+    pub fn clear_memory(&mut self) {
+        // SAFETY: the context is valid; its memory object lives as long as it.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
+    }
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        // SAFETY: we own the context; nothing else references it.
+        unsafe { sys::llama_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// A token batch with room for `capacity` tokens.
+pub struct Batch {
+    raw: sys::llama_batch,
+    capacity: usize,
+}
+
+impl Batch {
+    pub fn new(capacity: usize, n_seq_max: usize) -> Batch {
+        // SAFETY: allocates arrays for `capacity` tokens, each with room for
+        // `n_seq_max` sequence ids; freed in Drop.
+        let raw = unsafe { sys::llama_batch_init(capacity as i32, 0, n_seq_max as i32) };
+        Batch { raw, capacity }
+    }
+
+    pub fn clear(&mut self) {
+        self.raw.n_tokens = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.n_tokens as usize
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len() >= self.capacity
+    }
+
+    /// Adds a token at `pos` of sequence `seq`; `output` asks for its logits.
+    pub fn push(&mut self, token: Token, pos: i32, seq: i32, output: bool) {
+        assert!(!self.is_full(), "batch overflow");
+        let i = self.len();
+        // SAFETY: i < capacity, and llama_batch_init allocated every array for
+        // `capacity` entries and each seq_id row for at least one id.
+        unsafe {
+            *self.raw.token.add(i) = token;
+            *self.raw.pos.add(i) = pos;
+            *self.raw.n_seq_id.add(i) = 1;
+            *(*self.raw.seq_id.add(i)) = seq;
+            *self.raw.logits.add(i) = output as i8;
+        }
+        self.raw.n_tokens += 1;
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: the batch was allocated by llama_batch_init and is freed once.
+        unsafe { sys::llama_batch_free(self.raw) }
+    }
+}
+
+/// Sampling settings for one request, already validated.
+#[derive(Debug, Clone)]
+pub struct SamplerSpec {
+    pub temp: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    pub repeat_last_n: i32,
+    pub seed: u32,
+    /// Tokens that may never be sampled (end-of-generation tokens under `ignore_eos`).
+    pub banned: Vec<Token>,
+}
+
+/// A llama.cpp sampler chain plus the candidate buffer it works on.
+pub struct Sampler {
+    chain: NonNull<sys::llama_sampler>,
+    candidates: Vec<sys::llama_token_data>,
+}
+
+impl Sampler {
+    pub fn new(spec: &SamplerSpec, n_vocab: i32) -> Sampler {
+        // SAFETY: plain constructor; the chain owns every sampler added to it.
+        let chain =
+            unsafe { sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params()) };
+        let chain = NonNull::new(chain).expect("llama_sampler_chain_init returned null");
+        let add = |s: *mut sys::llama_sampler| {
+            // SAFETY: `s` is a freshly created sampler; the chain takes ownership.
+            unsafe { sys::llama_sampler_chain_add(chain.as_ptr(), s) }
+        };
+        // SAFETY (all constructors below): they only read their scalar
+        // arguments; `biases` outlives the logit-bias constructor, which copies it.
+        unsafe {
+            if !spec.banned.is_empty() {
+                let biases: Vec<sys::llama_logit_bias> = spec
+                    .banned
+                    .iter()
+                    .map(|&token| sys::llama_logit_bias {
+                        token,
+                        bias: f32::NEG_INFINITY,
+                    })
+                    .collect();
+                add(sys::llama_sampler_init_logit_bias(
+                    n_vocab,
+                    biases.len() as i32,
+                    biases.as_ptr(),
+                ));
+            }
+            if spec.repeat_penalty != 1.0 && spec.repeat_last_n != 0 {
+                add(sys::llama_sampler_init_penalties(
+                    n_vocab,
+                    spec.repeat_last_n,
+                    spec.repeat_penalty,
+                    0.0,
+                    0.0,
+                ));
+            }
+            if spec.temp <= 0.0 {
+                add(sys::llama_sampler_init_greedy());
+            } else {
+                if spec.top_k > 0 {
+                    add(sys::llama_sampler_init_top_k(spec.top_k));
+                }
+                if spec.top_p < 1.0 {
+                    add(sys::llama_sampler_init_top_p(spec.top_p, 1));
+                }
+                if spec.min_p > 0.0 {
+                    add(sys::llama_sampler_init_min_p(spec.min_p, 1));
+                }
+                add(sys::llama_sampler_init_temp(spec.temp));
+                add(sys::llama_sampler_init_dist(spec.seed));
+            }
+        }
+        Sampler {
+            chain,
+            candidates: Vec::with_capacity(n_vocab as usize),
+        }
+    }
+
+    /// Samples from output `idx` of the last decode and records the token in
+    /// the chain's history (for repetition penalties). Returns the token and its
+    /// probability after the chain (temperature and truncation applied).
+    pub fn sample(&mut self, ctx: &Context<'_>, idx: i32, n_vocab: usize) -> (Token, f32) {
+        let logits = ctx.logits(idx, n_vocab);
+        self.candidates.clear();
+        self.candidates
+            .extend(
+                logits
+                    .iter()
+                    .enumerate()
+                    .map(|(id, &logit)| sys::llama_token_data {
+                        id: id as Token,
+                        logit,
+                        p: 0.0,
+                    }),
+            );
+        let mut arr = sys::llama_token_data_array {
+            data: self.candidates.as_mut_ptr(),
+            size: self.candidates.len(),
+            selected: -1,
+            sorted: false,
+        };
+        // SAFETY: `arr` points into `self.candidates`, alive and unaliased for the
+        // call; the chain only rewrites/shrinks the array in place.
+        unsafe { sys::llama_sampler_apply(self.chain.as_ptr(), &mut arr) };
+        assert!(
+            arr.selected >= 0 && (arr.selected as usize) < arr.size,
+            "sampler selected nothing"
+        );
+        // SAFETY: the chain may have shrunk `size` but `data` still points into our buffer.
+        let kept = unsafe { std::slice::from_raw_parts(arr.data, arr.size) };
+        let chosen = kept[arr.selected as usize];
+        let prob = softmax_at(kept, chosen.logit);
+        // SAFETY: the chain is valid; accept only updates its history.
+        unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), chosen.id) };
+        (chosen.id, prob)
+    }
+}
+
+/// Probability of a candidate with logit `at` among `kept`. Terms more than
+/// 30 nats below the maximum change the sum by less than 1e-13 each and are skipped.
+fn softmax_at(kept: &[sys::llama_token_data], at: f32) -> f32 {
+    let max = kept.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.logit));
+    if !max.is_finite() {
+        return 1.0;
+    }
+    let floor = max - 30.0;
+    let sum: f32 = kept
+        .iter()
+        .filter(|c| c.logit > floor)
+        .map(|c| (c.logit - max).exp())
+        .sum();
+    (at - max).exp() / sum
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        // SAFETY: we own the chain, which frees the samplers added to it.
+        unsafe { sys::llama_sampler_free(self.chain.as_ptr()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_of_candidates() {
+        let c = |logit| sys::llama_token_data {
+            id: 0,
+            logit,
+            p: 0.0,
+        };
+        let kept = [c(1.0), c(1.0), c(f32::NEG_INFINITY)];
+        assert!((softmax_at(&kept, 1.0) - 0.5).abs() < 1e-6);
+        assert_eq!(softmax_at(&[c(3.0)], 3.0), 1.0);
+    }
+
+    #[test]
+    fn load_reason_keeps_the_cause() {
+        let lines = vec![
+            "gguf_init_from_file_impl: invalid magic characters: 'abcd', expected 'GGUF'"
+                .to_owned(),
+            "llama_model_load_from_file_impl: failed to load model".to_owned(),
+        ];
+        assert_eq!(
+            load_reason(&lines),
+            "invalid magic characters: 'abcd', expected 'GGUF'"
+        );
+        assert!(load_reason(&[]).contains("GGUF"));
+    }
+}

@@ -1,0 +1,122 @@
+//! inference-core: serves one llama.cpp model to WebSocket clients, streaming
+//! every token the moment it is sampled.
+//!
+//! The main thread runs the mio reactor (`reactor`, `connection`); the engine
+//! thread owns llama.cpp (`engine`, through the `llama` wrapper). They talk
+//! through crossbeam channels and a `mio::Waker`. `protocol` and `text` are
+//! sans-I/O and tested without sockets or a model.
+
+mod config;
+mod connection;
+mod engine;
+mod llama;
+mod protocol;
+mod reactor;
+mod text;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context as _;
+use clap::Parser;
+use flexi_logger::{
+    Cleanup, Criterion, DeferredNow, Duplicate, FileSpec, Logger, LoggerHandle, Naming, WriteMode,
+};
+
+use crate::config::{Cli, Config};
+use crate::engine::{EngineConfig, EventSink};
+use crate::reactor::Reactor;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("inference-core: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _logger = match init_logging(&config.log) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("inference-core: error: cannot start logging: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: &Config) -> anyhow::Result<()> {
+    let addr = format!("{}:{}", config.server.host, config.server.port);
+    let listener =
+        std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
+    listener.set_nonblocking(true)?;
+
+    let poll = mio::Poll::new()?;
+    let waker = Arc::new(mio::Waker::new(poll.registry(), reactor::WAKER)?);
+    let armed = Arc::new(AtomicBool::new(false));
+    let (event_tx, event_rx) = crossbeam_channel::unbounded();
+    let engine_config = EngineConfig {
+        model_path: config.model_path(),
+        n_ctx: config.model.ctx_size,
+        n_batch: config.model.batch_size,
+        threads: config.threads(),
+        n_gpu_layers: config.model.n_gpu_layers,
+        chat_template: config.chat_template(),
+    };
+    let (engine, ready) = engine::spawn(
+        engine_config,
+        EventSink::new(event_tx, waker, armed.clone()),
+    )?;
+
+    let listener = mio::net::TcpListener::from_std(listener);
+    let reactor = Reactor::new(poll, listener, event_rx, armed, engine, ready, config)?;
+    if let Some(addr) = reactor.local_addr() {
+        log::info!("listening on ws://{addr}");
+    }
+    reactor.run()
+}
+
+fn init_logging(log: &config::Log) -> Result<LoggerHandle, flexi_logger::FlexiLoggerError> {
+    let logger = Logger::try_with_env_or_str(&log.level)?.format(log_format);
+    let logger = if log.dir.is_empty() {
+        logger.log_to_stderr()
+    } else {
+        logger
+            .log_to_file(
+                FileSpec::default()
+                    .directory(&log.dir)
+                    .basename("inference-core"),
+            )
+            .rotate(
+                Criterion::Size(log.rotate_mb * 1024 * 1024),
+                Naming::Numbers,
+                Cleanup::KeepLogFiles(log.keep_files),
+            )
+            .duplicate_to_stderr(Duplicate::All)
+            .write_mode(WriteMode::Direct)
+    };
+    logger.start()
+}
+
+fn log_format(
+    w: &mut dyn std::io::Write,
+    now: &mut DeferredNow,
+    record: &log::Record,
+) -> std::io::Result<()> {
+    write!(
+        w,
+        "{} {:<5} [{}] {}",
+        now.format("%Y-%m-%dT%H:%M:%S%.3f"),
+        record.level(),
+        record.target(),
+        record.args()
+    )
+}

@@ -1,0 +1,210 @@
+//! Test helpers: start the real release binary on a free port with the real
+//! model, and talk to it with a real WebSocket client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tungstenite::{Message, WebSocket};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_inference-core");
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts the server with the default model and `args`, waits until it listens.
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start inference-core");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ws://").nth(1) {
+                    let port: u16 = rest.rsplit(':').next().unwrap().trim().parse().unwrap();
+                    let _ = tx.send(port);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let port = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(p) => p,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "server did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Server { child, port, log }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.port)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits (up to 10 s) for a log line containing `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        let start = Instant::now();
+        while !self.log_text().contains(needle) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no log line with {needle:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "server did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A raw HTTP GET; returns (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (status, body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    pub hello: Value,
+}
+
+/// The events of one request.
+#[derive(Debug)]
+pub struct Outcome {
+    pub tokens: Vec<Value>,
+    /// The final event: `end` or `error`.
+    pub last: Value,
+}
+
+impl Outcome {
+    pub fn text(&self) -> String {
+        self.tokens
+            .iter()
+            .map(|t| t["content"].as_str().unwrap())
+            .collect()
+    }
+    pub fn reason(&self) -> &str {
+        self.last["reason"].as_str().unwrap_or("")
+    }
+    pub fn op(&self) -> &str {
+        self.last["op"].as_str().unwrap()
+    }
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream.set_read_timeout(Some(EVENT_TIMEOUT)).unwrap();
+        let (ws, _) =
+            tungstenite::client(format!("ws://127.0.0.1:{port}/"), stream).expect("handshake");
+        let mut c = Client {
+            ws,
+            hello: Value::Null,
+        };
+        c.hello = c.recv();
+        assert_eq!(c.hello["op"], "hello", "{}", c.hello);
+        c
+    }
+
+    pub fn send(&mut self, v: Value) {
+        self.send_raw(&v.to_string());
+    }
+
+    pub fn send_raw(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).expect("send");
+    }
+
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read().expect("read event") {
+                Message::Text(t) => {
+                    return serde_json::from_str(t.as_str()).expect("event is JSON");
+                }
+                Message::Close(f) => panic!("connection closed: {f:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a greedy request and collects its events.
+    pub fn infer(&mut self, id: &str, prompt: &str, params: Value) -> Outcome {
+        self.send(json!({"op":"infer","id":id,"prompt":prompt,"params":params}));
+        self.collect(id)
+    }
+
+    /// Reads events until `id`'s final event; other requests' events are dropped.
+    pub fn collect(&mut self, id: &str) -> Outcome {
+        let mut tokens = Vec::new();
+        loop {
+            let ev = self.recv();
+            if ev["id"] != id {
+                continue;
+            }
+            match ev["op"].as_str().unwrap() {
+                "token" => tokens.push(ev),
+                "end" | "error" => return Outcome { tokens, last: ev },
+                other => panic!("unexpected event {other}: {ev}"),
+            }
+        }
+    }
+}
