@@ -342,7 +342,11 @@ impl Reactor {
         };
         match id {
             Some(id) => match conn.requests.get(&id) {
-                Some(key) => self.routes[key].cancel.store(true, Ordering::Relaxed),
+                Some(key) => {
+                    if let Some(route) = self.routes.get(key) {
+                        route.cancel.store(true, Ordering::Relaxed);
+                    }
+                }
                 None => {
                     let message =
                         format!("abort: no request with id {id:?} is in flight on this connection");
@@ -350,8 +354,12 @@ impl Reactor {
                 }
             },
             None => {
-                for key in conn.requests.values() {
-                    self.routes[key].cancel.store(true, Ordering::Relaxed);
+                for route in conn
+                    .requests
+                    .values()
+                    .filter_map(|key| self.routes.get(key))
+                {
+                    route.cancel.store(true, Ordering::Relaxed);
                 }
             }
         }
