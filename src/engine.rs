@@ -328,6 +328,11 @@ impl Engine<'_> {
                     stats.tps,
                     stats.ms
                 );
+                log::debug!(
+                    "request {}: sampling took {:.2} ms in all",
+                    job.id,
+                    progress.sampling.as_secs_f64() * 1e3
+                );
                 self.sink.send(Event::End {
                     key,
                     reason: *reason,
@@ -443,7 +448,9 @@ impl Engine<'_> {
             if should_abort() {
                 return self.aborted();
             }
+            let t0 = Instant::now();
             let (token, prob) = sampler.sample(&self.ctx, -1, self.vocab_size);
+            progress.sampling += t0.elapsed();
             progress.first_token.get_or_insert_with(Instant::now);
             if self.model.vocab().is_eog(token) {
                 self.send_text(job.key, stream.finish(), prob);
@@ -508,6 +515,8 @@ struct Progress {
     first_token: Option<Instant>,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// Time spent choosing tokens (logged at debug level with each request).
+    sampling: std::time::Duration,
 }
 
 impl Progress {
@@ -517,6 +526,7 @@ impl Progress {
             first_token: None,
             prompt_tokens: 0,
             completion_tokens: 0,
+            sampling: std::time::Duration::ZERO,
         }
     }
 

@@ -78,6 +78,14 @@ thread_local! {
     static CAPTURE: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
 }
 
+/// Runs `f` with llama.cpp's error lines collected instead of logged.
+fn capturing_errors<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
+    CAPTURE.with_borrow_mut(|c| *c = Some(Vec::new()));
+    let result = f();
+    let errors = CAPTURE.with_borrow_mut(|c| c.take()).unwrap_or_default();
+    (result, errors)
+}
+
 extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
     if text.is_null() {
         return;
@@ -142,11 +150,11 @@ impl Model {
         // SAFETY: returns a plain struct of defaults.
         let mut mparams = unsafe { sys::llama_model_default_params() };
         mparams.n_gpu_layers = params.n_gpu_layers;
-        CAPTURE.with_borrow_mut(|c| *c = Some(Vec::new()));
         // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call;
         // the returned pointer is null on failure and owned by us otherwise.
-        let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mparams) };
-        let errors = CAPTURE.with_borrow_mut(|c| c.take()).unwrap_or_default();
+        let (raw, errors) = capturing_errors(|| unsafe {
+            sys::llama_model_load_from_file(c_path.as_ptr(), mparams)
+        });
         match NonNull::new(raw) {
             Some(ptr) => Ok(Model { ptr }),
             None => Err(LlamaError::ModelLoad {
@@ -376,10 +384,9 @@ impl<'m> Context<'m> {
         cparams.n_threads = params.n_threads;
         cparams.n_threads_batch = params.n_threads_batch;
         cparams.no_perf = true;
-        CAPTURE.with_borrow_mut(|c| *c = Some(Vec::new()));
         // SAFETY: the model is valid and outlives the context ('m); null on failure.
-        let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cparams) };
-        let errors = CAPTURE.with_borrow_mut(|c| c.take()).unwrap_or_default();
+        let (raw, errors) =
+            capturing_errors(|| unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cparams) });
         let ptr = NonNull::new(raw).ok_or_else(|| LlamaError::Context(errors.join("; ")))?;
         Ok(Context {
             ptr,
@@ -407,19 +414,29 @@ impl<'m> Context<'m> {
         let data: *const &dyn Fn() -> bool = &should_abort;
         // SAFETY: the callback and its data stay valid for the whole llama_decode
         // call; they are cleared again before `should_abort` goes out of scope.
-        let rc = unsafe {
+        let (rc, errors) = capturing_errors(|| unsafe {
             sys::llama_set_abort_callback(self.ptr.as_ptr(), Some(trampoline), data as *mut c_void);
             let rc = sys::llama_decode(self.ptr.as_ptr(), batch.raw);
             sys::llama_set_abort_callback(self.ptr.as_ptr(), None, std::ptr::null_mut());
             rc
-        };
-        match rc {
+        });
+        let result = match rc {
             0 => Ok(()),
             1 => Err(DecodeError::NoKvSlot),
             2 => Err(DecodeError::Aborted),
             -1 => Err(DecodeError::InvalidBatch),
             other => Err(DecodeError::Fatal(other)),
+        };
+        // An abort we asked for makes llama.cpp log errors; they are expected then.
+        let level = if result == Err(DecodeError::Aborted) {
+            log::Level::Debug
+        } else {
+            log::Level::Error
+        };
+        for line in errors {
+            log::log!(target: "llama.cpp", level, "{line}");
         }
+        result
     }
 
     /// Logits of output `i` of the last decode (negative counts from the end).
@@ -515,6 +532,9 @@ pub struct SamplerSpec {
 pub struct Sampler {
     chain: NonNull<sys::llama_sampler>,
     candidates: Vec<sys::llama_token_data>,
+    /// Plain greedy (no penalties): pick the argmax straight from the logits,
+    /// skipping the copy of the whole vocabulary into `candidates`.
+    greedy: Option<Vec<Token>>,
 }
 
 impl Sampler {
@@ -570,9 +590,12 @@ impl Sampler {
                 add(sys::llama_sampler_init_dist(spec.seed));
             }
         }
+        let plain_greedy =
+            spec.temp <= 0.0 && (spec.repeat_penalty == 1.0 || spec.repeat_last_n == 0);
         Sampler {
             chain,
             candidates: Vec::with_capacity(n_vocab as usize),
+            greedy: plain_greedy.then(|| spec.banned.clone()),
         }
     }
 
@@ -581,6 +604,9 @@ impl Sampler {
     /// probability after the chain (temperature and truncation applied).
     pub fn sample(&mut self, ctx: &Context<'_>, idx: i32, n_vocab: usize) -> (Token, f32) {
         let logits = ctx.logits(idx, n_vocab);
+        if let Some(banned) = &self.greedy {
+            return greedy(logits, banned);
+        }
         self.candidates.clear();
         self.candidates
             .extend(
@@ -614,6 +640,24 @@ impl Sampler {
         unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), chosen.id) };
         (chosen.id, prob)
     }
+}
+
+/// The most likely token that is not banned, and its softmax probability.
+fn greedy(logits: &[f32], banned: &[Token]) -> (Token, f32) {
+    let mut best = (0usize, f32::NEG_INFINITY);
+    for (i, &l) in logits.iter().enumerate() {
+        if l > best.1 && !banned.contains(&(i as Token)) {
+            best = (i, l);
+        }
+    }
+    let floor = best.1 - 20.0;
+    let sum: f32 = logits
+        .iter()
+        .enumerate()
+        .filter(|&(i, &l)| l > floor && !banned.contains(&(i as Token)))
+        .map(|(_, &l)| (l - best.1).exp())
+        .sum();
+    (best.0 as Token, 1.0 / sum)
 }
 
 /// Probability of a candidate with logit `at` among `kept`. Terms more than
@@ -653,6 +697,17 @@ mod tests {
         let kept = [c(1.0), c(1.0), c(f32::NEG_INFINITY)];
         assert!((softmax_at(&kept, 1.0) - 0.5).abs() < 1e-6);
         assert_eq!(softmax_at(&[c(3.0)], 3.0), 1.0);
+    }
+
+    #[test]
+    fn greedy_skips_banned_tokens() {
+        let logits = [0.0, 5.0, 5.0_f32.ln() + 5.0, 1.0];
+        let (t, p) = greedy(&logits, &[]);
+        assert_eq!(t, 2);
+        assert!(p > 0.8 && p < 0.85, "{p}");
+        let (t, p) = greedy(&logits, &[2]);
+        assert_eq!(t, 1);
+        assert!(p > 0.9, "{p}");
     }
 
     #[test]
