@@ -53,6 +53,7 @@ pub struct Cli {
 pub struct Config {
     pub server: Server,
     pub model: Model,
+    pub scheduler: Scheduler,
     pub defaults: Generation,
     pub log: Log,
 }
@@ -110,6 +111,30 @@ impl Default for Model {
             batch_size: 512,
             n_gpu_layers: 0,
             chat_template: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Scheduler {
+    /// Sequences decoded together in one batch.
+    pub slots: usize,
+    /// KV cells per accounting page.
+    pub page_size: usize,
+    /// Requests that may wait for a slot; beyond it: `overloaded`.
+    pub max_queue: usize,
+    /// Cached prefixes kept in the KV pool (each holds one llama.cpp sequence id).
+    pub prefix_cache_entries: usize,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Scheduler {
+            slots: 4,
+            page_size: 16,
+            max_queue: 64,
+            prefix_cache_entries: 32,
         }
     }
 }
@@ -198,6 +223,15 @@ impl Config {
             return bad(
                 "server.max_connections and server.max_inflight_per_connection must be at least 1",
             );
+        }
+        let s = &self.scheduler;
+        if s.slots == 0 || s.page_size == 0 || s.slots + s.prefix_cache_entries > 256 {
+            return bad(
+                "scheduler.slots and scheduler.page_size must be at least 1, and slots + prefix_cache_entries at most 256",
+            );
+        }
+        if s.slots as u32 > self.model.batch_size {
+            return bad("scheduler.slots must not exceed model.batch_size");
         }
         if self.defaults.max_tokens == 0 {
             return bad("defaults.max_tokens must be at least 1");

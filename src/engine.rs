@@ -1,17 +1,22 @@
 //! The engine thread: owns llama.cpp (model, context, samplers) and turns jobs
-//! into token events.
+//! into token events, many sequences at once (continuous batching).
+//!
+//! Each step is one `llama_decode` holding the next token of every generating
+//! sequence plus prompt chunks of newly admitted ones, bounded by `n_batch`, so
+//! a long prompt never freezes the others' token cadence. The `scheduler`
+//! decides admission, KV pages and prefix reuse; this module executes it.
 //!
 //! Jobs arrive on a crossbeam channel; events go back on another one, and the
-//! reactor is woken through a `mio::Waker` at most once per engine step, not
-//! once per event (uWS's `loop->defer`). Each job carries an abort flag that the
-//! reactor sets on `abort` or disconnect; llama.cpp's abort callback polls it,
-//! so a long prefill stops within milliseconds. With no work the thread blocks
-//! on the channel and uses no CPU.
+//! reactor is woken through a `mio::Waker` at most once per step, not once per
+//! event (uWS's `loop->defer`). Each job carries an abort flag that the reactor
+//! sets on `abort` or disconnect; it is checked before every step, and
+//! llama.cpp's abort callback stops a decode in which every sequence was
+//! aborted. With no work the thread blocks on the channel and uses no CPU.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
@@ -20,7 +25,8 @@ use crate::llama::{
     self, Batch, Context, ContextParams, DecodeError, LlamaError, Model, ModelParams, Sampler,
     SamplerSpec, Token,
 };
-use crate::protocol::{EndReason, ErrorCode, Generation, PromptInput, Stats};
+use crate::protocol::{EndReason, ErrorCode, Generation, PromptInput, Stats, Status};
+use crate::scheduler::{self, MemOp, Request, Scheduler, Submitted};
 use crate::text::{Step, TextStream};
 
 /// Identifies one request between the reactor and the engine.
@@ -43,6 +49,8 @@ pub enum Command {
 
 #[derive(Debug)]
 pub enum Event {
+    /// The request waits for a slot or KV pages; `position` 1 is next.
+    Queued { key: JobKey, position: usize },
     Token {
         key: JobKey,
         text: String,
@@ -96,6 +104,10 @@ pub struct EngineConfig {
     pub n_batch: u32,
     pub threads: usize,
     pub n_gpu_layers: i32,
+    pub slots: usize,
+    pub page_size: usize,
+    pub queue_limit: usize,
+    pub cache_entries: usize,
     /// Overrides the model's own chat template.
     pub chat_template: Option<String>,
 }
@@ -109,6 +121,8 @@ pub struct Ready {
 
 pub struct EngineHandle {
     pub commands: Sender<Command>,
+    /// Refreshed by the engine after every step.
+    pub status: Arc<Mutex<Status>>,
     /// Set on shutdown: aborts the running decode at once.
     pub shutdown: Arc<AtomicBool>,
     pub thread: std::thread::JoinHandle<()>,
@@ -120,14 +134,17 @@ pub fn spawn(config: EngineConfig, sink: EventSink) -> Result<(EngineHandle, Rea
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let shutdown = Arc::new(AtomicBool::new(false));
     let flag = shutdown.clone();
+    let status = Arc::new(Mutex::new(Status::default()));
+    let published = status.clone();
     let thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || run(config, sink, cmd_rx, flag, ready_tx))
+        .spawn(move || run(config, sink, cmd_rx, flag, published, ready_tx))
         .expect("cannot spawn the engine thread");
     match ready_rx.recv() {
         Ok(Ok(ready)) => Ok((
             EngineHandle {
                 commands: cmd_tx,
+                status,
                 shutdown,
                 thread,
             },
@@ -151,6 +168,7 @@ fn run(
     sink: EventSink,
     commands: Receiver<Command>,
     shutdown: Arc<AtomicBool>,
+    status: Arc<Mutex<Status>>,
     ready: Sender<Result<Ready, LlamaError>>,
 ) {
     llama::init();
@@ -168,12 +186,13 @@ fn run(
             return;
         }
     };
+    let n_seq_max = config.slots + config.cache_entries;
     let ctx = match Context::new(
         &model,
         &ContextParams {
             n_ctx: config.n_ctx,
             n_batch: config.n_batch,
-            n_seq_max: 1,
+            n_seq_max: n_seq_max as u32,
             n_threads: threads,
             n_threads_batch: threads,
         },
@@ -184,19 +203,6 @@ fn run(
             return;
         }
     };
-    let model_name = config
-        .model_path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    log::info!(
-        "model {} ({}), context {} tokens (trained {}), {} threads",
-        config.model_path.display(),
-        model.description(),
-        ctx.n_ctx(),
-        model.n_ctx_train(),
-        threads
-    );
     let chat_template = config
         .chat_template
         .clone()
@@ -212,6 +218,21 @@ fn run(
         return;
     }
     let n_ctx = ctx.n_ctx();
+    let model_name = config
+        .model_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    log::info!(
+        "model {} ({}), context {} tokens (trained {}), {} threads, {} slots, KV pages of {} cells",
+        config.model_path.display(),
+        model.description(),
+        n_ctx,
+        model.n_ctx_train(),
+        threads,
+        config.slots,
+        config.page_size,
+    );
     let _ = ready.send(Ok(Ready { model_name, n_ctx }));
     let mut engine = Engine {
         vocab_size: model.vocab().n_tokens() as usize,
@@ -219,14 +240,24 @@ fn run(
         chat_template,
         batch: Batch::new(config.n_batch as usize, 1),
         n_batch: config.n_batch as usize,
+        scheduler: Scheduler::new(scheduler::Config {
+            n_ctx: n_ctx as usize,
+            page_size: config.page_size,
+            slots: config.slots,
+            cache_entries: config.cache_entries,
+            queue_limit: config.queue_limit,
+        }),
+        active: Vec::new(),
+        waiting: HashMap::new(),
         model: &model,
         ctx,
         sink,
         commands,
         shutdown,
-        queue: VecDeque::new(),
+        status,
         stopping: false,
     };
+    engine.publish();
     engine.serve();
     engine.sink.send(Event::Stopped);
     engine.sink.wake();
@@ -241,12 +272,35 @@ struct Engine<'m> {
     vocab_size: usize,
     eog: Vec<Token>,
     chat_template: Option<String>,
+    scheduler: Scheduler,
+    /// Admitted sequences, in admission order (prefill goes first-come first-served).
+    active: Vec<Seq>,
+    /// Jobs the scheduler holds in its queue.
+    waiting: HashMap<JobKey, Box<Job>>,
     sink: EventSink,
     commands: Receiver<Command>,
     shutdown: Arc<AtomicBool>,
-    /// Jobs received but not started, in arrival order.
-    queue: VecDeque<Box<Job>>,
+    status: Arc<Mutex<Status>>,
     stopping: bool,
+}
+
+/// One admitted request.
+struct Seq {
+    job: Box<Job>,
+    id: i32,
+    prompt: Vec<Token>,
+    /// Tokens whose cells this sequence holds, in position order.
+    decoded: Vec<Token>,
+    /// Sampled, sent, and to be decoded in the next step.
+    pending: Option<Token>,
+    /// Positions this sequence may fill (its reserved pages).
+    limit: usize,
+    sampler: Sampler,
+    stream: TextStream,
+    progress: Progress,
+    /// Where this sequence's tokens sit in the current batch.
+    chunk: usize,
+    output: Option<i32>,
 }
 
 /// How a job ended, before it becomes an event.
@@ -258,71 +312,365 @@ enum Outcome {
 impl Engine<'_> {
     fn serve(&mut self) {
         loop {
-            if self.queue.is_empty() && !self.stopping {
+            if self.active.is_empty() && self.waiting.is_empty() && !self.stopping {
                 match self.commands.recv() {
-                    Ok(Command::Infer(job)) => self.queue.push_back(job),
+                    Ok(Command::Infer(job)) => self.submit(job),
                     Ok(Command::Shutdown) | Err(_) => self.stopping = true,
                 }
             }
             self.poll_commands();
-            let Some(job) = self.queue.pop_front() else {
-                if self.stopping {
+            if self.stopping {
+                self.fail_all(ErrorCode::ShuttingDown, "the server is shutting down");
+                return;
+            }
+            self.reap_cancelled();
+            self.admit();
+            self.step();
+            self.publish();
+            self.sink.wake();
+        }
+    }
+
+    fn publish(&self) {
+        let snapshot = self.scheduler.status();
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
+    }
+
+    /// Takes every pending command without blocking.
+    fn poll_commands(&mut self) {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Infer(job)) => self.submit(job),
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
+                    self.stopping = true;
+                    self.shutdown.store(true, Ordering::Relaxed);
                     return;
                 }
-                continue;
-            };
-            if self.stopping {
-                let outcome = Outcome::Error(
-                    ErrorCode::ShuttingDown,
-                    "the server is shutting down".into(),
-                );
-                self.finish(&job, &outcome, &Progress::new(&job));
-            } else {
-                self.run_job(job);
+                Err(TryRecvError::Empty) => return,
             }
         }
     }
 
-    /// Takes every pending command without blocking; ends cancelled queued jobs.
-    fn poll_commands(&mut self) {
-        loop {
-            match self.commands.try_recv() {
-                Ok(Command::Infer(job)) => self.queue.push_back(job),
-                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
-                    self.stopping = true;
-                    self.shutdown.store(true, Ordering::Relaxed);
-                    break;
-                }
-                Err(TryRecvError::Empty) => break,
+    /// Tokenizes a job and queues it with the scheduler.
+    fn submit(&mut self, job: Box<Job>) {
+        let mut progress = Progress::new(&job);
+        let tokens = match self.prompt_tokens(&job.input) {
+            Ok(t) => t,
+            Err(o) => return self.report(&job, &o, &progress),
+        };
+        progress.prompt_tokens = tokens.len();
+        let req = Request {
+            key: job.key,
+            tokens,
+            max_tokens: job.params.max_tokens as usize,
+        };
+        match self.scheduler.submit(req) {
+            Submitted::Queued { .. } => {
+                self.waiting.insert(job.key, job);
+            }
+            Submitted::Rejected { code, message } => {
+                self.report(&job, &Outcome::Error(code, message), &progress)
             }
         }
+    }
+
+    fn prompt_tokens(&self, input: &PromptInput) -> Result<Vec<Token>, Outcome> {
+        let text = match input {
+            PromptInput::Text(t) => t.clone(),
+            PromptInput::Messages(messages) => {
+                let template = self.chat_template.as_deref().ok_or_else(|| {
+                    Outcome::Error(
+                        ErrorCode::BadRequest,
+                        "this model has no chat template: send \"prompt\" instead, or start the server with --chat-template".into(),
+                    )
+                })?;
+                let pairs: Vec<(&str, &str)> = messages
+                    .iter()
+                    .map(|m| (m.role.as_str(), m.content.as_str()))
+                    .collect();
+                Model::apply_chat_template(template, &pairs).map_err(|e| {
+                    Outcome::Error(
+                        ErrorCode::BadRequest,
+                        format!("cannot format messages: {e}"),
+                    )
+                })?
+            }
+        };
+        self.model.vocab().tokenize(&text, true).map_err(|e| {
+            Outcome::Error(
+                ErrorCode::BadRequest,
+                format!("cannot tokenize the prompt: {e}"),
+            )
+        })
+    }
+
+    /// Ends aborted requests, waiting or running, before the next step.
+    fn reap_cancelled(&mut self) {
+        let cancelled: Vec<JobKey> = self
+            .waiting
+            .iter()
+            .filter(|(_, j)| j.cancel.load(Ordering::Relaxed))
+            .map(|(&k, _)| k)
+            .collect();
+        for key in cancelled {
+            self.scheduler.cancel_queued(key);
+            let job = self.waiting.remove(&key).expect("listed above");
+            self.report(&job, &Outcome::End(EndReason::Abort), &Progress::new(&job));
+        }
         let mut i = 0;
-        while i < self.queue.len() {
-            if self.queue[i].cancel.load(Ordering::Relaxed) {
-                let job = self.queue.remove(i).expect("index checked");
-                self.finish(&job, &Outcome::End(EndReason::Abort), &Progress::new(&job));
+        while i < self.active.len() {
+            if self.active[i].job.cancel.load(Ordering::Relaxed) {
+                self.finish(i, Outcome::End(EndReason::Abort));
             } else {
                 i += 1;
             }
         }
     }
 
-    fn run_job(&mut self, job: Box<Job>) {
-        let mut progress = Progress::new(&job);
-        let outcome = self.generate(&job, &mut progress);
-        self.finish(&job, &outcome, &progress);
+    /// Starts every request the scheduler admits and tells the others their place.
+    fn admit(&mut self) {
+        for (req, admitted) in self.scheduler.admit() {
+            let job = self
+                .waiting
+                .remove(&req.key)
+                .expect("admitted jobs are waiting");
+            self.apply(&admitted.ops);
+            let p = &job.params;
+            let n_ctx = self.ctx.n_ctx() as i32;
+            let spec = SamplerSpec {
+                temp: p.temp,
+                top_k: p.top_k,
+                top_p: p.top_p,
+                min_p: p.min_p,
+                repeat_penalty: p.repeat_penalty,
+                repeat_last_n: if p.repeat_last_n < 0 {
+                    n_ctx
+                } else {
+                    p.repeat_last_n
+                },
+                seed: p.seed.unwrap_or_else(random_seed),
+                banned: if p.ignore_eos {
+                    self.eog.clone()
+                } else {
+                    Vec::new()
+                },
+            };
+            let mut progress = Progress::new(&job);
+            progress.prompt_tokens = req.tokens.len();
+            progress.cached_tokens = admitted.cached_tokens;
+            self.active.push(Seq {
+                sampler: Sampler::new(&spec, self.vocab_size as i32),
+                stream: TextStream::new(p.stop.clone()),
+                id: admitted.seq,
+                decoded: req.tokens[..admitted.cached_tokens].to_vec(),
+                prompt: req.tokens,
+                pending: None,
+                limit: admitted.limit,
+                progress,
+                chunk: 0,
+                output: None,
+                job,
+            });
+        }
+        for (key, position) in self.scheduler.position_updates() {
+            self.sink.send(Event::Queued { key, position });
+        }
     }
 
-    fn finish(&self, job: &Job, outcome: &Outcome, progress: &Progress) {
+    fn apply(&mut self, ops: &[MemOp]) {
+        for op in ops {
+            match *op {
+                MemOp::Copy { src, dst, len } => self.ctx.seq_cp(src, dst, len),
+                MemOp::Remove { seq, from } => self.ctx.seq_rm(seq, from),
+            }
+        }
+    }
+
+    /// One decode: the next token of every generating sequence, then prompt
+    /// chunks of the others while the batch has room.
+    fn step(&mut self) {
+        if self.active.is_empty() {
+            return;
+        }
+        self.batch.clear();
+        for s in &mut self.active {
+            s.chunk = 0;
+            s.output = None;
+            if let Some(token) = s.pending {
+                s.output = Some(self.batch.len() as i32);
+                self.batch.push(token, s.decoded.len() as i32, s.id, true);
+            }
+        }
+        for s in &mut self.active {
+            let remaining = s.prompt.len() - s.decoded.len().min(s.prompt.len());
+            if s.pending.is_some() || remaining == 0 || self.batch.is_full() {
+                continue;
+            }
+            let n = remaining.min(self.n_batch - self.batch.len());
+            let start = s.decoded.len();
+            for (j, &t) in s.prompt[start..start + n].iter().enumerate() {
+                let last = start + j + 1 == s.prompt.len();
+                if last {
+                    s.output = Some(self.batch.len() as i32);
+                }
+                self.batch.push(t, (start + j) as i32, s.id, last);
+            }
+            s.chunk = n;
+        }
+        let result = loop {
+            let flags: Vec<Arc<AtomicBool>> = self
+                .active
+                .iter()
+                .filter(|s| s.chunk > 0 || s.output.is_some())
+                .map(|s| s.job.cancel.clone())
+                .collect();
+            let shutdown = self.shutdown.clone();
+            // One client's abort must not throw away the others' work: only
+            // interrupt a decode in which every sequence was aborted.
+            let should_abort = move || {
+                shutdown.load(Ordering::Relaxed) || flags.iter().all(|f| f.load(Ordering::Relaxed))
+            };
+            match self.ctx.decode(&self.batch, &should_abort) {
+                Err(DecodeError::NoKvSlot) => match self.scheduler.evict_lru() {
+                    Some(op) => {
+                        log::warn!(
+                            "llama.cpp found no KV slot: evicting a cached prefix and retrying"
+                        );
+                        self.apply(&[op]);
+                    }
+                    None => break Err(DecodeError::NoKvSlot),
+                },
+                other => break other,
+            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(DecodeError::Aborted) => return, // reap_cancelled or shutdown ends them
+            Err(e) => {
+                log::error!("llama_decode failed: {e}");
+                let message = format!("the engine failed: {e}");
+                while let Some(i) = self
+                    .active
+                    .iter()
+                    .position(|s| s.chunk > 0 || s.output.is_some())
+                {
+                    self.finish(i, Outcome::Error(ErrorCode::Internal, message.clone()));
+                }
+                return;
+            }
+        }
+        let mut i = 0;
+        while i < self.active.len() {
+            let s = &mut self.active[i];
+            if s.chunk > 0 {
+                let start = s.decoded.len();
+                s.decoded
+                    .extend_from_slice(&s.prompt[start..start + s.chunk]);
+            } else if let Some(t) = s.pending.take() {
+                s.decoded.push(t);
+            }
+            match s.output {
+                Some(row) => match self.on_output(i, row) {
+                    Some(outcome) => self.finish(i, outcome),
+                    None => i += 1,
+                },
+                None => i += 1,
+            }
+        }
+    }
+
+    /// Samples sequence `i`'s next token from batch row `row` and streams its
+    /// text; returns how the request ended, if it did.
+    fn on_output(&mut self, i: usize, row: i32) -> Option<Outcome> {
+        let vocab = self.model.vocab();
+        let s = &mut self.active[i];
+        let t0 = Instant::now();
+        let (token, prob) = s.sampler.sample(&self.ctx, row, self.vocab_size);
+        s.progress.sampling += t0.elapsed();
+        s.progress.first_token.get_or_insert_with(Instant::now);
+        if vocab.is_eog(token) {
+            let text = s.stream.finish();
+            self.send_text(i, text, prob);
+            return Some(Outcome::End(EndReason::Eos));
+        }
+        s.progress.completion_tokens += 1;
+        let mut bytes = Vec::with_capacity(16);
+        vocab.piece(token, &mut bytes);
+        let (text, stopped) = match s.stream.push(&bytes) {
+            Step::Emit(text) => (text, false),
+            Step::Stop(text) => (text, true),
+        };
+        let done = s.progress.completion_tokens >= s.job.params.max_tokens as usize
+            || s.decoded.len() >= s.limit;
+        let tail = if done && !stopped {
+            s.stream.finish()
+        } else {
+            String::new()
+        };
+        s.pending = Some(token);
+        self.send_text(i, text + &tail, prob);
+        if stopped {
+            Some(Outcome::End(EndReason::Stop))
+        } else if done {
+            Some(Outcome::End(EndReason::Length))
+        } else {
+            None
+        }
+    }
+
+    fn send_text(&self, i: usize, text: String, prob: f32) {
+        if !text.is_empty() {
+            let key = self.active[i].job.key;
+            self.sink.send(Event::Token { key, text, prob });
+        }
+    }
+
+    /// Ends active sequence `i`: its KV pages go back to the scheduler (whole
+    /// pages of a cleanly ended request stay as a cached prefix).
+    fn finish(&mut self, i: usize, outcome: Outcome) {
+        let s = self.active.remove(i);
+        let keep: &[Token] = match outcome {
+            Outcome::End(_) => &s.decoded,
+            Outcome::Error(..) => &[],
+        };
+        let ops = self.scheduler.finish(s.job.key, keep);
+        self.apply(&ops);
+        debug_assert!(
+            self.scheduler.check().is_ok(),
+            "{:?}",
+            self.scheduler.check()
+        );
+        self.report(&s.job, &outcome, &s.progress);
+    }
+
+    /// Ends every request (shutdown).
+    fn fail_all(&mut self, code: ErrorCode, message: &str) {
+        while !self.active.is_empty() {
+            self.finish(0, Outcome::Error(code, message.to_owned()));
+        }
+        let keys: Vec<JobKey> = self.waiting.keys().copied().collect();
+        for key in keys {
+            self.scheduler.cancel_queued(key);
+            let job = self.waiting.remove(&key).expect("listed above");
+            self.report(
+                &job,
+                &Outcome::Error(code, message.to_owned()),
+                &Progress::new(&job),
+            );
+        }
+    }
+
+    fn report(&self, job: &Job, outcome: &Outcome, progress: &Progress) {
         let key = job.key;
         match outcome {
             Outcome::End(reason) => {
                 let stats = progress.stats();
                 log::info!(
-                    "request {} ended ({:?}): prompt {} tokens, completion {} tokens, ttft {:.1} ms, {:.1} tok/s, total {:.1} ms",
+                    "request {} ended ({:?}): prompt {} tokens ({} cached), completion {} tokens, ttft {:.1} ms, {:.1} tok/s, total {:.1} ms",
                     job.id,
                     reason,
                     stats.prompt_tokens,
+                    stats.cached_tokens,
                     stats.completion_tokens,
                     stats.ttft_ms,
                     stats.tps,
@@ -348,164 +696,6 @@ impl Engine<'_> {
                 });
             }
         }
-        self.sink.wake();
-    }
-
-    fn prompt_text(&self, input: &PromptInput) -> Result<String, Outcome> {
-        match input {
-            PromptInput::Text(t) => Ok(t.clone()),
-            PromptInput::Messages(messages) => {
-                let template = self.chat_template.as_deref().ok_or_else(|| {
-                    Outcome::Error(
-                        ErrorCode::BadRequest,
-                        "this model has no chat template: send \"prompt\" instead, or start the server with --chat-template".into(),
-                    )
-                })?;
-                let pairs: Vec<(&str, &str)> = messages
-                    .iter()
-                    .map(|m| (m.role.as_str(), m.content.as_str()))
-                    .collect();
-                Model::apply_chat_template(template, &pairs).map_err(|e| {
-                    Outcome::Error(
-                        ErrorCode::BadRequest,
-                        format!("cannot format messages: {e}"),
-                    )
-                })
-            }
-        }
-    }
-
-    fn generate(&mut self, job: &Job, progress: &mut Progress) -> Outcome {
-        let text = match self.prompt_text(&job.input) {
-            Ok(t) => t,
-            Err(o) => return o,
-        };
-        let tokens = match self.model.vocab().tokenize(&text, true) {
-            Ok(t) => t,
-            Err(e) => {
-                return Outcome::Error(
-                    ErrorCode::BadRequest,
-                    format!("cannot tokenize the prompt: {e}"),
-                );
-            }
-        };
-        progress.prompt_tokens = tokens.len();
-        let n_ctx = self.ctx.n_ctx() as usize;
-        if tokens.len() >= n_ctx {
-            return Outcome::Error(
-                ErrorCode::ContextOverflow,
-                format!(
-                    "the prompt is {} tokens but the context holds {} (at least one must be left for the reply)",
-                    tokens.len(),
-                    n_ctx
-                ),
-            );
-        }
-        let p = &job.params;
-        let spec = SamplerSpec {
-            temp: p.temp,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            repeat_penalty: p.repeat_penalty,
-            repeat_last_n: if p.repeat_last_n < 0 {
-                n_ctx as i32
-            } else {
-                p.repeat_last_n
-            },
-            seed: p.seed.unwrap_or_else(random_seed),
-            banned: if p.ignore_eos {
-                self.eog.clone()
-            } else {
-                Vec::new()
-            },
-        };
-        let mut sampler = Sampler::new(&spec, self.vocab_size as i32);
-        let mut stream = TextStream::new(p.stop.clone());
-        let cancel = job.cancel.clone();
-        let shutdown = self.shutdown.clone();
-        let should_abort =
-            move || cancel.load(Ordering::Relaxed) || shutdown.load(Ordering::Relaxed);
-
-        self.ctx.clear_memory();
-        for (c, chunk) in tokens.chunks(self.n_batch).enumerate() {
-            self.batch.clear();
-            let last_chunk = (c + 1) * self.n_batch >= tokens.len();
-            for (i, &t) in chunk.iter().enumerate() {
-                let pos = c * self.n_batch + i;
-                self.batch
-                    .push(t, pos as i32, 0, last_chunk && i + 1 == chunk.len());
-            }
-            if let Err(e) = self.ctx.decode(&self.batch, &should_abort) {
-                return self.decode_failed(e);
-            }
-            self.poll_commands();
-        }
-
-        let mut n_past = tokens.len();
-        let mut bytes = Vec::with_capacity(64);
-        loop {
-            if should_abort() {
-                return self.aborted();
-            }
-            let t0 = Instant::now();
-            let (token, prob) = sampler.sample(&self.ctx, -1, self.vocab_size);
-            progress.sampling += t0.elapsed();
-            progress.first_token.get_or_insert_with(Instant::now);
-            if self.model.vocab().is_eog(token) {
-                self.send_text(job.key, stream.finish(), prob);
-                return Outcome::End(EndReason::Eos);
-            }
-            progress.completion_tokens += 1;
-            bytes.clear();
-            self.model.vocab().piece(token, &mut bytes);
-            match stream.push(&bytes) {
-                Step::Emit(text) => self.send_text(job.key, text, prob),
-                Step::Stop(text) => {
-                    self.send_text(job.key, text, prob);
-                    return Outcome::End(EndReason::Stop);
-                }
-            }
-            if progress.completion_tokens >= p.max_tokens as usize || n_past >= n_ctx {
-                self.send_text(job.key, stream.finish(), prob);
-                return Outcome::End(EndReason::Length);
-            }
-            self.sink.wake();
-            self.batch.clear();
-            self.batch.push(token, n_past as i32, 0, true);
-            if let Err(e) = self.ctx.decode(&self.batch, &should_abort) {
-                return self.decode_failed(e);
-            }
-            n_past += 1;
-            self.poll_commands();
-        }
-    }
-
-    fn send_text(&self, key: JobKey, text: String, prob: f32) {
-        if !text.is_empty() {
-            self.sink.send(Event::Token { key, text, prob });
-        }
-    }
-
-    fn aborted(&self) -> Outcome {
-        if self.shutdown.load(Ordering::Relaxed) {
-            Outcome::Error(
-                ErrorCode::ShuttingDown,
-                "the server is shutting down".into(),
-            )
-        } else {
-            Outcome::End(EndReason::Abort)
-        }
-    }
-
-    fn decode_failed(&self, e: DecodeError) -> Outcome {
-        match e {
-            DecodeError::Aborted => self.aborted(),
-            other => {
-                log::error!("llama_decode failed: {other}");
-                Outcome::Error(ErrorCode::Internal, format!("the engine failed: {other}"))
-            }
-        }
     }
 }
 
@@ -514,6 +704,7 @@ struct Progress {
     received: Instant,
     first_token: Option<Instant>,
     prompt_tokens: usize,
+    cached_tokens: usize,
     completion_tokens: usize,
     /// Time spent choosing tokens (logged at debug level with each request).
     sampling: std::time::Duration,
@@ -525,6 +716,7 @@ impl Progress {
             received: job.received,
             first_token: None,
             prompt_tokens: 0,
+            cached_tokens: 0,
             completion_tokens: 0,
             sampling: std::time::Duration::ZERO,
         }
@@ -544,6 +736,7 @@ impl Progress {
         };
         Stats {
             prompt_tokens: self.prompt_tokens,
+            cached_tokens: self.cached_tokens,
             completion_tokens: self.completion_tokens,
             ttft_ms,
             ms: ms(now - self.received),

@@ -384,6 +384,10 @@ impl<'m> Context<'m> {
         cparams.n_threads = params.n_threads;
         cparams.n_threads_batch = params.n_threads_batch;
         cparams.no_perf = true;
+        // One pool of n_ctx cells shared by every sequence, so prefixes can be
+        // shared between sequences (seq_cp) and SWA layers keep whole prompts.
+        cparams.kv_unified = true;
+        cparams.swa_full = true;
         // SAFETY: the model is valid and outlives the context ('m); null on failure.
         let (raw, errors) =
             capturing_errors(|| unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cparams) });
@@ -450,10 +454,31 @@ impl<'m> Context<'m> {
         }
     }
 
-    /// Removes every cell of every sequence.
-    pub fn clear_memory(&mut self) {
+    /// Makes sequence `dst` share the cells of positions `[0, len)` of `src`.
+    pub fn seq_cp(&mut self, src: i32, dst: i32, len: usize) {
         // SAFETY: the context is valid; its memory object lives as long as it.
-        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
+        unsafe {
+            sys::llama_memory_seq_cp(
+                sys::llama_get_memory(self.ptr.as_ptr()),
+                src,
+                dst,
+                0,
+                len as i32,
+            )
+        }
+    }
+
+    /// Drops sequence `seq`'s cells from position `from` on.
+    pub fn seq_rm(&mut self, seq: i32, from: usize) {
+        // SAFETY: as above; removing from a position to the end always succeeds.
+        unsafe {
+            sys::llama_memory_seq_rm(
+                sys::llama_get_memory(self.ptr.as_ptr()),
+                seq,
+                from as i32,
+                -1,
+            )
+        };
     }
 }
 
@@ -594,7 +619,7 @@ impl Sampler {
             spec.temp <= 0.0 && (spec.repeat_penalty == 1.0 || spec.repeat_last_n == 0);
         Sampler {
             chain,
-            candidates: Vec::with_capacity(n_vocab as usize),
+            candidates: Vec::new(),
             greedy: plain_greedy.then(|| spec.banned.clone()),
         }
     }

@@ -9,9 +9,12 @@
 mod config;
 mod connection;
 mod engine;
+mod kv;
 mod llama;
+mod prefix;
 mod protocol;
 mod reactor;
+mod scheduler;
 mod text;
 
 use std::process::ExitCode;
@@ -69,6 +72,10 @@ fn run(config: &Config) -> anyhow::Result<()> {
         n_batch: config.model.batch_size,
         threads: config.threads(),
         n_gpu_layers: config.model.n_gpu_layers,
+        slots: config.scheduler.slots,
+        page_size: config.scheduler.page_size,
+        queue_limit: config.scheduler.max_queue,
+        cache_entries: config.scheduler.prefix_cache_entries,
         chat_template: config.chat_template(),
     };
     let (engine, ready) = engine::spawn(

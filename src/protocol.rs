@@ -56,6 +56,8 @@ pub enum ClientMsg {
     Abort {
         id: Option<String>,
     },
+    /// Asks for a `status` snapshot.
+    Status,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -306,9 +308,13 @@ pub fn parse(text: &str) -> Result<ClientMsg, ProtoError> {
             let wire = AbortWire::deserialize(&value).map_err(field_err)?;
             Ok(ClientMsg::Abort { id: wire.id })
         }
+        "status" => {
+            AbortWire::deserialize(&value).map_err(field_err)?;
+            Ok(ClientMsg::Status)
+        }
         other => Err(ProtoError::bad(
             id,
-            format!("unknown op {other:?} (expected infer or abort)"),
+            format!("unknown op {other:?} (expected infer, abort or status)"),
         )),
     }
 }
@@ -316,16 +322,43 @@ pub fn parse(text: &str) -> Result<ClientMsg, ProtoError> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Stats {
     pub prompt_tokens: usize,
+    /// Prompt tokens served from the prefix cache instead of being computed.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub ttft_ms: f64,
     pub ms: f64,
     pub tps: f64,
 }
 
+/// A snapshot of the engine, answered to `{"op":"status"}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Status {
+    pub slots: usize,
+    pub busy_slots: usize,
+    pub queued: usize,
+    pub kv: KvStatus,
+}
+
+/// KV cache pages: owned by running requests, held by the prefix cache, free.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct KvStatus {
+    pub page_size: usize,
+    pub pages_total: usize,
+    pub pages_owned: usize,
+    pub pages_cached: usize,
+    pub pages_free: usize,
+    pub prefix_entries: usize,
+}
+
 /// Everything the server sends, serialised with `to_json`.
 #[derive(Debug, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum ServerMsg<'a> {
+    Queued {
+        id: &'a str,
+        position: usize,
+    },
+    Status(&'a Status),
     Hello {
         status: &'a str,
         model: &'a str,
@@ -399,6 +432,18 @@ mod tests {
         assert_eq!(
             parse(r#"{"op":"abort"}"#).unwrap(),
             ClientMsg::Abort { id: None }
+        );
+    }
+
+    #[test]
+    fn status_request_and_snapshot() {
+        assert_eq!(parse(r#"{"op":"status"}"#).unwrap(), ClientMsg::Status);
+        let json = ServerMsg::Status(&Status::default()).to_json();
+        assert!(
+            json.starts_with(
+                r#"{"op":"status","slots":0,"busy_slots":0,"queued":0,"kv":{"page_size":0"#
+            ),
+            "{json}"
         );
     }
 
@@ -529,6 +574,7 @@ mod tests {
     fn server_messages_serialise() {
         let stats = Stats {
             prompt_tokens: 3,
+            cached_tokens: 0,
             completion_tokens: 2,
             ttft_ms: 1.5,
             ms: 3.0,
@@ -550,7 +596,7 @@ mod tests {
                 stats: &stats
             }
             .to_json(),
-            r#"{"op":"end","id":"r1","reason":"eos","stats":{"prompt_tokens":3,"completion_tokens":2,"ttft_ms":1.5,"ms":3.0,"tps":100.0}}"#
+            r#"{"op":"end","id":"r1","reason":"eos","stats":{"prompt_tokens":3,"cached_tokens":0,"completion_tokens":2,"ttft_ms":1.5,"ms":3.0,"tps":100.0}}"#
         );
         assert_eq!(
             ServerMsg::Error {

@@ -250,6 +250,16 @@ impl Reactor {
             Input::Text(text) => match protocol::parse(&text) {
                 Ok(ClientMsg::Infer(req)) => self.start_infer(slot, req),
                 Ok(ClientMsg::Abort { id }) => self.abort(slot, id),
+                Ok(ClientMsg::Status) => {
+                    let status = self
+                        .engine
+                        .status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    let json = ServerMsg::Status(&status).to_json();
+                    self.send(slot, json);
+                }
                 Err(e) => self.send_error(slot, e.id.as_deref(), e.code, &e.message),
             },
         }
@@ -369,6 +379,18 @@ impl Reactor {
         self.armed.store(false, Ordering::Release);
         while let Ok(event) = self.events.try_recv() {
             match event {
+                Event::Queued { key, position } => {
+                    let Some(route) = self.routes.get(&key) else {
+                        continue;
+                    };
+                    let json = ServerMsg::Queued {
+                        id: &route.id,
+                        position,
+                    }
+                    .to_json();
+                    let (slot, generation) = (route.slot, route.generation);
+                    self.deliver(slot, generation, json);
+                }
                 Event::Token { key, text, prob } => {
                     let Some(route) = self.routes.get(&key) else {
                         continue;

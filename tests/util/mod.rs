@@ -132,6 +132,8 @@ pub struct Client {
 #[derive(Debug)]
 pub struct Outcome {
     pub tokens: Vec<Value>,
+    /// `queued` events (position updates) received before the request ran.
+    pub queued: Vec<Value>,
     /// The final event: `end` or `error`.
     pub last: Value,
 }
@@ -195,6 +197,7 @@ impl Client {
     /// Reads events until `id`'s final event; other requests' events are dropped.
     pub fn collect(&mut self, id: &str) -> Outcome {
         let mut tokens = Vec::new();
+        let mut queued = Vec::new();
         loop {
             let ev = self.recv();
             if ev["id"] != id {
@@ -202,7 +205,14 @@ impl Client {
             }
             match ev["op"].as_str().unwrap() {
                 "token" => tokens.push(ev),
-                "end" | "error" => return Outcome { tokens, last: ev },
+                "queued" => queued.push(ev),
+                "end" | "error" => {
+                    return Outcome {
+                        tokens,
+                        queued,
+                        last: ev,
+                    };
+                }
                 other => panic!("unexpected event {other}: {ev}"),
             }
         }

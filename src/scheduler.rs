@@ -1,0 +1,536 @@
+//! Admission control and KV bookkeeping for continuous batching.
+//!
+//! Sans-I/O: the scheduler decides, the engine executes. It holds the waiting
+//! queue (bounded FIFO), the KV page accounting (`kv`), the prefix cache
+//! (`prefix`) and the pool of llama.cpp sequence ids, and answers in
+//! `MemOp`s that the engine mirrors on the real KV cache.
+//!
+//! Policy: a request is admitted when a slot is free and the pages for its
+//! prompt plus `max_tokens` (capped at the context) are free or can be freed by
+//! evicting cached prefixes; it then can never run out of KV memory. The
+//! queue is strictly first-in first-out: a large request at the head is not
+//! overtaken. Pages it shares with a cached prefix are not counted twice.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::engine::JobKey;
+#[cfg(test)]
+use crate::kv::Usage;
+use crate::kv::{KvPages, PageId};
+use crate::prefix::{PrefixCache, SeqId, Token};
+use crate::protocol::{ErrorCode, KvStatus, Status};
+
+/// An operation on llama.cpp's KV cache, applied by the engine in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemOp {
+    /// `llama_memory_seq_cp(src, dst, 0, len)`: share the cells of a prefix.
+    Copy { src: SeqId, dst: SeqId, len: usize },
+    /// `llama_memory_seq_rm(seq, from, -1)`: drop a sequence's cells from `from` on.
+    Remove { seq: SeqId, from: usize },
+}
+
+pub struct Request {
+    pub key: JobKey,
+    pub tokens: Vec<Token>,
+    pub max_tokens: usize,
+}
+
+#[derive(Debug, PartialEq)]
+pub struct Admitted {
+    pub key: JobKey,
+    pub seq: SeqId,
+    /// Prompt tokens whose cells were copied from the prefix cache.
+    pub cached_tokens: usize,
+    /// Positions this request may fill (prompt plus reply).
+    pub limit: usize,
+    /// To apply before the request's first decode.
+    pub ops: Vec<MemOp>,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Submitted {
+    Queued { position: usize },
+    Rejected { code: ErrorCode, message: String },
+}
+
+struct Waiting {
+    req: Request,
+    reported: usize,
+}
+
+struct Active {
+    seq: SeqId,
+    pages: Vec<PageId>,
+}
+
+pub struct Config {
+    pub n_ctx: usize,
+    pub page_size: usize,
+    pub slots: usize,
+    pub cache_entries: usize,
+    pub queue_limit: usize,
+}
+
+pub struct Scheduler {
+    cfg: Config,
+    kv: KvPages,
+    cache: PrefixCache,
+    queue: VecDeque<Waiting>,
+    active: HashMap<JobKey, Active>,
+    free_seqs: Vec<SeqId>,
+}
+
+impl Scheduler {
+    pub fn new(cfg: Config) -> Scheduler {
+        let n_seq = (cfg.slots + cfg.cache_entries) as SeqId;
+        Scheduler {
+            kv: KvPages::new(cfg.n_ctx, cfg.page_size),
+            cache: PrefixCache::new(cfg.page_size),
+            queue: VecDeque::new(),
+            active: HashMap::new(),
+            free_seqs: (0..n_seq).rev().collect(),
+            cfg,
+        }
+    }
+
+    /// Sequence ids llama.cpp must provide: one per slot and per cache entry.
+    pub fn n_seq_max(&self) -> usize {
+        self.cfg.slots + self.cfg.cache_entries
+    }
+
+    pub fn status(&self) -> Status {
+        let u = self.kv.usage();
+        Status {
+            slots: self.cfg.slots,
+            busy_slots: self.active.len(),
+            queued: self.queue.len(),
+            kv: KvStatus {
+                page_size: self.cfg.page_size,
+                pages_total: self.kv.total(),
+                pages_owned: u.owned,
+                pages_cached: u.cached,
+                pages_free: u.free,
+                prefix_entries: self.cache.len(),
+            },
+        }
+    }
+
+    #[cfg(test)]
+    fn usage(&self) -> Usage {
+        self.kv.usage()
+    }
+
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Queues a tokenized request, or rejects one that can never run.
+    pub fn submit(&mut self, req: Request) -> Submitted {
+        if req.tokens.len() >= self.cfg.n_ctx {
+            return Submitted::Rejected {
+                code: ErrorCode::ContextOverflow,
+                message: format!(
+                    "the prompt is {} tokens but the context holds {} (at least one must be left for the reply)",
+                    req.tokens.len(),
+                    self.cfg.n_ctx
+                ),
+            };
+        }
+        if self.queue.len() >= self.cfg.queue_limit {
+            return Submitted::Rejected {
+                code: ErrorCode::Overloaded,
+                message: format!(
+                    "the server is busy: {} requests are already waiting",
+                    self.queue.len()
+                ),
+            };
+        }
+        let position = self.queue.len() + 1;
+        self.queue.push_back(Waiting { req, reported: 0 });
+        Submitted::Queued { position }
+    }
+
+    /// Removes a waiting request; false if it is not waiting (already admitted).
+    pub fn cancel_queued(&mut self, key: JobKey) -> bool {
+        let before = self.queue.len();
+        self.queue.retain(|w| w.req.key != key);
+        before != self.queue.len()
+    }
+
+    /// Waiting requests whose position is new or changed since they were last told.
+    pub fn position_updates(&mut self) -> Vec<(JobKey, usize)> {
+        let mut out = Vec::new();
+        for (i, w) in self.queue.iter_mut().enumerate() {
+            if w.reported != i + 1 {
+                w.reported = i + 1;
+                out.push((w.req.key, i + 1));
+            }
+        }
+        out
+    }
+
+    /// Admits waiting requests, in order, while slots and pages allow.
+    pub fn admit(&mut self) -> Vec<(Request, Admitted)> {
+        let mut out = Vec::new();
+        while self.active.len() < self.cfg.slots {
+            let Some(head) = self.queue.pop_front() else {
+                break;
+            };
+            match self.try_admit(&head.req) {
+                Some(admitted) => out.push((head.req, admitted)),
+                None => {
+                    self.queue.push_front(head);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    fn try_admit(&mut self, req: &Request) -> Option<Admitted> {
+        let p = self.cfg.page_size;
+        let limit = (req.tokens.len() + req.max_tokens).min(self.cfg.n_ctx);
+        let need = self.kv.pages_for(limit);
+        // At least one prompt token is always decoded, for its logits.
+        let reusable = (req.tokens.len() - 1) / p;
+        let mut hit = self.cache.lookup(&req.tokens, reusable);
+        let shared: Vec<PageId> = hit.map_or_else(Vec::new, |(src, k)| {
+            self.cache.get(src).unwrap().pages[..k].to_vec()
+        });
+        let shared_cached = shared.iter().filter(|&&id| self.kv.only_cached(id)).count();
+        let reclaimable = self.kv.usage().cached - shared_cached;
+        if self.kv.free_count() + reclaimable < need - shared.len() {
+            return None;
+        }
+        let mut ops = Vec::new();
+        let seq = match self.free_seqs.pop() {
+            Some(s) => s,
+            None => {
+                // Every id is held by the cache: free one, not the one we copy from.
+                let victim = match self.cache.lru(hit.map(|h| h.0)) {
+                    Some(v) => v,
+                    None => {
+                        hit = None;
+                        self.cache.lru(None)?
+                    }
+                };
+                ops.push(self.evict(victim));
+                self.free_seqs.pop().expect("eviction frees a sequence id")
+            }
+        };
+        let shared = if hit.is_some() { shared } else { Vec::new() };
+        let mut cached_tokens = 0;
+        if let Some((src, k)) = hit {
+            cached_tokens = k * p;
+            ops.push(MemOp::Copy {
+                src,
+                dst: seq,
+                len: cached_tokens,
+            });
+            self.kv.retain_active(&shared);
+            self.cache.touch(src);
+        }
+        let fresh = need - shared.len();
+        while self.kv.free_count() < fresh {
+            let victim = self
+                .cache
+                .lru(None)
+                .expect("admission counted enough reclaimable pages");
+            ops.push(self.evict(victim));
+        }
+        let mut pages = shared;
+        pages.extend(self.kv.alloc(fresh).expect("pages were made free"));
+        self.active.insert(req.key, Active { seq, pages });
+        Some(Admitted {
+            key: req.key,
+            seq,
+            cached_tokens,
+            limit,
+            ops,
+        })
+    }
+
+    fn evict(&mut self, seq: SeqId) -> MemOp {
+        let entry = self.cache.remove(seq).expect("evicting a cached entry");
+        self.kv.release_cached(&entry.pages);
+        self.free_seqs.push(seq);
+        MemOp::Remove { seq, from: 0 }
+    }
+
+    /// A request ended; `decoded` are the tokens whose cells its sequence
+    /// holds. Its whole pages become a prefix-cache entry (unless already
+    /// cached), the rest is freed.
+    pub fn finish(&mut self, key: JobKey, decoded: &[Token]) -> Vec<MemOp> {
+        let Some(a) = self.active.remove(&key) else {
+            return Vec::new();
+        };
+        let p = self.cfg.page_size;
+        let full = (decoded.len() / p).min(a.pages.len());
+        let tokens = &decoded[..full * p];
+        let mut ops = Vec::new();
+        let keep = self.cfg.cache_entries > 0 && full > 0 && !self.cache.covers(tokens);
+        if keep {
+            for redundant in self.cache.prefixes_of(tokens) {
+                ops.push(self.evict(redundant));
+            }
+            while self.cache.len() >= self.cfg.cache_entries {
+                let victim = self.cache.lru(None).expect("cache is not empty");
+                ops.push(self.evict(victim));
+            }
+            self.kv.retain_cached(&a.pages[..full]);
+            self.cache
+                .insert(a.seq, tokens.to_vec(), a.pages[..full].to_vec());
+            ops.push(MemOp::Remove {
+                seq: a.seq,
+                from: full * p,
+            });
+        } else {
+            ops.push(MemOp::Remove {
+                seq: a.seq,
+                from: 0,
+            });
+            self.free_seqs.push(a.seq);
+        }
+        self.kv.release_active(&a.pages);
+        ops
+    }
+
+    /// Frees the least recently used cached prefix (llama.cpp found no room
+    /// for a batch after all); `None` when the cache is empty.
+    pub fn evict_lru(&mut self) -> Option<MemOp> {
+        let victim = self.cache.lru(None)?;
+        Some(self.evict(victim))
+    }
+
+    /// Page invariant plus: every sequence id is exactly one of free, active, cached.
+    pub fn check(&self) -> Result<(), String> {
+        self.kv.check()?;
+        let ids = self.free_seqs.len() + self.active.len() + self.cache.len();
+        if ids != self.n_seq_max() {
+            return Err(format!(
+                "{ids} sequence ids accounted, {} exist",
+                self.n_seq_max()
+            ));
+        }
+        let active_pages: usize = self.active.values().map(|a| a.pages.len()).sum();
+        if active_pages < self.kv.usage().owned {
+            return Err("owned pages without an owner".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(n_ctx: usize, slots: usize, entries: usize) -> Scheduler {
+        Scheduler::new(Config {
+            n_ctx,
+            page_size: 4,
+            slots,
+            cache_entries: entries,
+            queue_limit: 3,
+        })
+    }
+
+    fn req(key: JobKey, tokens: Vec<Token>, max_tokens: usize) -> Request {
+        Request {
+            key,
+            tokens,
+            max_tokens,
+        }
+    }
+
+    fn prompt(n: usize, seed: i32) -> Vec<Token> {
+        (0..n as i32).map(|i| i + seed * 1000).collect()
+    }
+
+    #[test]
+    fn admits_in_order_and_queues_the_rest() {
+        let mut s = sched(64, 2, 4);
+        for k in 1..=3 {
+            assert_eq!(
+                s.submit(req(k, prompt(4, k as i32), 4)),
+                Submitted::Queued {
+                    position: k as usize
+                }
+            );
+        }
+        let admitted = s.admit();
+        assert_eq!(
+            admitted.iter().map(|(r, _)| r.key).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!(s.queued(), 1);
+        assert_eq!(s.position_updates(), vec![(3, 1)]);
+        assert_eq!(s.usage().owned, 4);
+        s.finish(1, &prompt(4, 1));
+        let admitted = s.admit();
+        assert_eq!(admitted[0].0.key, 3);
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn rejects_what_never_fits_and_a_full_queue() {
+        let mut s = sched(16, 1, 1);
+        let Submitted::Rejected { code, message } = s.submit(req(1, prompt(16, 0), 1)) else {
+            panic!()
+        };
+        assert_eq!(code, ErrorCode::ContextOverflow);
+        assert!(message.contains("16 tokens") && message.contains("holds 16"));
+        for k in 0..3 {
+            assert!(matches!(
+                s.submit(req(k, prompt(2, 0), 1)),
+                Submitted::Queued { .. }
+            ));
+        }
+        assert!(matches!(
+            s.submit(req(9, prompt(2, 0), 1)),
+            Submitted::Rejected {
+                code: ErrorCode::Overloaded,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn waits_for_pages_then_runs() {
+        let mut s = sched(32, 2, 0); // 8 pages
+        s.submit(req(1, prompt(10, 1), 10)); // 5 pages
+        s.submit(req(2, prompt(10, 2), 10)); // 5 pages: must wait
+        assert_eq!(s.admit().len(), 1);
+        assert!(s.admit().is_empty());
+        s.finish(1, &prompt(12, 1));
+        assert_eq!(s.admit().len(), 1);
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn finished_prefix_is_reused_by_the_next_request() {
+        let mut s = sched(64, 1, 4);
+        let system = prompt(10, 7);
+        s.submit(req(1, system.clone(), 4));
+        let (_, a) = s.admit().remove(0);
+        assert_eq!(a.cached_tokens, 0);
+        // 10 prompt + 3 generated decoded: 3 whole pages are kept.
+        let mut decoded = system.clone();
+        decoded.extend([1, 2, 3]);
+        let ops = s.finish(1, &decoded);
+        assert_eq!(
+            ops,
+            vec![MemOp::Remove {
+                seq: a.seq,
+                from: 12
+            }]
+        );
+        assert_eq!(s.usage().cached, 3);
+
+        let mut next = system.clone();
+        next.extend([42, 43, 44]);
+        s.submit(req(2, next, 4));
+        let (_, b) = s.admit().remove(0);
+        assert_eq!(b.cached_tokens, 8); // 10 shared tokens: 2 whole pages
+        assert_eq!(
+            b.ops,
+            vec![MemOp::Copy {
+                src: a.seq,
+                dst: b.seq,
+                len: 8
+            }]
+        );
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn the_whole_prompt_is_never_reused() {
+        let mut s = sched(64, 1, 4);
+        s.submit(req(1, prompt(8, 1), 4));
+        s.admit();
+        s.finish(1, &prompt(8, 1));
+        s.submit(req(2, prompt(8, 1), 4));
+        let (_, b) = s.admit().remove(0);
+        assert_eq!(
+            b.cached_tokens, 4,
+            "the last prompt token must be decoded for logits"
+        );
+    }
+
+    #[test]
+    fn cached_prefixes_are_evicted_lru_only_when_pages_are_needed() {
+        let mut s = sched(32, 1, 8); // 8 pages
+        for k in 1..=3 {
+            s.submit(req(k, prompt(8, k as i32), 1));
+            s.admit();
+            s.finish(k, &prompt(8, k as i32));
+        }
+        assert_eq!(
+            s.usage(),
+            Usage {
+                owned: 0,
+                cached: 6,
+                free: 2
+            }
+        );
+        // Needs 4 pages: the oldest entry (2 pages) goes, the others stay.
+        s.submit(req(9, prompt(15, 9), 1));
+        let (_, a) = s.admit().remove(0);
+        assert_eq!(a.ops, vec![MemOp::Remove { seq: 0, from: 0 }]);
+        assert_eq!(s.usage().cached, 4);
+        s.check().unwrap();
+    }
+
+    /// Property test: random submit/admit/abort/finish/evict sequences keep
+    /// every page and sequence id accounted for, and all pages come back.
+    #[test]
+    fn random_operations_keep_the_page_invariant() {
+        let mut rng = 0x2545F4914F6CDD1Du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for _round in 0..200 {
+            let mut s = sched(128, 3, 5);
+            let mut running: Vec<(JobKey, Vec<Token>)> = Vec::new();
+            for key in 0..60u64 {
+                match next() % 5 {
+                    0 | 1 => {
+                        // Prompts drawn from a few families so prefixes repeat.
+                        let family = (next() % 3) as i32;
+                        let len = 1 + (next() % 40) as usize;
+                        s.submit(req(key, prompt(len, family), 1 + (next() % 30) as usize));
+                    }
+                    2 => {
+                        if let Some(i) =
+                            (!running.is_empty()).then(|| next() as usize % running.len())
+                        {
+                            let (k, toks) = running.swap_remove(i);
+                            let keep = next() as usize % (toks.len() + 1);
+                            s.finish(k, &toks[..keep]);
+                        }
+                    }
+                    3 => {
+                        let _ = s.evict_lru();
+                    }
+                    _ => {
+                        s.cancel_queued(next() % key.max(1));
+                    }
+                }
+                for (r, a) in s.admit() {
+                    assert!(a.cached_tokens < r.tokens.len());
+                    running.push((r.key, r.tokens));
+                }
+                s.check().unwrap();
+            }
+            for (k, toks) in running.drain(..) {
+                s.finish(k, &toks);
+            }
+            while s.evict_lru().is_some() {}
+            s.check().unwrap();
+            assert_eq!(s.usage().free, 32, "every page is back");
+        }
+    }
+}
