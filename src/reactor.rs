@@ -27,6 +27,9 @@ use crate::connection::{Connection, Input, Liveness, SendError, http_response};
 use crate::engine::{Command, EngineHandle, Event, Job, JobKey, Ready};
 use crate::protocol::{self, ClientMsg, ErrorCode, Generation, InferRequest, ServerMsg};
 
+/// The page served at `GET /`: one self-contained file, no build step.
+const PAGE: &str = include_str!("page.html");
+
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
@@ -275,6 +278,7 @@ impl Reactor {
                 conn.respond(503, "application/json", "{\"status\":\"draining\"}\n")
             }
             ("GET", "/health") => conn.respond(200, "application/json", "{\"status\":\"ready\"}\n"),
+            ("GET", "/") => conn.respond(200, "text/html; charset=utf-8", PAGE),
             ("GET", _) => conn.respond(404, "application/json", "{\"error\":\"not found\"}\n"),
             _ => conn.respond(
                 405,
