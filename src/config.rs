@@ -36,6 +36,9 @@ pub struct Cli {
     /// Context size in tokens [default: 4096]
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<u32>,
+    /// Requests generated together (scheduler slots; also -np) [default: 4]
+    #[arg(long = "parallel")]
+    pub parallel: Option<usize>,
     /// Chat template for "messages": a llama.cpp built-in name (gemma, chatml,
     /// llama3...) or a template text [default: the model's own]
     #[arg(long, value_name = "NAME")]
@@ -98,6 +101,8 @@ pub struct Model {
     pub threads: usize,
     pub batch_size: u32,
     pub n_gpu_layers: i32,
+    /// ggml's repacked CPU weight layouts (faster; see docs/batching.md on determinism).
+    pub weight_repack: bool,
     /// Empty: the template in the GGUF (or "gemma" for the default model, whose GGUF has none).
     pub chat_template: String,
 }
@@ -110,6 +115,7 @@ impl Default for Model {
             threads: 0,
             batch_size: 512,
             n_gpu_layers: 0,
+            weight_repack: true,
             chat_template: String::new(),
         }
     }
@@ -170,6 +176,19 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+impl Cli {
+    /// Parses the process arguments, accepting llama-server's `-np N` too.
+    pub fn from_env() -> Cli {
+        Cli::parse_from(std::env::args().map(|a| {
+            if a == "-np" {
+                "--parallel".to_owned()
+            } else {
+                a
+            }
+        }))
+    }
+}
+
 impl Config {
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse(origin.to_owned(), e))
@@ -200,6 +219,9 @@ impl Config {
         }
         if let Some(c) = cli.ctx_size {
             config.model.ctx_size = c;
+        }
+        if let Some(n) = cli.parallel {
+            config.scheduler.slots = n;
         }
         if let Some(t) = &cli.chat_template {
             config.model.chat_template = t.clone();
@@ -319,6 +341,7 @@ mod tests {
         assert_eq!(c.server.host, "0.0.0.0");
         assert_eq!(c.model.ctx_size, 1024);
         assert_eq!(c.threads(), 3);
+        assert_eq!(c.scheduler.slots, 2);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -104,6 +104,7 @@ pub struct EngineConfig {
     pub n_batch: u32,
     pub threads: usize,
     pub n_gpu_layers: i32,
+    pub repack: bool,
     pub slots: usize,
     pub page_size: usize,
     pub queue_limit: usize,
@@ -178,6 +179,7 @@ fn run(
         &config.model_path,
         &ModelParams {
             n_gpu_layers: config.n_gpu_layers,
+            repack: config.repack,
         },
     ) {
         Ok(m) => m,

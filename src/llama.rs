@@ -132,6 +132,8 @@ fn emit_log(level: sys::ggml_log_level, line: &str) {
 
 pub struct ModelParams {
     pub n_gpu_layers: i32,
+    /// Let ggml repack weights into its faster interleaved CPU layouts.
+    pub repack: bool,
 }
 
 pub struct Model {
@@ -150,6 +152,7 @@ impl Model {
         // SAFETY: returns a plain struct of defaults.
         let mut mparams = unsafe { sys::llama_model_default_params() };
         mparams.n_gpu_layers = params.n_gpu_layers;
+        mparams.use_extra_bufts = params.repack;
         // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call;
         // the returned pointer is null on failure and owned by us otherwise.
         let (raw, errors) = capturing_errors(|| unsafe {

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Context as _;
-use clap::Parser;
 use flexi_logger::{
     Cleanup, Criterion, DeferredNow, Duplicate, FileSpec, Logger, LoggerHandle, Naming, WriteMode,
 };
@@ -32,7 +31,7 @@ use crate::engine::{EngineConfig, EventSink};
 use crate::reactor::Reactor;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_env();
     let config = match Config::load(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -72,6 +71,7 @@ fn run(config: &Config) -> anyhow::Result<()> {
         n_batch: config.model.batch_size,
         threads: config.threads(),
         n_gpu_layers: config.model.n_gpu_layers,
+        repack: config.model.weight_repack,
         slots: config.scheduler.slots,
         page_size: config.scheduler.page_size,
         queue_limit: config.scheduler.max_queue,
