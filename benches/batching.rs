@@ -3,6 +3,7 @@
 //!   llama-batched-bench's S_TG at the same batch sizes (same model, threads);
 //! - TTFT of a request whose ~1k-token prefix is cached, against the same cold;
 //! - warm TTFT with 6 distinct ~600-token system prompts rotating over 4 slots.
+//!
 //! Prints a markdown table and writes `target/bench/batching.json`.
 //!
 //!     cargo bench --bench batching          # BENCH_QUICK=1 for a smoke run
