@@ -24,20 +24,16 @@ fn main() {
     let runs = if quick { 1 } else { 5 };
     let t = threads.to_string();
 
-    let server = start_server(&["-t", &t, "--parallel", "8"]);
-    let served: Vec<f64> = streams
-        .iter()
-        .map(|&n| aggregate_tps(server.port, n, n_gen))
-        .collect();
-    drop(server);
-    let reference = llama_tool("llama-batched-bench")
-        .filter(|_| !quick)
-        .map(|bin| {
-            let npl = streams
-                .iter()
-                .map(|n| n.to_string())
-                .collect::<Vec<_>>()
-                .join(",");
+    // For each concurrency, ours on a fresh server, then llama-batched-bench,
+    // so both see the same machine state (it is shared and noisy).
+    let batched_bench = llama_tool("llama-batched-bench").filter(|_| !quick);
+    let mut served = Vec::new();
+    let mut reference = Vec::new();
+    for &n in streams {
+        let server = start_server(&["-t", &t, "--parallel", "8"]);
+        served.push(aggregate_tps(server.port, n, n_gen));
+        drop(server);
+        if let Some(bin) = &batched_bench {
             let out = Command::new(bin)
                 .args([
                     "-m",
@@ -57,19 +53,24 @@ fn main() {
                     "-ntg",
                     &n_gen.to_string(),
                     "-npl",
-                    &npl,
+                    &n.to_string(),
                     "--output-format",
                     "jsonl",
                 ])
                 .stderr(Stdio::null())
                 .output()
                 .expect("run llama-batched-bench");
-            String::from_utf8_lossy(&out.stdout)
+            let row = String::from_utf8_lossy(&out.stdout)
                 .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .map(|v| v["speed_tg"].as_f64().unwrap())
-                .collect::<Vec<f64>>()
-        });
+                .find_map(|l| serde_json::from_str::<Value>(l).ok());
+            reference.push(
+                row.expect("llama-batched-bench output")["speed_tg"]
+                    .as_f64()
+                    .unwrap(),
+            );
+        }
+    }
+    let reference = (!reference.is_empty()).then_some(reference);
 
     let (cold, warm, cached) = cached_prefix_ttft(&t, runs);
     let rotation = rotating_prompts(&t, if quick { 1 } else { 3 });
