@@ -327,6 +327,20 @@ impl Engine<'_> {
             }
             self.reap_cancelled();
             self.admit();
+            if self.active.is_empty() && !self.waiting.is_empty() {
+                // Nothing can start yet (cannot happen with a consistent pool, but
+                // never spin): wait for a command, or re-check cancellations soon.
+                if let Ok(command) = self
+                    .commands
+                    .recv_timeout(std::time::Duration::from_millis(50))
+                {
+                    match command {
+                        Command::Infer(job) => self.submit(job),
+                        Command::Shutdown => self.stopping = true,
+                    }
+                }
+                continue;
+            }
             self.step();
             self.publish();
             self.sink.wake();

@@ -125,15 +125,20 @@ impl Scheduler {
         self.queue.len()
     }
 
+    /// Cells a single request may use: the whole pool, in whole pages.
+    fn capacity(&self) -> usize {
+        self.kv.total() * self.cfg.page_size
+    }
+
     /// Queues a tokenized request, or rejects one that can never run.
     pub fn submit(&mut self, req: Request) -> Submitted {
-        if req.tokens.len() >= self.cfg.n_ctx {
+        if req.tokens.len() >= self.capacity() {
             return Submitted::Rejected {
                 code: ErrorCode::ContextOverflow,
                 message: format!(
                     "the prompt is {} tokens but the context holds {} (at least one must be left for the reply)",
                     req.tokens.len(),
-                    self.cfg.n_ctx
+                    self.capacity()
                 ),
             };
         }
@@ -190,7 +195,7 @@ impl Scheduler {
 
     fn try_admit(&mut self, req: &Request) -> Option<Admitted> {
         let p = self.cfg.page_size;
-        let limit = (req.tokens.len() + req.max_tokens).min(self.cfg.n_ctx);
+        let limit = (req.tokens.len() + req.max_tokens).min(self.capacity());
         let need = self.kv.pages_for(limit);
         // At least one prompt token is always decoded, for its logits.
         let reusable = (req.tokens.len() - 1) / p;
@@ -393,6 +398,18 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_pool_that_is_not_a_whole_number_of_pages_still_admits_the_largest_request() {
+        let mut s = sched(30, 1, 1); // 7 whole pages of 4: 28 usable cells
+        assert!(matches!(
+            s.submit(req(1, prompt(28, 0), 1)),
+            Submitted::Rejected { .. }
+        ));
+        s.submit(req(2, prompt(27, 0), 100));
+        let (_, a) = s.admit().remove(0);
+        assert_eq!(a.limit, 28);
     }
 
     #[test]
