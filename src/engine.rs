@@ -712,13 +712,13 @@ impl Engine<'_> {
         let (token, prob) = s.sampler.sample(&self.ctx, row, self.vocab_size);
         s.progress.sampling += t0.elapsed();
         s.progress.first_token.get_or_insert_with(Instant::now);
-        self.ops.on_token();
         if vocab.is_eog(token) {
             let text = s.stream.finish();
             self.send_text(i, text, prob);
             return Some(Outcome::End(EndReason::Eos));
         }
         s.progress.completion_tokens += 1;
+        self.ops.on_token();
         let mut bytes = Vec::with_capacity(16);
         vocab.piece(token, &mut bytes);
         let (text, stopped) = match s.stream.push(&bytes) {
