@@ -3,7 +3,8 @@
 # llama.cpp (cmake, a C++ compiler, libclang for bindgen) and the default model.
 # With --tests (scripts/test passes it), also what the page's browser test and
 # the client examples run on: Chromium, Node.js and the npm packages locked in
-# tests/e2e and examples, Python's websockets, websocat.
+# tests/e2e and examples, Python's websockets, websocat; and systemd-analyze
+# for the unit file's check.
 # Every step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,8 @@ if $tests; then
     [ -x /usr/bin/chromium ] || need+=(chromium)
     command -v node >/dev/null || need+=(nodejs)
     command -v npm >/dev/null || need+=(npm)
+    # tests/ops.rs checks the unit file with `systemd-analyze verify` (works without systemd running).
+    command -v systemd-analyze >/dev/null || need+=(systemd)
 fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need[*]}" >&2

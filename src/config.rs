@@ -59,6 +59,10 @@ pub struct Config {
     pub scheduler: Scheduler,
     pub defaults: Generation,
     pub log: Log,
+    pub monitor: Monitor,
+    pub thermal: Thermal,
+    pub idle: Idle,
+    pub watchdog: Watchdog,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -100,7 +104,9 @@ pub struct Model {
     /// 0: the number of physical cores.
     pub threads: usize,
     pub batch_size: u32,
-    pub n_gpu_layers: i32,
+    pub n_gpu_layers: GpuLayers,
+    /// MB of VRAM `n_gpu_layers = "auto"` may plan for; 0: all that is free.
+    pub vram_budget_mb: u64,
     /// ggml's repacked CPU weight layouts (faster; see docs/batching.md on determinism).
     pub weight_repack: bool,
     /// Empty: the template in the GGUF (or "gemma" for the default model, whose GGUF has none).
@@ -114,7 +120,8 @@ impl Default for Model {
             ctx_size: 4096,
             threads: 0,
             batch_size: 512,
-            n_gpu_layers: 0,
+            n_gpu_layers: GpuLayers::Count(0),
+            vram_budget_mb: 0,
             weight_repack: true,
             chat_template: String::new(),
         }
@@ -162,6 +169,112 @@ impl Default for Log {
             dir: String::new(),
             rotate_mb: 16,
             keep_files: 5,
+        }
+    }
+}
+
+/// `n_gpu_layers`: a count (-1: all) or `"auto"` (as many as fit in VRAM, see `vram`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuLayers {
+    Auto,
+    Count(i32),
+}
+
+impl<'de> Deserialize<'de> for GpuLayers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(i32),
+            Name(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => Ok(GpuLayers::Count(n)),
+            Raw::Name(s) if s == "auto" => Ok(GpuLayers::Auto),
+            Raw::Name(s) => Err(serde::de::Error::custom(format!(
+                "n_gpu_layers must be \"auto\" or a number of layers, not {s:?}"
+            ))),
+        }
+    }
+}
+
+/// The sensor thread (`monitor`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Monitor {
+    pub interval_s: f64,
+    /// A file holding a temperature (°C or millidegrees); empty: NVML, else the CPU's thermal zones.
+    pub temp_file: String,
+    /// Query the NVIDIA driver (libnvidia-ml) when it is installed.
+    pub nvml: bool,
+}
+
+impl Default for Monitor {
+    fn default() -> Self {
+        Monitor {
+            interval_s: 1.0,
+            temp_file: String::new(),
+            nvml: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Thermal {
+    /// At or above this temperature the engine pauses between steps.
+    pub limit_c: f64,
+    /// ... until the temperature is at or below this one.
+    pub resume_c: f64,
+}
+
+impl Default for Thermal {
+    fn default() -> Self {
+        Thermal {
+            limit_c: 80.0,
+            resume_c: 75.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Idle {
+    /// Seconds without work after which the context is released; 0: never.
+    pub park_after_s: f64,
+    /// Release the model's weights too when parking.
+    pub unload_model: bool,
+}
+
+impl Default for Idle {
+    fn default() -> Self {
+        Idle {
+            park_after_s: 300.0,
+            unload_model: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Watchdog {
+    /// A step running longer than this while work is pending is a stall: exit 70.
+    pub stall_s: f64,
+    /// Decode rate (tokens/s, all sequences) below which the worker counts as slow; 0: off.
+    pub min_tps: f64,
+    /// Seconds of sustained slowness before it is reported.
+    pub slow_window_s: f64,
+    /// Exit 70 (systemd restarts the service) when the worker is slow, not only report it.
+    pub restart_on_slow: bool,
+}
+
+impl Default for Watchdog {
+    fn default() -> Self {
+        Watchdog {
+            stall_s: 30.0,
+            min_tps: 0.0,
+            slow_window_s: 60.0,
+            restart_on_slow: false,
         }
     }
 }
@@ -255,6 +368,15 @@ impl Config {
         if s.slots as u32 > self.model.batch_size {
             return bad("scheduler.slots must not exceed model.batch_size");
         }
+        if self.monitor.interval_s < 0.01 {
+            return bad("monitor.interval_s must be at least 0.01");
+        }
+        if self.thermal.resume_c > self.thermal.limit_c {
+            return bad("thermal.resume_c must not exceed thermal.limit_c");
+        }
+        if self.watchdog.stall_s <= 0.0 || self.idle.park_after_s < 0.0 {
+            return bad("watchdog.stall_s must be positive and idle.park_after_s not negative");
+        }
         if self.defaults.max_tokens == 0 {
             return bad("defaults.max_tokens must be at least 1");
         }
@@ -309,6 +431,16 @@ mod tests {
         let text = include_str!("../config/inference-core.toml");
         let parsed = Config::from_toml(text, "config/inference-core.toml").unwrap();
         assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn n_gpu_layers_is_auto_or_a_count() {
+        let c = Config::from_toml("[model]\nn_gpu_layers = \"auto\"\n", "t").unwrap();
+        assert_eq!(c.model.n_gpu_layers, GpuLayers::Auto);
+        let c = Config::from_toml("[model]\nn_gpu_layers = -1\n", "t").unwrap();
+        assert_eq!(c.model.n_gpu_layers, GpuLayers::Count(-1));
+        let e = Config::from_toml("[model]\nn_gpu_layers = \"most\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("\"auto\" or a number"), "{e}");
     }
 
     #[test]

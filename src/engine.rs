@@ -17,17 +17,19 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use crate::llama::{
     self, Batch, Context, ContextParams, DecodeError, LlamaError, Model, ModelParams, Sampler,
     SamplerSpec, Token,
 };
+use crate::ops::Ops;
 use crate::protocol::{EndReason, ErrorCode, Generation, PromptInput, Stats, Status};
 use crate::scheduler::{self, MemOp, Request, Scheduler, Submitted};
 use crate::text::{Step, TextStream};
+use crate::watchdog::EngineState;
 
 /// Identifies one request between the reactor and the engine.
 pub type JobKey = u64;
@@ -111,6 +113,8 @@ pub struct EngineConfig {
     pub cache_entries: usize,
     /// Overrides the model's own chat template.
     pub chat_template: Option<String>,
+    /// Heartbeat, thermal pause, idle parking, metrics.
+    pub ops: Arc<Ops>,
 }
 
 /// What the reactor needs to know once the model is loaded.
@@ -166,104 +170,188 @@ pub fn spawn(config: EngineConfig, sink: EventSink) -> Result<(EngineHandle, Rea
 
 fn run(
     config: EngineConfig,
-    sink: EventSink,
-    commands: Receiver<Command>,
-    shutdown: Arc<AtomicBool>,
-    status: Arc<Mutex<Status>>,
+    mut sink: EventSink,
+    mut commands: Receiver<Command>,
+    mut shutdown: Arc<AtomicBool>,
+    mut status: Arc<Mutex<Status>>,
     ready: Sender<Result<Ready, LlamaError>>,
 ) {
     llama::init();
     log::info!("llama.cpp system info: {}", llama::system_info());
     let threads = config.threads as i32;
-    let model = match Model::load(
-        &config.model_path,
-        &ModelParams {
-            n_gpu_layers: config.n_gpu_layers,
-            repack: config.repack,
-        },
-    ) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
+    let ops = config.ops.clone();
+    // Sent once, at start-up; later (re)loads happen when waking from idle.
+    let mut ready = Some(ready);
+    let mut model: Option<Model> = None;
+    // The request that woke a parked engine, and when it arrived.
+    let mut wake: Option<(Instant, Box<Job>)> = None;
+    loop {
+        let failed = |e: LlamaError,
+                      ready: &mut Option<Sender<_>>,
+                      wake: &mut Option<(Instant, Box<Job>)>| {
+            match (ready.take(), wake.take()) {
+                (Some(tx), _) => {
+                    let _ = tx.send(Err(e));
+                    true
+                }
+                (None, Some((_, job))) => {
+                    log::error!("cannot wake the engine: {e}");
+                    sink.send(Event::Error {
+                        key: job.key,
+                        code: ErrorCode::Internal,
+                        message: format!("the engine could not wake up: {e}"),
+                    });
+                    sink.wake();
+                    false
+                }
+                (None, None) => false,
+            }
+        };
+        if model.is_none() {
+            match Model::load(
+                &config.model_path,
+                &ModelParams {
+                    n_gpu_layers: config.n_gpu_layers,
+                    repack: config.repack,
+                },
+            ) {
+                Ok(m) => model = Some(m),
+                Err(e) => {
+                    if failed(e, &mut ready, &mut wake) {
+                        return;
+                    }
+                }
+            }
         }
-    };
-    let n_seq_max = config.slots + config.cache_entries;
-    let ctx = match Context::new(
-        &model,
-        &ContextParams {
-            n_ctx: config.n_ctx,
-            n_batch: config.n_batch,
-            n_seq_max: n_seq_max as u32,
-            n_threads: threads,
-            n_threads_batch: threads,
-        },
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
+        // Scoped so the context is gone before the model may be dropped.
+        {
+            let ctx = match model.as_ref().map(|model| {
+                Context::new(
+                    model,
+                    &ContextParams {
+                        n_ctx: config.n_ctx,
+                        n_batch: config.n_batch,
+                        n_seq_max: (config.slots + config.cache_entries) as u32,
+                        n_threads: threads,
+                        n_threads_batch: threads,
+                    },
+                )
+            }) {
+                Some(Ok(c)) => Some(c),
+                Some(Err(e)) => {
+                    if failed(e, &mut ready, &mut wake) {
+                        return;
+                    }
+                    None
+                }
+                None => None,
+            };
+            if let Some(ctx) = ctx {
+                let loaded = model.as_ref().expect("a context implies a model");
+                let chat_template = config
+                    .chat_template
+                    .clone()
+                    .or_else(|| loaded.chat_template());
+                let n_ctx = ctx.n_ctx();
+                if let Some(tx) = ready.take() {
+                    if let Some(t) = &chat_template
+                        && let Err(e) = Model::apply_chat_template(t, &[("user", "hi")])
+                    {
+                        let reason = format!(
+                            "chat template {:?}: {e}",
+                            t.chars().take(40).collect::<String>()
+                        );
+                        let _ = tx.send(Err(LlamaError::Context(reason)));
+                        return;
+                    }
+                    let model_name = config
+                        .model_path
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    log::info!(
+                        "model {} ({}), context {} tokens (trained {}), {} threads, {} slots, KV pages of {} cells",
+                        config.model_path.display(),
+                        loaded.description(),
+                        n_ctx,
+                        loaded.n_ctx_train(),
+                        threads,
+                        config.slots,
+                        config.page_size,
+                    );
+                    let _ = tx.send(Ok(Ready { model_name, n_ctx }));
+                }
+                // A fresh scheduler: its KV bookkeeping and prefix cache describe
+                // this context, which starts empty.
+                let mut engine = Engine {
+                    vocab_size: loaded.vocab().n_tokens() as usize,
+                    eog: loaded.vocab().eog_tokens(),
+                    chat_template,
+                    batch: Batch::new(config.n_batch as usize, 1),
+                    n_batch: config.n_batch as usize,
+                    scheduler: Scheduler::new(scheduler::Config {
+                        n_ctx: n_ctx as usize,
+                        page_size: config.page_size,
+                        slots: config.slots,
+                        cache_entries: config.cache_entries,
+                        queue_limit: config.queue_limit,
+                    }),
+                    active: Vec::new(),
+                    waiting: HashMap::new(),
+                    model: loaded,
+                    ctx,
+                    sink,
+                    commands,
+                    shutdown,
+                    status,
+                    ops: ops.clone(),
+                    stopping: false,
+                };
+                if let Some((since, job)) = wake.take() {
+                    ops.woke(since.elapsed());
+                    engine.submit(job);
+                    ops.set_state(EngineState::Busy);
+                }
+                engine.publish();
+                let exit = engine.serve();
+                // Dropping the engine releases the context (KV cache, compute buffers).
+                Engine {
+                    sink,
+                    commands,
+                    shutdown,
+                    status,
+                    ..
+                } = engine;
+                if exit == Exit::Stopped {
+                    break;
+                }
+                ops.parked();
+            }
         }
-    };
-    let chat_template = config
-        .chat_template
-        .clone()
-        .or_else(|| model.chat_template());
-    if let Some(t) = &chat_template
-        && let Err(e) = Model::apply_chat_template(t, &[("user", "hi")])
-    {
-        let reason = format!(
-            "chat template {:?}: {e}",
-            t.chars().take(40).collect::<String>()
-        );
-        let _ = ready.send(Err(LlamaError::Context(reason)));
-        return;
+        if ops.idle.unload_model {
+            model = None;
+        }
+        // Parked (or a wake-up failed): the next request wakes the engine.
+        ops.set_state(EngineState::Parked);
+        match commands.recv() {
+            Ok(Command::Infer(job)) => {
+                ops.set_state(EngineState::Waking);
+                wake = Some((job.received, job));
+            }
+            Ok(Command::Shutdown) | Err(_) => break,
+        }
     }
-    let n_ctx = ctx.n_ctx();
-    let model_name = config
-        .model_path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    log::info!(
-        "model {} ({}), context {} tokens (trained {}), {} threads, {} slots, KV pages of {} cells",
-        config.model_path.display(),
-        model.description(),
-        n_ctx,
-        model.n_ctx_train(),
-        threads,
-        config.slots,
-        config.page_size,
-    );
-    let _ = ready.send(Ok(Ready { model_name, n_ctx }));
-    let mut engine = Engine {
-        vocab_size: model.vocab().n_tokens() as usize,
-        eog: model.vocab().eog_tokens(),
-        chat_template,
-        batch: Batch::new(config.n_batch as usize, 1),
-        n_batch: config.n_batch as usize,
-        scheduler: Scheduler::new(scheduler::Config {
-            n_ctx: n_ctx as usize,
-            page_size: config.page_size,
-            slots: config.slots,
-            cache_entries: config.cache_entries,
-            queue_limit: config.queue_limit,
-        }),
-        active: Vec::new(),
-        waiting: HashMap::new(),
-        model: &model,
-        ctx,
-        sink,
-        commands,
-        shutdown,
-        status,
-        stopping: false,
-    };
-    engine.publish();
-    engine.serve();
-    engine.sink.send(Event::Stopped);
-    engine.sink.wake();
+    sink.send(Event::Stopped);
+    sink.wake();
     log::info!("engine stopped");
+}
+
+/// Why `serve` returned.
+#[derive(Debug, PartialEq, Eq)]
+enum Exit {
+    Stopped,
+    /// Idle for `idle.park_after_s`: release the context until the next request.
+    Park,
 }
 
 struct Engine<'m> {
@@ -283,6 +371,7 @@ struct Engine<'m> {
     commands: Receiver<Command>,
     shutdown: Arc<AtomicBool>,
     status: Arc<Mutex<Status>>,
+    ops: Arc<Ops>,
     stopping: bool,
 }
 
@@ -312,28 +401,36 @@ enum Outcome {
 }
 
 impl Engine<'_> {
-    fn serve(&mut self) {
+    fn serve(&mut self) -> Exit {
         loop {
             if self.active.is_empty() && self.waiting.is_empty() && !self.stopping {
-                match self.commands.recv() {
-                    Ok(Command::Infer(job)) => self.submit(job),
-                    Ok(Command::Shutdown) | Err(_) => self.stopping = true,
+                self.ops.set_state(EngineState::Idle);
+                let command = match self.ops.park_after() {
+                    Some(after) => match self.commands.recv_timeout(after) {
+                        Err(RecvTimeoutError::Timeout) => return Exit::Park,
+                        other => other.ok(),
+                    },
+                    None => self.commands.recv().ok(),
+                };
+                match command {
+                    Some(Command::Infer(job)) => self.submit(job),
+                    Some(Command::Shutdown) | None => self.stopping = true,
                 }
+                self.ops.set_state(EngineState::Busy);
             }
             self.poll_commands();
+            self.thermal_pause();
             if self.stopping {
                 self.fail_all(ErrorCode::ShuttingDown, "the server is shutting down");
-                return;
+                return Exit::Stopped;
             }
             self.reap_cancelled();
             self.admit();
             if self.active.is_empty() && !self.waiting.is_empty() {
                 // Nothing can start yet (cannot happen with a consistent pool, but
                 // never spin): wait for a command, or re-check cancellations soon.
-                if let Ok(command) = self
-                    .commands
-                    .recv_timeout(std::time::Duration::from_millis(50))
-                {
+                self.ops.beat();
+                if let Ok(command) = self.commands.recv_timeout(Duration::from_millis(50)) {
                     match command {
                         Command::Infer(job) => self.submit(job),
                         Command::Shutdown => self.stopping = true,
@@ -344,6 +441,29 @@ impl Engine<'_> {
             self.step();
             self.publish();
             self.sink.wake();
+            self.ops.beat();
+        }
+    }
+
+    /// While the thermal throttle is on, no step starts; commands, aborts and
+    /// shutdown are still served and the heartbeat goes on.
+    fn thermal_pause(&mut self) {
+        while self.ops.throttled()
+            && !self.stopping
+            && !(self.active.is_empty() && self.waiting.is_empty())
+        {
+            self.ops.beat();
+            self.reap_cancelled();
+            self.publish();
+            self.sink.wake();
+            match self.commands.recv_timeout(Duration::from_millis(50)) {
+                Ok(Command::Infer(job)) => self.submit(job),
+                Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                    self.stopping = true;
+                    self.shutdown.store(true, Ordering::Relaxed);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
         }
     }
 
@@ -541,9 +661,11 @@ impl Engine<'_> {
                 .map(|s| s.job.cancel.clone())
                 .collect();
             let shutdown = self.shutdown.clone();
+            let ops = self.ops.clone();
             // One client's abort must not throw away the others' work: only
             // interrupt a decode in which every sequence was aborted.
             let should_abort = move || {
+                ops.beat(); // polled between graph nodes: a long decode is not a stall
                 shutdown.load(Ordering::Relaxed) || flags.iter().all(|f| f.load(Ordering::Relaxed))
             };
             match self.ctx.decode(&self.batch, &should_abort) {
@@ -610,6 +732,7 @@ impl Engine<'_> {
             return Some(Outcome::End(EndReason::Eos));
         }
         s.progress.completion_tokens += 1;
+        self.ops.on_token();
         let mut bytes = Vec::with_capacity(16);
         vocab.piece(token, &mut bytes);
         let (text, stopped) = match s.stream.push(&bytes) {

@@ -62,6 +62,15 @@ pub fn init() {
 
 /// llama.cpp's description of the CPU features ggml was built with
 /// (e.g. "CPU : SSE3 = 1 | AVX2 = 1 | FMA = 1 ...").
+/// Ends the process at once with `code`, without running exit handlers: the
+/// engine thread may be stuck inside llama.cpp holding its locks, and the
+/// C++ static destructors that `exit` runs could then wait forever.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` only ends the process; it touches no Rust state and
+    // never returns. Log lines were written directly (unbuffered) before it.
+    unsafe { libc::_exit(code) }
+}
+
 pub fn system_info() -> String {
     // SAFETY: returns a pointer to a static, NUL-terminated string owned by llama.cpp.
     unsafe { CStr::from_ptr(sys::llama_print_system_info()) }

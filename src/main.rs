@@ -11,11 +11,17 @@ mod connection;
 mod engine;
 mod kv;
 mod llama;
+mod metrics;
+mod monitor;
+mod ops;
 mod prefix;
 mod protocol;
 mod reactor;
 mod scheduler;
 mod text;
+mod thermal;
+mod vram;
+mod watchdog;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -28,6 +34,7 @@ use flexi_logger::{
 
 use crate::config::{Cli, Config};
 use crate::engine::{EngineConfig, EventSink};
+use crate::ops::Ops;
 use crate::reactor::Reactor;
 
 fn main() -> ExitCode {
@@ -65,29 +72,49 @@ fn run(config: &Config) -> anyhow::Result<()> {
     let waker = Arc::new(mio::Waker::new(poll.registry(), reactor::WAKER)?);
     let armed = Arc::new(AtomicBool::new(false));
     let (event_tx, event_rx) = crossbeam_channel::unbounded();
+    let monitor = monitor::spawn(&config.monitor, &config.thermal)?;
+    let ops = Arc::new(Ops::new(
+        monitor,
+        config.idle.clone(),
+        watchdog::Fault::from_env(),
+    ));
     let engine_config = EngineConfig {
         model_path: config.model_path(),
         n_ctx: config.model.ctx_size,
         n_batch: config.model.batch_size,
         threads: config.threads(),
-        n_gpu_layers: config.model.n_gpu_layers,
+        n_gpu_layers: vram::gpu_layers(config),
         repack: config.model.weight_repack,
         slots: config.scheduler.slots,
         page_size: config.scheduler.page_size,
         queue_limit: config.scheduler.max_queue,
         cache_entries: config.scheduler.prefix_cache_entries,
         chat_template: config.chat_template(),
+        ops: ops.clone(),
     };
     let (engine, ready) = engine::spawn(
         engine_config,
-        EventSink::new(event_tx, waker, armed.clone()),
+        EventSink::new(event_tx, waker.clone(), armed.clone()),
     )?;
 
     let listener = mio::net::TcpListener::from_std(listener);
-    let reactor = Reactor::new(poll, listener, event_rx, armed, engine, ready, config)?;
+    let reactor = Reactor::new(
+        poll,
+        listener,
+        event_rx,
+        armed,
+        engine,
+        ready,
+        ops.clone(),
+        config,
+    )?;
+    watchdog::spawn(&config.watchdog, ops, move || {
+        let _ = waker.wake();
+    })?;
     if let Some(addr) = reactor.local_addr() {
         log::info!("listening on ws://{addr}");
     }
+    watchdog::notify_ready();
     reactor.run()
 }
 

@@ -337,6 +337,31 @@ pub struct Status {
     pub busy_slots: usize,
     pub queued: usize,
     pub kv: KvStatus,
+    /// Engine state, temperature, throttle and GPU readings, filled in by the
+    /// reactor (`ops`); absent fields are unknown.
+    #[serde(flatten)]
+    pub ops: OpsStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct OpsStatus {
+    /// idle, busy, parked or waking.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temp_c: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_temp_c: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_vram_used_mb: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_vram_free_mb: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_power_w: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_util_pct: Option<u32>,
 }
 
 /// KV cache pages: owned by running requests, held by the prefix cache, free.

@@ -25,7 +25,9 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use crate::config;
 use crate::connection::{Connection, Input, Liveness, SendError, http_response};
 use crate::engine::{Command, EngineHandle, Event, Job, JobKey, Ready};
-use crate::protocol::{self, ClientMsg, ErrorCode, Generation, InferRequest, ServerMsg};
+use crate::ops::Ops;
+use crate::protocol::{self, ClientMsg, ErrorCode, Generation, InferRequest, ServerMsg, Status};
+use crate::watchdog;
 
 /// The page served at `GET /`: one self-contained file, no build step.
 const PAGE: &str = include_str!("page.html");
@@ -40,6 +42,8 @@ struct Route {
     generation: u64,
     id: String,
     cancel: Arc<AtomicBool>,
+    /// When its last token event arrived (inter-token latency).
+    last_token: Option<Instant>,
 }
 
 pub struct Reactor {
@@ -56,6 +60,7 @@ pub struct Reactor {
     armed: Arc<AtomicBool>,
     engine_stopped: bool,
     ready: Ready,
+    ops: Arc<Ops>,
     server: config::Server,
     defaults: Generation,
     ws_config: WebSocketConfig,
@@ -66,6 +71,8 @@ pub struct Reactor {
 }
 
 impl Reactor {
+    // The parts main builds, each used once here; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         poll: Poll,
         mut listener: TcpListener,
@@ -73,6 +80,7 @@ impl Reactor {
         armed: Arc<AtomicBool>,
         engine: EngineHandle,
         ready: Ready,
+        ops: Arc<Ops>,
         config: &config::Config,
     ) -> io::Result<Reactor> {
         poll.registry()
@@ -100,6 +108,7 @@ impl Reactor {
             armed,
             engine_stopped: false,
             ready,
+            ops,
             server: s.clone(),
             defaults: config.defaults.clone(),
             ws_config,
@@ -143,6 +152,11 @@ impl Reactor {
                 }
             }
             self.flush_dirty();
+            if self.ops.heartbeat.stalled() {
+                self.fail_all("the engine stalled; the server restarts");
+                log::error!("exiting with status {}", watchdog::EXIT_STALL);
+                crate::llama::exit_now(watchdog::EXIT_STALL);
+            }
             self.sweep_deadlines();
             if let Some(deadline) = self.shutdown_deadline
                 && ((self.conns.is_empty() && self.engine_stopped) || Instant::now() >= deadline)
@@ -254,12 +268,8 @@ impl Reactor {
                 Ok(ClientMsg::Infer(req)) => self.start_infer(slot, req),
                 Ok(ClientMsg::Abort { id }) => self.abort(slot, id),
                 Ok(ClientMsg::Status) => {
-                    let status = self
-                        .engine
-                        .status
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clone();
+                    let mut status = self.engine_status();
+                    status.ops = self.ops.status();
                     let json = ServerMsg::Status(&status).to_json();
                     self.send(slot, json);
                 }
@@ -268,7 +278,20 @@ impl Reactor {
         }
     }
 
+    fn engine_status(&self) -> Status {
+        self.engine
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn serve_http(&mut self, slot: usize, method: &str, path: &str) {
+        let metrics = (method, path) == ("GET", "/metrics");
+        let metrics = metrics.then(|| {
+            self.ops
+                .render_metrics(self.engine_status(), self.conns.len())
+        });
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
@@ -277,7 +300,16 @@ impl Reactor {
             ("GET", "/health") if self.shutdown_deadline.is_some() => {
                 conn.respond(503, "application/json", "{\"status\":\"draining\"}\n")
             }
+            // Parked is healthy: the next request wakes the engine (docs/operations.md).
+            ("GET", "/health") if self.ops.is_parked() => {
+                conn.respond(200, "application/json", "{\"status\":\"parked\"}\n")
+            }
             ("GET", "/health") => conn.respond(200, "application/json", "{\"status\":\"ready\"}\n"),
+            ("GET", "/metrics") => conn.respond(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                &metrics.unwrap_or_default(),
+            ),
             ("GET", "/") => conn.respond(200, "text/html; charset=utf-8", PAGE),
             ("GET", _) => conn.respond(404, "application/json", "{\"error\":\"not found\"}\n"),
             _ => conn.respond(
@@ -346,6 +378,7 @@ impl Reactor {
                 generation,
                 id,
                 cancel,
+                last_token: None,
             },
         );
     }
@@ -396,9 +429,13 @@ impl Reactor {
                     self.deliver(slot, generation, json);
                 }
                 Event::Token { key, text, prob } => {
-                    let Some(route) = self.routes.get(&key) else {
+                    let Some(route) = self.routes.get_mut(&key) else {
                         continue;
                     };
+                    let now = Instant::now();
+                    if let Some(last) = route.last_token.replace(now) {
+                        self.ops.metrics.itl.observe((now - last).as_secs_f64());
+                    }
                     if route.cancel.load(Ordering::Relaxed) {
                         continue; // aborted: only its `end` is still wanted
                     }
@@ -412,6 +449,16 @@ impl Reactor {
                     self.deliver(slot, generation, json);
                 }
                 Event::End { key, reason, stats } => {
+                    let m = &self.ops.metrics;
+                    m.request_done(&label(&reason));
+                    if stats.completion_tokens > 0 {
+                        m.ttft.observe(stats.ttft_ms / 1e3);
+                    }
+                    if stats.cached_tokens > 0 {
+                        m.prefix_hits.fetch_add(1, Ordering::Relaxed);
+                        m.cached_tokens
+                            .fetch_add(stats.cached_tokens as u64, Ordering::Relaxed);
+                    }
                     if let Some(route) = self.finish_route(key) {
                         let json = ServerMsg::End {
                             id: &route.id,
@@ -423,6 +470,7 @@ impl Reactor {
                     }
                 }
                 Event::Error { key, code, message } => {
+                    self.ops.metrics.request_done(&label(&code));
                     if let Some(route) = self.finish_route(key) {
                         let json = ServerMsg::Error {
                             id: Some(&route.id),
@@ -550,6 +598,7 @@ impl Reactor {
         }
         let deadline = Instant::now() + Duration::from_secs_f64(self.server.shutdown_timeout_s);
         self.shutdown_deadline = Some(deadline);
+        watchdog::notify_stopping();
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
@@ -577,6 +626,7 @@ impl Reactor {
         };
         let keys: Vec<JobKey> = self.routes.keys().copied().collect();
         for key in keys {
+            self.ops.metrics.request_done(&label(&code));
             if let Some(route) = self.finish_route(key) {
                 route.cancel.store(true, Ordering::Relaxed);
                 let json = ServerMsg::Error {
@@ -590,5 +640,13 @@ impl Reactor {
         }
         self.routes.clear();
         self.flush_dirty();
+    }
+}
+
+/// An `end` reason or `error` code as it appears on the wire, for metrics labels.
+fn label<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "other".into(),
     }
 }

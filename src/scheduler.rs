@@ -112,6 +112,7 @@ impl Scheduler {
                 pages_free: u.free,
                 prefix_entries: self.cache.len(),
             },
+            ..Status::default()
         }
     }
 

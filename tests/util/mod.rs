@@ -24,9 +24,15 @@ pub struct Server {
 impl Server {
     /// Starts the server with the default model and `args`, waits until it listens.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with_env(args, &[])
+    }
+
+    /// As `start`, with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(BIN)
             .args(["--host", "127.0.0.1", "--port", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -113,6 +119,31 @@ impl Server {
         let status = out.split(' ').nth(1).unwrap().parse().unwrap();
         let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
         (status, body)
+    }
+}
+
+/// A config file in a fresh temporary directory, removed on drop.
+pub struct TempConfig {
+    pub dir: std::path::PathBuf,
+    pub path: String,
+}
+
+impl TempConfig {
+    pub fn new(name: &str, toml: &str) -> TempConfig {
+        let dir = std::env::temp_dir().join(format!("ic-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, toml).unwrap();
+        TempConfig {
+            path: path.to_str().unwrap().to_owned(),
+            dir,
+        }
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

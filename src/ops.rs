@@ -1,0 +1,122 @@
+//! The operational state shared by the engine, the reactor, the monitor and
+//! the watchdog, and the small hooks the engine calls: heartbeat, engine
+//! state, thermal pause, token counting, idle parking.
+//!
+//! Keeping these here leaves `engine.rs` with one-line calls instead of
+//! operations logic.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::config;
+use crate::metrics::{Gauges, Metrics};
+use crate::monitor;
+use crate::protocol::{OpsStatus, Status};
+use crate::watchdog::{EngineState, Fault, Heartbeat};
+
+pub struct Ops {
+    pub heartbeat: Heartbeat,
+    pub metrics: Metrics,
+    pub monitor: Arc<monitor::Shared>,
+    pub fault: Fault,
+    pub idle: config::Idle,
+}
+
+impl Ops {
+    pub fn new(monitor: Arc<monitor::Shared>, idle: config::Idle, fault: Fault) -> Ops {
+        Ops {
+            heartbeat: Heartbeat::default(),
+            metrics: Metrics::default(),
+            monitor,
+            fault,
+            idle,
+        }
+    }
+
+    pub fn beat(&self) {
+        self.heartbeat.beat();
+    }
+
+    pub fn set_state(&self, state: EngineState) {
+        self.heartbeat.set_state(state);
+    }
+
+    /// True while the engine must not start a step.
+    pub fn throttled(&self) -> bool {
+        self.monitor.throttled()
+    }
+
+    /// A token was sampled.
+    pub fn on_token(&self) {
+        self.metrics.tokens.fetch_add(1, Ordering::Relaxed);
+        self.fault.on_token();
+    }
+
+    /// How long the engine may sit idle before parking; `None`: never park.
+    pub fn park_after(&self) -> Option<Duration> {
+        (self.idle.park_after_s > 0.0).then(|| Duration::from_secs_f64(self.idle.park_after_s))
+    }
+
+    /// The engine released its context (and, with `idle.unload_model`, its model).
+    pub fn parked(&self) {
+        self.set_state(EngineState::Parked);
+        self.metrics.parks.fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "idle for {} s: parked (released the KV cache and compute buffers{}); the next request wakes the engine",
+            self.idle.park_after_s,
+            if self.idle.unload_model {
+                " and the model"
+            } else {
+                ""
+            }
+        );
+    }
+
+    /// A parked engine is serving again; `took` runs from the waking request's arrival.
+    pub fn woke(&self, took: Duration) {
+        self.metrics.wakes.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .last_wake_us
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        log::info!(
+            "woke up in {:.1} ms (the waking request's TTFT includes it)",
+            took.as_secs_f64() * 1e3
+        );
+    }
+
+    pub fn is_parked(&self) -> bool {
+        matches!(
+            self.heartbeat.state(),
+            EngineState::Parked | EngineState::Waking
+        )
+    }
+
+    /// The operational part of the `status` snapshot.
+    pub fn status(&self) -> OpsStatus {
+        let snap = self.monitor.snapshot();
+        let gpu = snap.gpu.unwrap_or_default();
+        OpsStatus {
+            engine: Some(self.heartbeat.state().name()),
+            throttled: Some(self.throttled()),
+            temp_c: snap.temp_c,
+            gpu_temp_c: gpu.temp_c,
+            gpu_vram_used_mb: gpu.vram_used_mb,
+            gpu_vram_free_mb: gpu.vram_free_mb,
+            gpu_power_w: gpu.power_w,
+            gpu_util_pct: gpu.util_pct,
+        }
+    }
+
+    /// The `/metrics` page.
+    pub fn render_metrics(&self, status: Status, connections: usize) -> String {
+        self.metrics.render(&Gauges {
+            status,
+            monitor: self.monitor.snapshot(),
+            throttled: self.throttled(),
+            throttle_events: self.monitor.throttle_events.load(Ordering::Relaxed),
+            engine_state: self.heartbeat.state().name(),
+            connections,
+        })
+    }
+}

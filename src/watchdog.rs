@@ -1,0 +1,283 @@
+//! Self-healing: the engine's heartbeat, the watchdog thread that ends the
+//! process when the engine stalls, the slow-worker supervisor, and systemd's
+//! notification protocol (READY, WATCHDOG, STOPPING).
+//!
+//! A C++ call stuck inside llama.cpp cannot be cancelled safely, so a stall is
+//! answered by exiting with `EXIT_STALL` and letting systemd
+//! (`Restart=on-failure`) start a fresh process. Before that, the reactor
+//! tells every client in flight (`error` `internal`). systemd's own watchdog
+//! (`WatchdogSec`) backs this up: WATCHDOG=1 is only sent while the heartbeat
+//! is fresh, so a process too wedged to exit is killed by systemd.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sd_notify::NotifyState;
+
+use crate::config;
+use crate::ops::Ops;
+
+/// Exit status after a stall (or a slow worker with `restart_on_slow`):
+/// EX_SOFTWARE from sysexits.h, distinct from 1 (start-up failure) and 2 (usage).
+pub const EXIT_STALL: i32 = 70;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EngineState {
+    /// No work: blocked on its channel.
+    Idle = 0,
+    /// Work pending: must beat.
+    Busy = 1,
+    /// Idle and its context (maybe its model) released.
+    Parked = 2,
+    /// Re-creating what parking released.
+    Waking = 3,
+}
+
+impl EngineState {
+    pub fn name(self) -> &'static str {
+        crate::metrics::ENGINE_STATES[self as usize]
+    }
+}
+
+/// Written by the engine, read by the watchdog.
+pub struct Heartbeat {
+    origin: Instant,
+    last_ms: AtomicU64,
+    state: AtomicU8,
+    stalled: AtomicBool,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            state: AtomicU8::new(EngineState::Idle as u8),
+            stalled: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    pub fn set_state(&self, state: EngineState) {
+        self.beat();
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn state(&self) -> EngineState {
+        match self.state.load(Ordering::Relaxed) {
+            0 => EngineState::Idle,
+            1 => EngineState::Busy,
+            2 => EngineState::Parked,
+            _ => EngineState::Waking,
+        }
+    }
+
+    pub fn since_beat(&self) -> Duration {
+        let now = self.origin.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Set by the watchdog: the reactor fails every request and exits.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+}
+
+/// Test-only fault injection, off unless `INFERENCE_CORE_FAULT` is set:
+/// `stall_after_tokens:N` makes the engine hang (without beating) once it
+/// has sampled N tokens, as a stuck GPU call would.
+#[derive(Debug, Default)]
+pub struct Fault {
+    stall_after_tokens: Option<u64>,
+    tokens: AtomicU64,
+}
+
+impl Fault {
+    pub const ENV: &str = "INFERENCE_CORE_FAULT";
+
+    pub fn from_env() -> Fault {
+        let spec = std::env::var(Self::ENV).unwrap_or_default();
+        let fault = Fault::parse(&spec);
+        if fault.stall_after_tokens.is_some() {
+            log::warn!("fault injection is on: {}={spec}", Self::ENV);
+        } else if !spec.is_empty() {
+            log::warn!("ignoring unknown fault {spec:?} in {}", Self::ENV);
+        }
+        fault
+    }
+
+    fn parse(spec: &str) -> Fault {
+        let stall_after_tokens = spec
+            .strip_prefix("stall_after_tokens:")
+            .and_then(|n| n.trim().parse().ok());
+        Fault {
+            stall_after_tokens,
+            tokens: AtomicU64::new(0),
+        }
+    }
+
+    /// Called for every sampled token; hangs forever once the fault triggers.
+    pub fn on_token(&self) {
+        let Some(limit) = self.stall_after_tokens else {
+            return;
+        };
+        if self.tokens.fetch_add(1, Ordering::Relaxed) + 1 >= limit {
+            log::warn!("fault injection: the engine stalls now");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
+/// Tells systemd the service is up (no-op without `NOTIFY_SOCKET`).
+pub fn notify_ready() {
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+}
+
+pub fn notify_stopping() {
+    notify(&[NotifyState::Stopping]);
+}
+
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        log::warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// Starts the watchdog thread. `wake` wakes the reactor so it sees `stalled`.
+pub fn spawn(
+    cfg: &config::Watchdog,
+    ops: Arc<Ops>,
+    wake: impl Fn() + Send + 'static,
+) -> std::io::Result<()> {
+    let cfg = cfg.clone();
+    let stall = Duration::from_secs_f64(cfg.stall_s);
+    let tick = Duration::from_secs_f64((cfg.stall_s / 5.0).clamp(0.02, 0.5));
+    let systemd = sd_notify::watchdog_enabled().map(|usec| usec / 2);
+    if let Some(period) = systemd {
+        log::info!("systemd watchdog: pinging every {period:?} while the engine is healthy");
+    }
+    std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            let mut last_ping = Instant::now() - systemd.unwrap_or_default();
+            let mut window = Window::new(&ops);
+            loop {
+                std::thread::sleep(tick);
+                let hb = &ops.heartbeat;
+                let lag = hb.since_beat();
+                if hb.state() == EngineState::Busy && lag > stall {
+                    log::error!(
+                        "watchdog: the engine made no progress for {:.1} s with work pending: failing its requests and exiting with status {EXIT_STALL} for a restart",
+                        lag.as_secs_f64()
+                    );
+                    ops.metrics.stalls.fetch_add(1, Ordering::Relaxed);
+                    restart(&ops, &wake);
+                }
+                if let Some(period) = systemd
+                    && last_ping.elapsed() >= period
+                {
+                    notify(&[NotifyState::Watchdog]);
+                    last_ping = Instant::now();
+                }
+                if let Some(tps) = window.tick(&ops, Duration::from_secs_f64(cfg.slow_window_s)) {
+                    ops.metrics
+                        .decode_tps_milli
+                        .store((tps * 1e3) as u64, Ordering::Relaxed);
+                    if cfg.min_tps > 0.0 && tps < cfg.min_tps {
+                        ops.metrics
+                            .slow_worker_events
+                            .fetch_add(1, Ordering::Relaxed);
+                        log::warn!(
+                            "watchdog: slow worker: {tps:.1} tokens/s over {} s, below watchdog.min_tps = {}",
+                            cfg.slow_window_s,
+                            cfg.min_tps
+                        );
+                        if cfg.restart_on_slow {
+                            restart(&ops, &wake);
+                        }
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Hands over to the reactor (which fails every request and exits); exits
+/// from here if the reactor does not manage within two seconds.
+fn restart(ops: &Ops, wake: &dyn Fn()) -> ! {
+    ops.heartbeat.stalled.store(true, Ordering::Relaxed);
+    wake();
+    std::thread::sleep(Duration::from_secs(2));
+    log::error!("watchdog: the reactor did not exit: exiting now");
+    crate::llama::exit_now(EXIT_STALL)
+}
+
+/// The slow-worker supervisor's measuring window: it only spans time in
+/// which the engine was busy and not thermally throttled.
+struct Window {
+    start: Instant,
+    tokens: u64,
+}
+
+impl Window {
+    fn new(ops: &Ops) -> Window {
+        Window {
+            start: Instant::now(),
+            tokens: ops.metrics.tokens.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The decode rate once a full window has passed.
+    fn tick(&mut self, ops: &Ops, length: Duration) -> Option<f64> {
+        if ops.heartbeat.state() != EngineState::Busy || ops.monitor.throttled() {
+            *self = Window::new(ops);
+            return None;
+        }
+        let elapsed = self.start.elapsed();
+        if elapsed < length {
+            return None;
+        }
+        let tokens = ops.metrics.tokens.load(Ordering::Relaxed) - self.tokens;
+        *self = Window::new(ops);
+        Some(tokens as f64 / elapsed.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_spec_is_parsed_and_off_by_default() {
+        assert_eq!(Fault::parse("").stall_after_tokens, None);
+        assert_eq!(
+            Fault::parse("stall_after_tokens:5").stall_after_tokens,
+            Some(5)
+        );
+        assert_eq!(Fault::parse("explode").stall_after_tokens, None);
+        Fault::parse("").on_token(); // returns
+    }
+
+    #[test]
+    fn heartbeat_tracks_state_and_age() {
+        let hb = Heartbeat::default();
+        hb.set_state(EngineState::Busy);
+        assert_eq!(hb.state(), EngineState::Busy);
+        assert!(hb.since_beat() < Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(hb.since_beat() >= Duration::from_millis(20));
+        hb.beat();
+        assert!(hb.since_beat() < Duration::from_millis(20));
+        assert_eq!(EngineState::Parked.name(), "parked");
+    }
+}
