@@ -258,7 +258,7 @@ struct Sample {
 /// One client: a WebSocket kept open across requests (ours), or one HTTP
 /// connection per request (llama-server's SSE stream ends with the response).
 enum Client {
-    Ours(WebSocket<TcpStream>),
+    Ours(Box<WebSocket<TcpStream>>),
     Llama(u16),
 }
 
@@ -271,7 +271,7 @@ impl Client {
                 let (mut ws, _) = tungstenite::client(format!("ws://127.0.0.1:{port}/"), stream)
                     .map_err(|e| e.to_string())?;
                 ws.read().map_err(|e| e.to_string())?; // hello
-                Ok(Client::Ours(ws))
+                Ok(Client::Ours(Box::new(ws)))
             }
             Target::Llama(port) => Ok(Client::Llama(port)),
         }
