@@ -1,0 +1,250 @@
+//! Criterion micro-benches of the server's own work per streamed token, with
+//! no model: what inference-core adds on top of llama.cpp.
+//!
+//! - `token_event/*`: one `token` event, serialised by `protocol::ServerMsg`
+//!   (the server's own code), framed by tungstenite as the reactor does
+//!   (`write` + `flush`), into memory and into a real localhost TCP socket.
+//! - `reactor_hop/*`: the whole path of a token through a stub of the
+//!   reactor: an engine-like thread sends token events on a crossbeam channel
+//!   and wakes a `mio::Poll` through a `Waker` after each, the loop drains the
+//!   channel, serialises, frames and writes to a TCP socket that another
+//!   thread drains: one write per token (a single stream, where the engine is
+//!   slower than the loop), or one per batch of what arrived between two
+//!   wake-ups. Cost per token.
+//! - `scheduler/*`: prefix-cache lookup of a 1k-token prompt among 64
+//!   entries, and a whole submit/admit/finish cycle of the scheduler.
+//!
+//! The sans-I/O modules are compiled in from `src/` (the crate is a binary);
+//! the engine's `JobKey` is the one item stubbed.
+//!
+//!     cargo bench --bench micro
+
+use std::hint::black_box;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tungstenite::Message;
+use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
+
+// cargo compiles benches with cfg(test): the modules' tests come along, inert.
+#[allow(dead_code, unused_imports)]
+#[path = "../src/kv.rs"]
+mod kv;
+#[allow(dead_code)]
+#[path = "../src/prefix.rs"]
+mod prefix;
+#[allow(dead_code)]
+#[path = "../src/protocol.rs"]
+mod protocol;
+#[allow(dead_code)]
+#[path = "../src/scheduler.rs"]
+mod scheduler;
+
+/// The one engine item the scheduler needs.
+mod engine {
+    pub type JobKey = u64;
+}
+
+use protocol::ServerMsg;
+
+fn token_json() -> String {
+    ServerMsg::Token {
+        id: "r12",
+        content: " Paris",
+        prob: 0.93,
+    }
+    .to_json()
+}
+
+/// Writes go nowhere: the cost of framing alone.
+struct Sink;
+
+impl Read for Sink {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        black_box(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connected localhost pair; the far end is drained by a thread.
+fn tcp_pair() -> TcpStream {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    std::thread::spawn(move || {
+        let mut client = client;
+        let mut buf = vec![0u8; 1 << 16];
+        while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    server.set_nodelay(true).unwrap();
+    server
+}
+
+fn server_ws<S: Read + Write>(stream: S) -> WebSocket<S> {
+    // The server's limits (config: 4 MiB outbound buffer).
+    let config = WebSocketConfig::default().max_write_buffer_size(4 << 20);
+    WebSocket::from_raw_socket(stream, Role::Server, Some(config))
+}
+
+fn token_event(c: &mut Criterion) {
+    let mut g = c.benchmark_group("token_event");
+    g.bench_function("json", |b| b.iter(|| black_box(token_json())));
+    let mut ws = server_ws(Sink);
+    g.bench_function("json+frame", |b| {
+        b.iter(|| {
+            ws.write(Message::text(token_json())).unwrap();
+            ws.flush().unwrap();
+        })
+    });
+    let mut ws = server_ws(tcp_pair());
+    g.bench_function("json+frame+tcp_write", |b| {
+        b.iter(|| {
+            ws.write(Message::text(token_json())).unwrap();
+            ws.flush().unwrap();
+        })
+    });
+    g.finish();
+}
+
+/// What the engine thread sends per token in the stub.
+struct Event {
+    conn: usize,
+    generation: u64,
+    content: String,
+    prob: f32,
+}
+
+/// `n` tokens through channel + waker + poll + encode + frame + TCP write.
+/// `flush_each`: one write syscall per token (the loop flushes once per batch
+/// of events, and a batch holds one token when the engine is slower than the
+/// loop, as it always is with a real model); otherwise whatever arrived
+/// between two wake-ups goes out in one write.
+fn reactor_run(n: u64, flush_each: bool) -> Duration {
+    const WAKER: mio::Token = mio::Token(0);
+    let mut poll = mio::Poll::new().unwrap();
+    let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER).unwrap());
+    let (tx, rx) = crossbeam_channel::unbounded::<Event>();
+    let mut ws = server_ws(tcp_pair());
+    let ids = ["r1".to_owned()];
+    // The loop keeps the waker alive too: closing its eventfd (when the engine
+    // thread's clone drops) would take its pending event out of the epoll set.
+    let engine_waker = waker.clone();
+    let start = Instant::now();
+    let engine = std::thread::spawn(move || {
+        let waker = engine_waker;
+        for i in 0..n {
+            tx.send(Event {
+                conn: 0,
+                generation: 1,
+                content: if i % 2 == 0 { " the" } else { " sea" }.to_owned(),
+                prob: 0.5,
+            })
+            .unwrap();
+            waker.wake().unwrap();
+        }
+    });
+    let mut events = mio::Events::with_capacity(64);
+    let mut seen = 0u64;
+    while seen < n {
+        poll.poll(&mut events, None).unwrap();
+        for ev in events.iter() {
+            if ev.token() != WAKER {
+                continue;
+            }
+            for e in rx.try_iter() {
+                debug_assert_eq!((e.conn, e.generation), (0, 1));
+                let json = ServerMsg::Token {
+                    id: &ids[e.conn],
+                    content: &e.content,
+                    prob: e.prob,
+                }
+                .to_json();
+                ws.write(Message::text(json)).unwrap();
+                if flush_each {
+                    ws.flush().unwrap();
+                }
+                seen += 1;
+            }
+            // One flush per batch of events, as the reactor does.
+            ws.flush().unwrap();
+        }
+    }
+    let elapsed = start.elapsed();
+    engine.join().unwrap();
+    elapsed
+}
+
+fn reactor_hop(c: &mut Criterion) {
+    let mut g = c.benchmark_group("reactor_hop");
+    g.bench_function("write_per_token", |b| {
+        b.iter_custom(|n| reactor_run(n, true))
+    });
+    g.bench_function("write_per_batch", |b| {
+        b.iter_custom(|n| reactor_run(n, false))
+    });
+    g.finish();
+}
+
+fn scheduler_ops(c: &mut Criterion) {
+    use prefix::PrefixCache;
+    use scheduler::{Config, Request, Scheduler};
+    let mut g = c.benchmark_group("scheduler");
+    let page = 16;
+    let mut cache = PrefixCache::new(page);
+    for e in 0..64i32 {
+        let tokens: Vec<i32> = (0..1024).map(|t| t + e * 100_000).collect();
+        let pages: Vec<kv::PageId> = (0..64).map(|p| (e as usize * 64 + p) as _).collect();
+        cache.insert(e, tokens, pages);
+    }
+    let prompt: Vec<i32> = (0..1024).map(|t| t + 17 * 100_000).collect();
+    g.bench_function("prefix_lookup_1k_of_64", |b| {
+        b.iter(|| black_box(cache.lookup(black_box(&prompt), 63)))
+    });
+
+    let mut s = Scheduler::new(Config {
+        n_ctx: 4096,
+        page_size: page,
+        slots: 8,
+        cache_entries: 8,
+        queue_limit: 64,
+    });
+    let system: Vec<i32> = (0..512).collect();
+    let mut key = 0u64;
+    g.bench_function("submit_admit_finish_512_shared", |b| {
+        b.iter(|| {
+            key += 1;
+            let mut tokens = system.clone();
+            tokens.extend([7, 8, 9, key as i32]);
+            s.submit(Request {
+                key,
+                tokens: tokens.clone(),
+                max_tokens: 32,
+            });
+            let admitted = s.admit();
+            assert_eq!(admitted.len(), 1);
+            black_box(s.finish(key, &tokens));
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = token_event, reactor_hop, scheduler_ops
+}
+criterion_main!(benches);
