@@ -139,6 +139,8 @@ pub struct Scheduler {
     pub max_queue: usize,
     /// Cached prefixes kept in the KV pool (each holds one llama.cpp sequence id).
     pub prefix_cache_entries: usize,
+    /// Prompt tokens one step may carry while other requests are generating.
+    pub prefill_chunk: usize,
 }
 
 impl Default for Scheduler {
@@ -148,6 +150,7 @@ impl Default for Scheduler {
             page_size: 16,
             max_queue: 64,
             prefix_cache_entries: 32,
+            prefill_chunk: 128,
         }
     }
 }

@@ -111,6 +111,8 @@ pub struct EngineConfig {
     pub page_size: usize,
     pub queue_limit: usize,
     pub cache_entries: usize,
+    /// Prompt tokens a step may carry while other sequences are generating.
+    pub prefill_chunk: usize,
     /// Overrides the model's own chat template.
     pub chat_template: Option<String>,
     /// Heartbeat, thermal pause, idle parking, metrics.
@@ -289,6 +291,7 @@ fn run(
                     chat_template,
                     batch: Batch::new(config.n_batch as usize, 1),
                     n_batch: config.n_batch as usize,
+                    prefill_chunk: config.prefill_chunk.max(1),
                     scheduler: Scheduler::new(scheduler::Config {
                         n_ctx: n_ctx as usize,
                         page_size: config.page_size,
@@ -359,6 +362,7 @@ struct Engine<'m> {
     ctx: Context<'m>,
     batch: Batch,
     n_batch: usize,
+    prefill_chunk: usize,
     vocab_size: usize,
     eog: Vec<Token>,
     chat_template: Option<String>,
@@ -637,12 +641,23 @@ impl Engine<'_> {
                 self.batch.push(token, s.decoded.len() as i32, s.id, true);
             }
         }
+        // While others are generating, a step takes at most `prefill_chunk`
+        // prompt tokens, so their inter-token gap stays short; alone, a
+        // prompt goes through in chunks as large as the batch allows.
+        let prefill_limit = if self.batch.len() > 0 {
+            self.batch.len() + self.prefill_chunk
+        } else {
+            self.n_batch
+        };
         for s in &mut self.active {
             let remaining = s.prompt.len() - s.decoded.len().min(s.prompt.len());
-            if s.pending.is_some() || remaining == 0 || self.batch.is_full() {
+            let room = prefill_limit
+                .min(self.n_batch)
+                .saturating_sub(self.batch.len());
+            if s.pending.is_some() || remaining == 0 || room == 0 {
                 continue;
             }
-            let n = remaining.min(self.n_batch - self.batch.len());
+            let n = remaining.min(room);
             let start = s.decoded.len();
             for (j, &t) in s.prompt[start..start + n].iter().enumerate() {
                 let last = start + j + 1 == s.prompt.len();

@@ -89,6 +89,7 @@ fn run(config: &Config) -> anyhow::Result<()> {
         page_size: config.scheduler.page_size,
         queue_limit: config.scheduler.max_queue,
         cache_entries: config.scheduler.prefix_cache_entries,
+        prefill_chunk: config.scheduler.prefill_chunk,
         chat_template: config.chat_template(),
         ops: ops.clone(),
     };
