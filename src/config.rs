@@ -361,6 +361,8 @@ mod tests {
             "9100",
             "-t",
             "3",
+            "--parallel",
+            "2",
         ]);
         let c = Config::load(&cli).unwrap();
         assert_eq!(c.server.port, 9100);
