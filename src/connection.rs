@@ -705,7 +705,10 @@ mod tests {
             let opcode = out[0] & 0x0f;
             let (len, head) = match out[1] & 0x7f {
                 126 => (u16::from_be_bytes([out[2], out[3]]) as usize, 4),
-                127 => (u64::from_be_bytes(out[2..10].try_into().unwrap()) as usize, 10),
+                127 => (
+                    u64::from_be_bytes(out[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
                 n => (n as usize, 2),
             };
             let payload = &out[head..head + len];

@@ -618,8 +618,16 @@ mod tests {
         /// JSON objects made of the protocol's own keys and values of every type.
         fn json_like() -> impl Strategy<Value = String> {
             let key = prop_oneof![
-                Just("op"), Just("id"), Just("prompt"), Just("messages"), Just("params"),
-                Just("temp"), Just("max_tokens"), Just("stop"), Just("role"), Just("content"),
+                Just("op"),
+                Just("id"),
+                Just("prompt"),
+                Just("messages"),
+                Just("params"),
+                Just("temp"),
+                Just("max_tokens"),
+                Just("stop"),
+                Just("role"),
+                Just("content"),
             ];
             let value = prop_oneof![
                 Just("null".to_owned()),
@@ -634,7 +642,8 @@ mod tests {
                 "\\PC{0,20}".prop_map(|s| serde_json::to_string(&s).unwrap()),
             ];
             proptest::collection::vec((key, value), 0..8).prop_map(|fields| {
-                let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                let body: Vec<String> =
+                    fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
                 format!("{{{}}}", body.join(","))
             })
         }

@@ -21,8 +21,10 @@ fn sigterm_under_load_gives_every_request_a_final_event_within_the_bound() {
     let mut clients: Vec<_> = (0..3).map(|_| server.connect()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         for j in 0..4 {
-            c.send(json!({"op":"infer","id":format!("c{i}r{j}"),"prompt":"Tell a long story:",
-                "params":{"max_tokens":2000,"ignore_eos":true}}));
+            c.send(
+                json!({"op":"infer","id":format!("c{i}r{j}"),"prompt":"Tell a long story:",
+                "params":{"max_tokens":2000,"ignore_eos":true}}),
+            );
         }
     }
     // Wait until tokens flow.
@@ -82,7 +84,10 @@ fn sigkill_then_a_restart_on_the_same_port_is_healthy() {
     assert_eq!(c.recv()["op"], "token");
     server.signal("KILL");
     let status = server.wait_exit(Duration::from_secs(10));
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
     // The socket died with the process: reading ends in an error, not a hang.
     while c.ws.read().is_ok() {}
     drop(server);

@@ -25,8 +25,10 @@ fn stream_gaps(server: &Server) -> Vec<f64> {
             let mut c = server.connect();
             std::thread::spawn(move || {
                 let id = format!("s{i}");
-                c.send(json!({"op":"infer","id":id,"prompt":"Tell me a long story about the sea:",
-                    "params":{"temp":0,"max_tokens":TOKENS,"ignore_eos":true}}));
+                c.send(
+                    json!({"op":"infer","id":id,"prompt":"Tell me a long story about the sea:",
+                    "params":{"temp":0,"max_tokens":TOKENS,"ignore_eos":true}}),
+                );
                 let mut gaps = Vec::new();
                 let mut last: Option<Instant> = None;
                 loop {
@@ -74,7 +76,10 @@ fn thousands_of_idle_connections_do_not_disturb_streams() {
     // one descriptor per idle client, the server one per connection.
     let soft = rlimit::increase_nofile_limit(u64::MAX).unwrap();
     let idle_count = MAX_IDLE.min(soft.saturating_sub(200)) as usize;
-    assert!(idle_count >= 1000, "file limit {soft} is too low for this test");
+    assert!(
+        idle_count >= 1000,
+        "file limit {soft} is too low for this test"
+    );
     let config = format!(
         "[server]\nmax_connections = {}\nping_interval_s = 0.0\n",
         idle_count + 16
@@ -108,7 +113,8 @@ fn thousands_of_idle_connections_do_not_disturb_streams() {
     let log = server.log_text();
     for line in log.lines() {
         assert!(
-            !(line.contains("[inference_core") && (line.contains(" WARN ") || line.contains(" ERROR "))),
+            !(line.contains("[inference_core")
+                && (line.contains(" WARN ") || line.contains(" ERROR "))),
             "{line}"
         );
     }

@@ -15,8 +15,10 @@ use util::{Client, Server};
 /// A well-behaved client's greedy request, started before the misbehaviour.
 fn start_bystander(server: &Server) -> Client {
     let mut c = server.connect();
-    c.send(json!({"op":"infer","id":"bystander","prompt":"Write a story about a lighthouse:",
-        "params":{"temp":0,"max_tokens":40,"ignore_eos":true}}));
+    c.send(
+        json!({"op":"infer","id":"bystander","prompt":"Write a story about a lighthouse:",
+        "params":{"temp":0,"max_tokens":40,"ignore_eos":true}}),
+    );
     c
 }
 
@@ -29,7 +31,8 @@ fn finish_bystander(mut c: Client) {
 /// Reads until the server closes the socket (EOF or reset); returns how long it took.
 fn wait_closed(s: &mut TcpStream, within: Duration) -> Duration {
     let start = Instant::now();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut buf = [0u8; 4096];
     loop {
         assert!(start.elapsed() < within, "still open after {within:?}");
@@ -101,7 +104,9 @@ fn slowloris_clients_are_dropped_at_the_handshake_timeout_while_others_are_serve
             std::thread::spawn(move || {
                 let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
                 let start = Instant::now();
-                for b in b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+                for b in
+                    b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaa".iter()
+                {
                     if s.write_all(&[*b]).is_err() {
                         return start.elapsed();
                     }
@@ -109,7 +114,8 @@ fn slowloris_clients_are_dropped_at_the_handshake_timeout_while_others_are_serve
                     s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
                     match s.read(&mut probe) {
                         Ok(0) => return start.elapsed(),
-                        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                         _ => return start.elapsed(),
                     }
                 }
@@ -131,7 +137,10 @@ fn slowloris_clients_are_dropped_at_the_handshake_timeout_while_others_are_serve
         );
     }
     let mut late = server.connect();
-    assert_eq!(late.infer("late", "Hi", json!({"max_tokens":3})).op(), "end");
+    assert_eq!(
+        late.infer("late", "Hi", json!({"max_tokens":3})).op(),
+        "end"
+    );
     finish_bystander(bystander);
 }
 
@@ -183,7 +192,10 @@ fn a_client_that_never_reads_is_disconnected_and_others_are_unaffected() {
     // The slow reader's requests were aborted: the engine is idle again.
     let start = Instant::now();
     while server.status()["busy_slots"] != 0 {
-        assert!(start.elapsed() < Duration::from_secs(10), "requests still running");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "requests still running"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // Reading now, the client finds the close frame (1008) behind the backlog,
@@ -254,11 +266,8 @@ fn silent_clients_are_pinged_and_closed_while_answering_ones_stay() {
 
 #[test]
 fn a_prompt_over_max_prompt_tokens_is_refused_with_the_limit_named() {
-    let server = Server::start_with_config(
-        "limits-prompt",
-        "[server]\nmax_prompt_tokens = 16\n",
-        &[],
-    );
+    let server =
+        Server::start_with_config("limits-prompt", "[server]\nmax_prompt_tokens = 16\n", &[]);
     let mut c = server.connect();
     let long = "one two three four five six seven eight nine ten eleven twelve thirteen".repeat(3);
     let out = c.infer("long", &long, json!({"max_tokens":2}));

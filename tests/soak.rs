@@ -8,8 +8,8 @@
 
 mod util;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -200,7 +200,10 @@ fn soak_with_aborts_disconnects_and_malformed_messages() {
     );
     assert_eq!(server.http_get("/health").0, 200);
     let log = server.log_text();
-    assert!(!log.contains(" ERROR ") && !log.contains("panicked"), "{log}");
+    assert!(
+        !log.contains(" ERROR ") && !log.contains("panicked"),
+        "{log}"
+    );
 
     let drift = (rss_end as f64 - rss_warm as f64) / rss_warm as f64 * 100.0;
     let t = &tally;
