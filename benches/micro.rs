@@ -36,7 +36,7 @@ mod kv;
 #[allow(dead_code)]
 #[path = "../src/prefix.rs"]
 mod prefix;
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../src/protocol.rs"]
 mod protocol;
 #[allow(dead_code)]

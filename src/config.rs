@@ -76,7 +76,16 @@ pub struct Server {
     pub max_message_bytes: usize,
     pub max_frame_bytes: usize,
     pub max_write_buffer_bytes: usize,
+    /// Ping a WebSocket client silent this long; 0: never.
+    pub ping_interval_s: f64,
+    /// Close a pinged client that sends nothing within this time.
+    pub pong_timeout_s: f64,
+    /// Longest prompt, in tokens after tokenization; 0: only the context size bounds it.
+    pub max_prompt_tokens: usize,
     pub shutdown_timeout_s: f64,
+    /// Path of a test-only WebSocket echo route (the Autobahn conformance
+    /// suite runs against it); empty: off.
+    pub echo_path: String,
 }
 
 impl Default for Server {
@@ -90,7 +99,11 @@ impl Default for Server {
             max_message_bytes: 1 << 20,
             max_frame_bytes: 1 << 20,
             max_write_buffer_bytes: 4 << 20,
+            ping_interval_s: 30.0,
+            pong_timeout_s: 10.0,
+            max_prompt_tokens: 0,
             shutdown_timeout_s: 5.0,
+            echo_path: String::new(),
         }
     }
 }
@@ -361,6 +374,19 @@ impl Config {
             return bad(
                 "server.max_connections and server.max_inflight_per_connection must be at least 1",
             );
+        }
+        let sv = &self.server;
+        if !(sv.handshake_timeout_s > 0.0
+            && sv.ping_interval_s >= 0.0
+            && sv.pong_timeout_s > 0.0
+            && sv.shutdown_timeout_s >= 0.0)
+        {
+            return bad(
+                "server.handshake_timeout_s and server.pong_timeout_s must be above 0, server.ping_interval_s and server.shutdown_timeout_s at least 0",
+            );
+        }
+        if !sv.echo_path.is_empty() && !sv.echo_path.starts_with('/') {
+            return bad("server.echo_path must be empty or start with /");
         }
         let s = &self.scheduler;
         if s.slots == 0 || s.page_size == 0 || s.slots + s.prefix_cache_entries > 256 {

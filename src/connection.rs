@@ -7,6 +7,10 @@
 //! `Input::Http` so the reactor can serve routes such as `/health` on the same
 //! port. Outbound bytes are bounded by tungstenite's `max_write_buffer_size`:
 //! a client that reads too slowly gets `SendError::SlowReader`.
+//!
+//! The frame path after the handshake (`read_messages`) is generic over the
+//! stream, so `feed` can drive it from a byte slice: the property tests below
+//! and the coverage-guided target in `fuzz/` use that entry point.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -15,9 +19,9 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use tungstenite::handshake::server::{NoCallback, ServerHandshake};
 use tungstenite::handshake::{HandshakeError, MidHandshake};
-use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::engine::JobKey;
@@ -25,6 +29,13 @@ use crate::protocol::{ErrorCode, ServerMsg};
 
 /// Largest HTTP request head we accept before answering 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// What every connection is configured with.
+pub struct Settings {
+    pub ws: WebSocketConfig,
+    /// Path of the test-only echo route (`server.echo_path`); `None`: off.
+    pub echo_path: Option<String>,
+}
 
 /// A socket whose first bytes were already read (the HTTP request head we
 /// parsed to route it) and are replayed to tungstenite's handshake.
@@ -116,10 +127,18 @@ pub struct Connection {
     /// Requests in flight on this connection: client id -> engine key.
     pub requests: HashMap<String, JobKey>,
     pub peer: String,
+    /// Accepted over `max_connections`: its request is read, then answered 503.
+    pub refused: bool,
+    /// The test-only echo route: messages are echoed, the engine is never involved.
+    echo: bool,
+    /// When the client last sent anything (a frame of any kind).
+    pub last_seen: Instant,
+    /// When we pinged a silent client; cleared by any frame from it.
+    pub ping_sent: Option<Instant>,
 }
 
 impl Connection {
-    pub fn new(stream: TcpStream, generation: u64, deadline: Instant) -> Connection {
+    pub fn new(stream: TcpStream, generation: u64, deadline: Instant, refused: bool) -> Connection {
         let peer = stream
             .peer_addr()
             .map(|a| a.to_string())
@@ -133,6 +152,10 @@ impl Connection {
             deadline: Some(deadline),
             requests: HashMap::new(),
             peer,
+            refused,
+            echo: false,
+            last_seen: Instant::now(),
+            ping_sent: None,
         }
     }
 
@@ -140,15 +163,22 @@ impl Connection {
         matches!(self.state, State::Open(_))
     }
 
-    pub fn on_readable(&mut self, config: &WebSocketConfig, inputs: &mut Vec<Input>) -> Liveness {
+    pub fn on_readable(&mut self, settings: &Settings, inputs: &mut Vec<Input>) -> Liveness {
         match &mut self.state {
             State::Http { stream, head } => match read_head(stream, head) {
-                Ok(true) => self.route_head(config, inputs),
+                Ok(true) => self.route_head(settings, inputs),
                 Ok(false) => Liveness::Alive,
                 Err(_) => Liveness::Gone,
             },
             State::Handshaking(_) => self.drive_handshake(inputs),
-            State::Open(ws) => read_messages(ws, inputs),
+            State::Open(ws) => {
+                let (live, active) = read_messages(ws, self.echo, inputs);
+                if active {
+                    self.last_seen = Instant::now();
+                    self.ping_sent = None;
+                }
+                live
+            }
             State::Responding { stream, .. } => {
                 // Discard anything more the client sends; we are closing.
                 let mut sink = [0u8; 4096];
@@ -245,7 +275,23 @@ impl Connection {
         }
     }
 
-    fn route_head(&mut self, config: &WebSocketConfig, inputs: &mut Vec<Input>) -> Liveness {
+    /// Pings a client that has been silent; `flush` sends it.
+    pub fn ping(&mut self, now: Instant) {
+        if let State::Open(ws) = &mut self.state {
+            let _ = ws.write(Message::Ping(Default::default()));
+            self.ping_sent = Some(now);
+        }
+    }
+
+    /// Whether the closing handshake has begun (no message can be sent any more).
+    pub fn is_closing(&self) -> bool {
+        match &self.state {
+            State::Open(ws) => !ws.can_write(),
+            _ => false,
+        }
+    }
+
+    fn route_head(&mut self, settings: &Settings, inputs: &mut Vec<Input>) -> Liveness {
         let State::Http { head, .. } = &self.state else {
             unreachable!()
         };
@@ -272,10 +318,22 @@ impl Connection {
                 return self.flush();
             }
         };
+        if self.refused {
+            self.respond(
+                503,
+                "application/json",
+                "{\"error\":\"too many connections\"}\n",
+            );
+            return self.flush();
+        }
         if !upgrade {
             inputs.push(Input::Http { method, path });
             return Liveness::Alive;
         }
+        self.echo = settings
+            .echo_path
+            .as_deref()
+            .is_some_and(|p| path.split('?').next() == Some(p));
         let State::Http { stream, head } = std::mem::replace(&mut self.state, State::Closed) else {
             unreachable!()
         };
@@ -285,7 +343,7 @@ impl Connection {
             inner: stream,
         };
         self.finish_handshake(
-            tungstenite::accept_with_config(replay, Some(*config)),
+            tungstenite::accept_with_config(replay, Some(settings.ws)),
             inputs,
         )
     }
@@ -306,12 +364,15 @@ impl Connection {
             Ok(ws) => {
                 self.state = State::Open(Box::new(ws));
                 self.deadline = None;
-                inputs.push(Input::Opened);
+                self.last_seen = Instant::now();
+                if !self.echo {
+                    inputs.push(Input::Opened);
+                }
                 // Frames may have arrived right behind the request head.
                 let State::Open(ws) = &mut self.state else {
                     unreachable!()
                 };
-                read_messages(ws, inputs)
+                read_messages(ws, self.echo, inputs).0
             }
             Err(HandshakeError::Interrupted(mid)) => {
                 self.state = State::Handshaking(Box::new(mid));
@@ -343,19 +404,40 @@ fn read_head(stream: &mut TcpStream, head: &mut Vec<u8>) -> io::Result<bool> {
     }
 }
 
-/// Reads every available message. Pings, pongs and the close handshake are
-/// answered by tungstenite itself (queued; the reactor flushes afterwards).
-fn read_messages(ws: &mut WebSocket<Prefixed>, inputs: &mut Vec<Input>) -> Liveness {
+/// Reads every available message; returns whether the client sent anything.
+/// Pings, pongs and the close handshake are answered by tungstenite itself
+/// (queued; the reactor flushes afterwards). On the echo route, text and
+/// binary messages are queued straight back, before a close that may follow
+/// them in the same read makes sending impossible.
+fn read_messages<S: Read + Write>(
+    ws: &mut WebSocket<S>,
+    echo: bool,
+    inputs: &mut Vec<Input>,
+) -> (Liveness, bool) {
+    let mut active = false;
     loop {
-        match ws.read() {
+        let result = ws.read();
+        if result.is_ok() {
+            active = true;
+        }
+        match result {
+            Ok(msg @ (Message::Text(_) | Message::Binary(_))) if echo => match ws.write(msg) {
+                Ok(()) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(tungstenite::Error::WriteBufferFull(_)) => {
+                    fail(ws, CloseCode::Policy, "reading too slowly");
+                    return (Liveness::Gone, active);
+                }
+                Err(_) => return (Liveness::Gone, active),
+            },
             Ok(Message::Text(t)) => inputs.push(Input::Text(t.as_str().to_owned())),
             Ok(Message::Binary(_)) => inputs.push(Input::Binary),
             Ok(_) => {}
             Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Liveness::Alive;
+                return (Liveness::Alive, active);
             }
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                return Liveness::Gone;
+                return (Liveness::Gone, active);
             }
             Err(e) => {
                 // tungstenite reports protocol violations but leaves the close
@@ -369,7 +451,7 @@ fn read_messages(ws: &mut WebSocket<Prefixed>, inputs: &mut Vec<Input>) -> Liven
                     other => (CloseCode::Protocol, other.to_string()),
                 };
                 log::debug!("closing WebSocket after read error: {e}");
-                if code == CloseCode::Size {
+                if code == CloseCode::Size && !echo {
                     let message = format!("message rejected: {why}");
                     let error = ServerMsg::Error {
                         id: None,
@@ -378,15 +460,87 @@ fn read_messages(ws: &mut WebSocket<Prefixed>, inputs: &mut Vec<Input>) -> Liven
                     };
                     let _ = ws.write(Message::text(error.to_json()));
                 }
-                let reason: String = why.chars().take(100).collect();
-                let _ = ws.close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                }));
-                let _ = ws.flush();
-                return Liveness::Gone;
+                fail(ws, code, &why);
+                return (Liveness::Gone, active);
             }
         }
+    }
+}
+
+/// Fails the connection: a close frame with `code`, written at once if the
+/// socket takes it (the connection is dropped right after).
+fn fail<S: Read + Write>(ws: &mut WebSocket<S>, code: CloseCode, why: &str) {
+    let reason: String = why.chars().take(100).collect();
+    let _ = ws.close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = ws.flush();
+}
+
+/// An in-memory stream for `feed`: reads the given bytes, then `WouldBlock`
+/// (like a non-blocking socket with nothing more to read); keeps what is written.
+#[cfg_attr(not(test), allow(dead_code))] // used by the unit tests and fuzz/
+struct Memory<'a> {
+    input: &'a [u8],
+    output: Vec<u8>,
+    /// Cap on `output`, so a fuzz input cannot make the harness grow without bound.
+    limit: usize,
+}
+
+impl Read for Memory<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.input.len());
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input = &self.input[n..];
+        Ok(n)
+    }
+}
+
+impl Write for Memory<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.output.len() >= self.limit {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.limit - self.output.len());
+        self.output.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What `feed` observed.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Debug)]
+pub struct Fed {
+    pub inputs: Vec<Input>,
+    pub liveness: Liveness,
+    /// Bytes the server wrote back (echoes, pongs, close frames).
+    pub output: Vec<u8>,
+}
+
+/// The frame path of an open server-side WebSocket, driven from bytes: what
+/// the reactor does when a client's frames arrive, without a socket.
+#[cfg_attr(not(test), allow(dead_code))]
+pub fn feed(bytes: &[u8], config: &WebSocketConfig, echo: bool) -> Fed {
+    let memory = Memory {
+        input: bytes,
+        output: Vec::new(),
+        limit: 4 * bytes.len() + 1024,
+    };
+    let mut ws = WebSocket::from_raw_socket(memory, Role::Server, Some(*config));
+    let mut inputs = Vec::new();
+    let (liveness, _) = read_messages(&mut ws, echo, &mut inputs);
+    let _ = ws.flush();
+    Fed {
+        inputs,
+        liveness,
+        output: std::mem::take(&mut ws.get_mut().output),
     }
 }
 
@@ -404,4 +558,200 @@ pub fn http_response(status: u16, content_type: &str, body: &str) -> String {
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n{body}",
         body.len()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the frame path through `feed`: whatever bytes a
+    //! client sends, the server neither panics nor answers without bound, and
+    //! well-formed traffic comes out exactly as sent.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> WebSocketConfig {
+        WebSocketConfig::default()
+            .max_message_size(Some(64 * 1024))
+            .max_frame_size(Some(16 * 1024))
+    }
+
+    /// One client frame: masked, as RFC 6455 requires of clients.
+    fn frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut out = vec![(u8::from(fin) << 7) | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    /// A text message split into `parts` fragments, with a ping after the first.
+    fn message(text: &str, parts: usize, mask: [u8; 4]) -> Vec<u8> {
+        let bytes = text.as_bytes();
+        let size = bytes.len().div_ceil(parts.max(1)).max(1);
+        let chunks: Vec<&[u8]> = if bytes.is_empty() {
+            vec![&[]]
+        } else {
+            bytes.chunks(size).collect()
+        };
+        let mut out = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let opcode = if i == 0 { 0x1 } else { 0x0 };
+            out.extend(frame(i + 1 == chunks.len(), opcode, chunk, mask));
+            if i == 0 {
+                out.extend(frame(true, 0x9, b"hi", mask));
+            }
+        }
+        out
+    }
+
+    fn texts(inputs: &[Input]) -> Vec<String> {
+        inputs
+            .iter()
+            .filter_map(|i| match i {
+                Input::Text(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_and_the_answer_is_bounded(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+            echo in any::<bool>(),
+        ) {
+            let fed = feed(&bytes, &config(), echo);
+            prop_assert!(fed.output.len() <= 4 * bytes.len() + 1024);
+            if !echo {
+                // Nothing reaches the reactor that was not a whole, valid message.
+                prop_assert!(fed.inputs.len() <= bytes.len() / 6 + 1);
+            }
+        }
+
+        #[test]
+        fn well_formed_messages_come_out_exactly_as_sent(
+            msgs in proptest::collection::vec(("\\PC{0,300}", 1usize..5), 1..6),
+            mask in any::<[u8; 4]>(),
+        ) {
+            let mut bytes = Vec::new();
+            for (text, parts) in &msgs {
+                bytes.extend(message(text, *parts, mask));
+            }
+            let fed = feed(&bytes, &config(), false);
+            prop_assert_eq!(fed.liveness, Liveness::Alive);
+            let sent: Vec<String> = msgs.iter().map(|(t, _)| t.clone()).collect();
+            prop_assert_eq!(texts(&fed.inputs), sent);
+            // Every ping was answered with a pong carrying its payload.
+            let pong = [0x8a, 2, b'h', b'i'];
+            let pongs = fed.output.windows(4).filter(|w| *w == pong).count();
+            prop_assert_eq!(pongs, msgs.len());
+        }
+
+        #[test]
+        fn the_echo_route_sends_every_message_back(
+            msgs in proptest::collection::vec("\\PC{1,200}", 1..6),
+            mask in any::<[u8; 4]>(),
+        ) {
+            let mut bytes = Vec::new();
+            for text in &msgs {
+                bytes.extend(message(text, 2, mask));
+            }
+            let fed = feed(&bytes, &config(), true);
+            prop_assert_eq!(fed.liveness, Liveness::Alive);
+            prop_assert!(fed.inputs.is_empty());
+            // Server frames are unmasked: each echo holds the text verbatim.
+            let mut expected = Vec::new();
+            for text in &msgs {
+                expected.extend(message_unmasked(text));
+            }
+            prop_assert_eq!(fed.output.len(), expected.len() + 4 * msgs.len());
+        }
+
+        #[test]
+        fn a_corrupted_stream_is_failed_with_a_close_frame_or_read_on(
+            msgs in proptest::collection::vec("\\PC{0,100}", 1..4),
+            mask in any::<[u8; 4]>(),
+            at in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+        ) {
+            let mut bytes = Vec::new();
+            for text in &msgs {
+                bytes.extend(message(text, 2, mask));
+            }
+            let i = at.index(bytes.len());
+            bytes[i] ^= xor;
+            let fed = feed(&bytes, &config(), false);
+            if fed.liveness == Liveness::Gone {
+                // Failing the connection always says why, with a close frame.
+                // (a byte flipped into a close opcode gets its close answered).
+                prop_assert!(close_code(&fed.output).is_some(), "no close frame");
+            }
+        }
+    }
+
+    /// The code of the close frame among the server's (unmasked) frames.
+    fn close_code(mut out: &[u8]) -> Option<u16> {
+        while out.len() >= 2 {
+            let opcode = out[0] & 0x0f;
+            let (len, head) = match out[1] & 0x7f {
+                126 => (u16::from_be_bytes([out[2], out[3]]) as usize, 4),
+                127 => (
+                    u64::from_be_bytes(out[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (n as usize, 2),
+            };
+            let payload = &out[head..head + len];
+            if opcode == 0x8 {
+                return Some(match payload {
+                    [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                    _ => 1005,
+                });
+            }
+            out = &out[head + len..];
+        }
+        None
+    }
+
+    fn message_unmasked(text: &str) -> Vec<u8> {
+        let mut out = vec![0x81];
+        let n = text.len();
+        if n < 126 {
+            out.push(n as u8);
+        } else {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        out.extend_from_slice(text.as_bytes());
+        out
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_fragmented_text_message_is_closed_with_1007() {
+        let mask = [1, 2, 3, 4];
+        let mut bytes = frame(false, 0x1, "caf".as_bytes(), mask);
+        bytes.extend(frame(true, 0x0, &[0xc3, 0x28], mask));
+        let fed = feed(&bytes, &config(), true);
+        assert_eq!(fed.liveness, Liveness::Gone);
+        assert_eq!(close_code(&fed.output), Some(1007));
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_closed_with_1009() {
+        let big = "x".repeat(20 * 1024);
+        let bytes = frame(true, 0x1, big.as_bytes(), [9, 9, 9, 9]);
+        let fed = feed(&bytes, &config(), false);
+        assert_eq!(fed.liveness, Liveness::Gone);
+        assert_eq!(close_code(&fed.output), Some(1009));
+    }
 }

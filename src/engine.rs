@@ -42,6 +42,8 @@ pub struct Job {
     pub params: Generation,
     pub cancel: Arc<AtomicBool>,
     pub received: Instant,
+    /// `server.max_prompt_tokens`; 0: no limit but the context.
+    pub max_prompt_tokens: usize,
 }
 
 pub enum Command {
@@ -499,6 +501,15 @@ impl Engine<'_> {
             Err(o) => return self.report(&job, &o, &progress),
         };
         progress.prompt_tokens = tokens.len();
+        if job.max_prompt_tokens > 0 && tokens.len() > job.max_prompt_tokens {
+            let message = format!(
+                "the prompt has {} tokens; the limit is {} (server.max_prompt_tokens)",
+                tokens.len(),
+                job.max_prompt_tokens
+            );
+            let o = Outcome::Error(ErrorCode::ContextOverflow, message);
+            return self.report(&job, &o, &progress);
+        }
         let req = Request {
             key: job.key,
             tokens,

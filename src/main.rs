@@ -63,6 +63,7 @@ fn main() -> ExitCode {
 }
 
 fn run(config: &Config) -> anyhow::Result<()> {
+    raise_file_limit(config.server.max_connections);
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener =
         std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
@@ -117,6 +118,22 @@ fn run(config: &Config) -> anyhow::Result<()> {
     }
     watchdog::notify_ready();
     reactor.run()
+}
+
+/// Every connection is a file descriptor: lift the soft limit to the hard one
+/// and say so when even that is below what `max_connections` needs.
+fn raise_file_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            log::debug!("open file limit: {limit}");
+            if limit < max_connections as u64 + 64 {
+                log::warn!(
+                    "the open file limit ({limit}) is below server.max_connections ({max_connections}) plus the server's own files"
+                );
+            }
+        }
+        Err(e) => log::warn!("cannot raise the open file limit: {e}"),
+    }
 }
 
 fn init_logging(log: &config::Log) -> Result<LoggerHandle, flexi_logger::FlexiLoggerError> {

@@ -633,4 +633,99 @@ mod tests {
             r#"{"op":"error","id":null,"code":"context_overflow","message":"m"}"#
         );
     }
+
+    mod properties {
+        //! Property tests: `parse` takes any text a client may send.
+
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// JSON objects made of the protocol's own keys and values of every type.
+        fn json_like() -> impl Strategy<Value = String> {
+            let key = prop_oneof![
+                Just("op"),
+                Just("id"),
+                Just("prompt"),
+                Just("messages"),
+                Just("params"),
+                Just("temp"),
+                Just("max_tokens"),
+                Just("stop"),
+                Just("role"),
+                Just("content"),
+            ];
+            let value = prop_oneof![
+                Just("null".to_owned()),
+                Just("true".to_owned()),
+                Just("[]".to_owned()),
+                Just("{}".to_owned()),
+                Just(r#""infer""#.to_owned()),
+                Just(r#""abort""#.to_owned()),
+                Just(r#""status""#.to_owned()),
+                any::<f64>().prop_map(|f| f.to_string()),
+                any::<i64>().prop_map(|i| i.to_string()),
+                "\\PC{0,20}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+            ];
+            proptest::collection::vec((key, value), 0..8).prop_map(|fields| {
+                let body: Vec<String> =
+                    fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                format!("{{{}}}", body.join(","))
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn any_text_is_parsed_or_refused_with_a_message(text in "\\PC{0,200}") {
+                if let Err(e) = parse(&text) {
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+
+            #[test]
+            fn any_json_object_is_parsed_or_refused_with_a_message(text in json_like()) {
+                match parse(&text) {
+                    Ok(ClientMsg::Infer(req)) => {
+                        let has_input = match &req.input {
+                            PromptInput::Text(t) => !t.is_empty(),
+                            PromptInput::Messages(m) => !m.is_empty(),
+                        };
+                        prop_assert!(has_input);
+                    }
+                    Ok(_) => {}
+                    Err(e) => prop_assert!(!e.message.is_empty()),
+                }
+            }
+
+            #[test]
+            fn a_valid_infer_comes_back_as_sent(
+                id in "[a-zA-Z0-9_.-]{1,64}",
+                prompt in "\\PC{1,300}",
+                max_tokens in 1u32..100_000,
+                temp in 0.0f32..=100.0,
+                stop in proptest::collection::vec("\\PC{1,20}", 0..=MAX_STOP_STRINGS),
+            ) {
+                let text = serde_json::json!({"op":"infer","id":id,"prompt":prompt,
+                    "params":{"max_tokens":max_tokens,"temp":temp,"stop":stop}}).to_string();
+                let Ok(ClientMsg::Infer(req)) = parse(&text) else {
+                    return Err(TestCaseError::fail(format!("not an infer: {text}")));
+                };
+                prop_assert_eq!(req.id.as_deref(), Some(id.as_str()));
+                prop_assert_eq!(req.input, PromptInput::Text(prompt));
+                prop_assert_eq!(req.params.max_tokens, Some(max_tokens));
+                prop_assert_eq!(req.params.temp, Some(temp));
+                prop_assert_eq!(req.params.stop, Some(stop));
+            }
+
+            #[test]
+            fn an_error_after_a_readable_id_carries_it(
+                id in "[a-z0-9]{1,64}",
+                bad in prop_oneof![Just(r#""prompt":7"#), Just(r#""prompt":"""#),
+                    Just(r#""prompt":"x","params":{"top_p":3}"#), Just(r#""nope":1"#)],
+            ) {
+                let text = format!(r#"{{"op":"infer","id":"{id}",{bad}}}"#);
+                let e = parse(&text).expect_err(&text);
+                prop_assert_eq!(e.id.as_deref(), Some(id.as_str()));
+            }
+        }
+    }
 }

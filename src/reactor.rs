@@ -23,7 +23,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::config;
-use crate::connection::{Connection, Input, Liveness, SendError, http_response};
+use crate::connection::{Connection, Input, Liveness, SendError, Settings, http_response};
 use crate::engine::{Command, EngineHandle, Event, Job, JobKey, Ready};
 use crate::ops::Ops;
 use crate::protocol::{self, ClientMsg, ErrorCode, Generation, InferRequest, ServerMsg, Status};
@@ -35,6 +35,15 @@ const PAGE: &str = include_str!("page.html");
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
+
+/// Connections accepted beyond `max_connections` only to read their request
+/// and answer 503 (closing at once would reset the socket before the client
+/// reads the answer). Past this many more, a connection is closed at once.
+const REFUSE_HEADROOM: usize = 64;
+/// How long a refused connection may take to send its request.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client disconnected for a limit gets to read its close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Where an engine event for a request goes.
 struct Route {
@@ -63,7 +72,9 @@ pub struct Reactor {
     ops: Arc<Ops>,
     server: config::Server,
     defaults: Generation,
-    ws_config: WebSocketConfig,
+    settings: Settings,
+    /// Connections in the slab that are only being answered 503.
+    refusing: usize,
     shutdown_deadline: Option<Instant>,
     last_sweep: Instant,
     inputs: Vec<Input>,
@@ -111,7 +122,11 @@ impl Reactor {
             ops,
             server: s.clone(),
             defaults: config.defaults.clone(),
-            ws_config,
+            settings: Settings {
+                ws: ws_config,
+                echo_path: Some(s.echo_path.clone()).filter(|p| !p.is_empty()),
+            },
+            refusing: 0,
             shutdown_deadline: None,
             last_sweep: Instant::now(),
             inputs: Vec::new(),
@@ -183,16 +198,17 @@ impl Reactor {
             match listener.accept() {
                 Ok((mut stream, _addr)) => {
                     let _ = stream.set_nodelay(true);
-                    if self.conns.len() >= self.server.max_connections {
-                        // Best effort: a fresh socket takes this small write at once.
-                        let body = "{\"error\":\"too many connections\"}\n";
-                        let _ =
-                            stream.write(http_response(503, "application/json", body).as_bytes());
-                        log::warn!(
-                            "refused a connection: {} connections already open",
-                            self.conns.len()
-                        );
-                        continue;
+                    let open = self.conns.len() - self.refusing;
+                    let refused = open >= self.server.max_connections;
+                    if refused {
+                        log::warn!("refusing a connection: {open} connections already open");
+                        if self.refusing >= REFUSE_HEADROOM {
+                            // Best effort: a fresh socket takes this small write at once.
+                            let body = "{\"error\":\"too many connections\"}\n";
+                            let _ = stream
+                                .write(http_response(503, "application/json", body).as_bytes());
+                            continue;
+                        }
                     }
                     let entry = self.conns.vacant_entry();
                     let slot = entry.key();
@@ -205,9 +221,19 @@ impl Reactor {
                         continue;
                     }
                     self.next_generation += 1;
-                    let deadline =
-                        Instant::now() + Duration::from_secs_f64(self.server.handshake_timeout_s);
-                    entry.insert(Connection::new(stream, self.next_generation, deadline));
+                    let deadline = Instant::now()
+                        + if refused {
+                            REFUSE_TIMEOUT
+                        } else {
+                            Duration::from_secs_f64(self.server.handshake_timeout_s)
+                        };
+                    entry.insert(Connection::new(
+                        stream,
+                        self.next_generation,
+                        deadline,
+                        refused,
+                    ));
+                    self.refusing += usize::from(refused);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -226,7 +252,7 @@ impl Reactor {
         let mut inputs = std::mem::take(&mut self.inputs);
         let mut live = Liveness::Alive;
         if readable {
-            live = conn.on_readable(&self.ws_config, &mut inputs);
+            live = conn.on_readable(&self.settings, &mut inputs);
         }
         if writable && live == Liveness::Alive {
             live = conn.on_writable(&mut inputs);
@@ -355,6 +381,7 @@ impl Reactor {
             params: req.params.resolve(&self.defaults),
             cancel: cancel.clone(),
             received: Instant::now(),
+            max_prompt_tokens: self.server.max_prompt_tokens,
         };
         if self
             .engine
@@ -521,10 +548,11 @@ impl Reactor {
             Ok(()) => self.dirty.push(slot),
             Err(SendError::SlowReader) => {
                 log::warn!(
-                    "{}: disconnecting a client that reads too slowly",
-                    conn.peer
+                    "{}: disconnecting a client that reads too slowly (over {} bytes queued)",
+                    conn.peer,
+                    self.server.max_write_buffer_bytes
                 );
-                self.remove(slot);
+                self.disconnect(slot, CloseCode::Policy, "reading too slowly");
             }
             Err(SendError::Closed) => {}
         }
@@ -551,34 +579,79 @@ impl Reactor {
             return;
         }
         let conn = self.conns.remove(slot);
-        for key in conn.requests.values() {
+        self.refusing -= usize::from(conn.refused);
+        self.abort_requests(&conn.peer, conn.requests, "the client went away");
+    }
+
+    fn abort_requests(&mut self, peer: &str, requests: HashMap<String, JobKey>, why: &str) {
+        for key in requests.values() {
             if let Some(route) = self.routes.remove(key) {
                 route.cancel.store(true, Ordering::Relaxed);
-                log::info!(
-                    "{}: request {} aborted: the client went away",
-                    conn.peer,
-                    route.id
-                );
+                log::info!("{peer}: request {} aborted: {why}", route.id);
             }
         }
     }
 
-    /// Drops connections past their handshake or close deadline (at most 4 times a second).
+    /// Closes a connection that broke a limit: its requests are aborted, a
+    /// close frame is queued (the client may never read it: it gets
+    /// `CLOSE_GRACE`, then the socket is dropped) and nothing more is sent.
+    fn disconnect(&mut self, slot: usize, code: CloseCode, reason: &str) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let requests = std::mem::take(&mut conn.requests);
+        conn.close(code, reason, Instant::now() + CLOSE_GRACE);
+        let open = conn.is_open();
+        let peer = conn.peer.clone();
+        self.abort_requests(&peer, requests, reason);
+        if open {
+            self.dirty.push(slot);
+        } else {
+            self.remove(slot);
+        }
+    }
+
+    /// Drops connections past their handshake or close deadline, pings silent
+    /// clients and closes those that do not answer (at most 4 times a second).
     fn sweep_deadlines(&mut self) {
         let now = Instant::now();
         if now.duration_since(self.last_sweep) < Duration::from_millis(250) {
             return;
         }
         self.last_sweep = now;
-        let expired: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
-            .map(|(slot, _)| slot)
-            .collect();
+        let ping_every = Duration::from_secs_f64(self.server.ping_interval_s);
+        let pong_within = Duration::from_secs_f64(self.server.pong_timeout_s);
+        let pinging = self.server.ping_interval_s > 0.0 && self.shutdown_deadline.is_none();
+        let mut expired = Vec::new();
+        let mut silent = Vec::new();
+        let mut to_ping = Vec::new();
+        for (slot, c) in &self.conns {
+            if c.deadline.is_some_and(|d| d <= now) {
+                expired.push(slot);
+            } else if !pinging || !c.is_open() || c.is_closing() {
+            } else if let Some(sent) = c.ping_sent {
+                if now.duration_since(sent) >= pong_within {
+                    silent.push(slot);
+                }
+            } else if now.duration_since(c.last_seen) >= ping_every {
+                to_ping.push(slot);
+            }
+        }
         for slot in expired {
             log::debug!("{}: dropped at its deadline", self.conns[slot].peer);
             self.remove(slot);
+        }
+        for slot in silent {
+            log::info!(
+                "{}: closing an idle connection: no answer to a ping within {} s",
+                self.conns[slot].peer,
+                self.server.pong_timeout_s
+            );
+            self.disconnect(slot, CloseCode::Away, "idle: no answer to ping");
+        }
+        for slot in to_ping {
+            self.conns[slot].ping(now);
+            self.dirty.push(slot);
         }
     }
 

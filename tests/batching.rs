@@ -36,14 +36,6 @@ fn assert_all_pages_back(c: &mut Client) {
     assert_eq!(st["kv"]["pages_owned"], 0, "{st}");
 }
 
-fn config_file(name: &str, text: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("ic-batching-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_owned()
-}
-
 #[test]
 fn concurrent_requests_each_get_a_complete_well_ordered_stream() {
     let server = Server::start(&[]);
@@ -249,8 +241,11 @@ fn a_repeated_long_prefix_is_served_from_the_cache_on_any_connection() {
 
 #[test]
 fn queue_positions_overload_and_context_overflow() {
-    let config = config_file("queue.toml", "[scheduler]\nslots = 1\nmax_queue = 2\n");
-    let server = Server::start(&["--config", &config, "-c", "512"]);
+    let server = Server::start_with_config(
+        "queue",
+        "[scheduler]\nslots = 1\nmax_queue = 2\n",
+        &["-c", "512"],
+    );
     let mut c = server.connect();
     let long = json!({"max_tokens":200,"ignore_eos":true});
     for id in ["w1", "w2", "w3", "w4"] {

@@ -27,10 +27,28 @@ impl Server {
         Server::start_with_env(args, &[])
     }
 
+    /// Starts the server with a config file holding `toml` (written under
+    /// target/tmp as `name.toml`), then `args`.
+    pub fn start_with_config(name: &str, toml: &str, args: &[&str]) -> Server {
+        let path = config_file(name, toml);
+        let mut all = vec!["--config", path.to_str().unwrap()];
+        all.extend_from_slice(args);
+        Server::start(&all)
+    }
+
+    /// Like `start`, on a given port (0: a free one).
+    pub fn start_on(port: u16, args: &[&str]) -> Server {
+        Server::start_on_with_env(port, args, &[])
+    }
+
     /// As `start`, with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_on_with_env(0, args, env)
+    }
+
+    fn start_on_with_env(port: u16, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(BIN)
-            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -109,6 +127,28 @@ impl Server {
         }
     }
 
+    /// The server's resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// The engine's `status` snapshot, asked on a fresh connection.
+    pub fn status(&self) -> Value {
+        let mut c = self.connect();
+        c.send(json!({"op":"status"}));
+        loop {
+            let ev = c.recv();
+            if ev["op"] == "status" {
+                return ev;
+            }
+        }
+    }
+
     /// A raw HTTP GET; returns (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
@@ -145,6 +185,13 @@ impl Drop for TempConfig {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Writes `text` to target/tmp/`name`.toml and returns its path.
+pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 impl Drop for Server {

@@ -1,0 +1,127 @@
+//! Thousands of idle WebSocket connections held open while streams run:
+//! nothing errors, every stream completes, and every idle connection is still
+//! open at the end. The streams' token cadence with and without the idle
+//! connections is printed (a figure for docs/hardening.md, not an assertion:
+//! timings on a shared CI machine are too noisy to gate on).
+
+mod util;
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tungstenite::Message;
+use util::Server;
+
+/// At most this many idle connections (fewer if the file limit is lower).
+const MAX_IDLE: u64 = 4000;
+const STREAMS: usize = 2;
+const TOKENS: usize = 64;
+
+/// Runs `STREAMS` greedy requests at once; returns every inter-token gap in ms.
+fn stream_gaps(server: &Server) -> Vec<f64> {
+    let handles: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let mut c = server.connect();
+            std::thread::spawn(move || {
+                let id = format!("s{i}");
+                c.send(
+                    json!({"op":"infer","id":id,"prompt":"Tell me a long story about the sea:",
+                    "params":{"temp":0,"max_tokens":TOKENS,"ignore_eos":true}}),
+                );
+                let mut gaps = Vec::new();
+                let mut last: Option<Instant> = None;
+                loop {
+                    let ev = c.recv();
+                    match ev["op"].as_str().unwrap() {
+                        "token" => {
+                            let now = Instant::now();
+                            if let Some(l) = last {
+                                gaps.push(now.duration_since(l).as_secs_f64() * 1000.0);
+                            }
+                            last = Some(now);
+                        }
+                        "end" => {
+                            assert_eq!(ev["stats"]["completion_tokens"], TOKENS, "{ev}");
+                            return gaps;
+                        }
+                        "queued" => {}
+                        _ => panic!("unexpected event {ev}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
+fn summary(gaps: &mut [f64]) -> String {
+    gaps.sort_by(f64::total_cmp);
+    let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+    let p = |q: f64| gaps[((gaps.len() - 1) as f64 * q) as usize];
+    format!(
+        "mean {mean:.1} ms, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        p(0.5),
+        p(0.99),
+        p(1.0)
+    )
+}
+
+#[test]
+fn thousands_of_idle_connections_do_not_disturb_streams() {
+    // Both ends of every connection live on this machine: this process holds
+    // one descriptor per idle client, the server one per connection.
+    let soft = rlimit::increase_nofile_limit(u64::MAX).unwrap();
+    let idle_count = MAX_IDLE.min(soft.saturating_sub(200)) as usize;
+    assert!(
+        idle_count >= 1000,
+        "file limit {soft} is too low for this test"
+    );
+    let config = format!(
+        "[server]\nmax_connections = {}\nping_interval_s = 0.0\n",
+        idle_count + 16
+    );
+    let server = Server::start_with_config("idle-connections", &config, &[]);
+
+    let mut alone = stream_gaps(&server);
+
+    let start = Instant::now();
+    let url = format!("ws://127.0.0.1:{}/", server.port);
+    let mut idle = Vec::with_capacity(idle_count);
+    for _ in 0..idle_count {
+        let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        let (ws, _) = tungstenite::client(url.as_str(), stream).expect("handshake");
+        idle.push(ws);
+    }
+    let opened_in = start.elapsed();
+
+    let mut crowded = stream_gaps(&server);
+
+    // Every idle connection is still open and was greeted exactly once.
+    for ws in &mut idle {
+        ws.get_mut()
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        match ws.read().expect("idle connection still open") {
+            Message::Text(t) => assert!(t.as_str().contains("\"op\":\"hello\"")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let log = server.log_text();
+    for line in log.lines() {
+        assert!(
+            !(line.contains("[inference_core")
+                && (line.contains(" WARN ") || line.contains(" ERROR "))),
+            "{line}"
+        );
+    }
+    eprintln!(
+        "idle connections: {idle_count} opened in {:.1} s; {STREAMS} streams of {TOKENS} tokens, inter-token gap alone: {}; with {idle_count} idle: {}",
+        opened_in.as_secs_f64(),
+        summary(&mut alone),
+        summary(&mut crowded)
+    );
+}
