@@ -229,7 +229,9 @@ pub fn spawn(monitor: &config::Monitor, thermal: &config::Thermal) -> std::io::R
     let mut sensors = sensors(monitor);
     match sensors.iter().map(|s| s.describe()).collect::<Vec<_>>() {
         v if v.is_empty() => {
-            log::warn!("monitor: no temperature sensor found: the thermal throttle is inactive")
+            log::info!(
+                "monitor: no temperature sensor found (common in VMs): the thermal throttle is inactive"
+            )
         }
         v => log::info!(
             "monitor: sampling {} every {} s; throttle at {} °C, resume at {} °C",
