@@ -51,16 +51,7 @@ fn sigterm_under_load_gives_every_request_a_final_event_within_the_bound() {
                     }
                 }
                 // Then the close frame: 1001, going away.
-                loop {
-                    match c.ws.read() {
-                        Ok(tungstenite::Message::Close(Some(f))) => {
-                            assert_eq!(u16::from(f.code), 1001);
-                            break;
-                        }
-                        Ok(_) => {}
-                        Err(e) => panic!("expected a close frame, got {e}"),
-                    }
-                }
+                c.expect_close(1001);
             })
         })
         .collect();

@@ -92,16 +92,7 @@ fn sigterm_while_streaming_gives_a_final_event_and_exit_zero() {
     assert_eq!(out.last["code"], "shutting_down");
     // Both connections are closed cleanly (close frame 1001), then the process exits 0.
     for client in [&mut c, &mut idle] {
-        loop {
-            match client.ws.read() {
-                Ok(tungstenite::Message::Close(Some(f))) => {
-                    assert_eq!(u16::from(f.code), 1001);
-                    break;
-                }
-                Ok(_) => {}
-                Err(e) => panic!("expected a close frame, got {e}"),
-            }
-        }
+        client.expect_close(1001);
     }
     let status = server.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{}", server.log_text());

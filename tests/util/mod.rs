@@ -246,6 +246,20 @@ impl Client {
         c
     }
 
+    /// Reads past any remaining events to the server's close frame and checks its code.
+    pub fn expect_close(&mut self, code: u16) {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(Some(f))) => {
+                    assert_eq!(u16::from(f.code), code, "{f:?}");
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("expected a close frame, got {e}"),
+            }
+        }
+    }
+
     pub fn send(&mut self, v: Value) {
         self.send_raw(&v.to_string());
     }
