@@ -8,7 +8,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use util::{Client, EVENT_TIMEOUT, Server, TempConfig};
+use util::{Client, EVENT_TIMEOUT, Server, config_file};
 
 /// The next event, or `None` if none arrives within `timeout`.
 fn event_within(c: &mut Client, timeout: Duration) -> Option<Value> {
@@ -122,18 +122,16 @@ fn health_and_metrics_are_served_as_json_and_prometheus_text() {
 
 #[test]
 fn a_hot_sensor_pauses_generation_and_cooling_resumes_it_without_loss() {
-    let cfg = TempConfig::new("thermal", "");
-    let temp = cfg.dir.join("temp");
+    let temp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("thermal.temp");
     std::fs::write(&temp, "40000\n").unwrap();
-    std::fs::write(
-        &cfg.path,
-        format!(
+    let server = Server::start_with_config(
+        "thermal",
+        &format!(
             "[monitor]\ninterval_s = 0.05\nnvml = false\ntemp_file = {:?}\n[thermal]\nlimit_c = 80.0\nresume_c = 75.0\n",
             temp.to_str().unwrap()
         ),
-    )
-    .unwrap();
-    let server = Server::start(&["--config", &cfg.path]);
+        &[],
+    );
     let mut c = server.connect();
     let n = 60;
     c.send(json!({"op":"infer","id":"t","prompt":"Once upon a time",
@@ -178,9 +176,9 @@ fn a_hot_sensor_pauses_generation_and_cooling_resumes_it_without_loss() {
 
 #[test]
 fn a_stalled_engine_fails_its_clients_and_exits_70() {
-    let cfg = TempConfig::new("stall", "[watchdog]\nstall_s = 1.0\n");
+    let cfg = config_file("stall", "[watchdog]\nstall_s = 1.0\n");
     let mut server = Server::start_with_env(
-        &["--config", &cfg.path],
+        &["--config", cfg.to_str().unwrap()],
         &[("INFERENCE_CORE_FAULT", "stall_after_tokens:5")],
     );
     let mut c = server.connect();
@@ -258,11 +256,11 @@ fn an_idle_server_uses_no_cpu() {
 }
 
 fn park_and_wake(unload_model: bool) {
-    let cfg = TempConfig::new(
+    let server = Server::start_with_config(
         if unload_model { "park-unload" } else { "park" },
         &format!("[idle]\npark_after_s = 1.0\nunload_model = {unload_model}\n"),
+        &[],
     );
-    let server = Server::start(&["--config", &cfg.path]);
     let mut c = server.connect();
     let params = json!({"temp":0,"max_tokens":12});
     let before = c.infer("a", "The capital of France is", params.clone());

@@ -162,31 +162,6 @@ impl Server {
     }
 }
 
-/// A config file in a fresh temporary directory, removed on drop.
-pub struct TempConfig {
-    pub dir: std::path::PathBuf,
-    pub path: String,
-}
-
-impl TempConfig {
-    pub fn new(name: &str, toml: &str) -> TempConfig {
-        let dir = std::env::temp_dir().join(format!("ic-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("config.toml");
-        std::fs::write(&path, toml).unwrap();
-        TempConfig {
-            path: path.to_str().unwrap().to_owned(),
-            dir,
-        }
-    }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Writes `text` to target/tmp/`name`.toml and returns its path.
 pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.toml"));
