@@ -5,19 +5,19 @@
 //!   (the server's own code), framed by tungstenite as the reactor does
 //!   (`write` + `flush`), into memory and into a real localhost TCP socket.
 //! - `reactor_hop/*`: the whole path of a token through a stub of the
-//!   reactor: an engine-like thread sends token events on a crossbeam channel
-//!   and wakes a `mio::Poll` through a `Waker` after each, the loop drains the
-//!   channel, serialises, frames and writes to a TCP socket that another
-//!   thread drains: one write per token (a single stream, where the engine is
-//!   slower than the loop), or one per batch of what arrived between two
-//!   wake-ups. Cost per token.
+//!   reactor: an engine-like thread sends token events through the engine's
+//!   own event channel (`engine::events`: crossbeam plus one `mio::Waker`
+//!   wake-up per batch), the loop drains it, the WebSocket v1 session turns
+//!   each event into JSON, tungstenite frames it and it is written to a TCP
+//!   socket that another thread drains: one write per token (a single
+//!   stream, where the engine is slower than the loop), or one per batch of
+//!   what arrived between two wake-ups. Cost per token.
 //! - `scheduler/*`: prefix-cache lookup of a 1k-token prompt among 64
 //!   entries, and a whole submit/admit/finish cycle of the scheduler.
 //!
-//! The sans-I/O modules are compiled in from `src/` (the crate is a binary);
-//! the engine's `JobKey` is the one item stubbed.
+//! Built from the library without llama.cpp:
 //!
-//!     cargo bench --bench micro
+//!     cargo bench --bench micro --no-default-features
 
 use std::hint::black_box;
 use std::io::{self, Read, Write};
@@ -29,26 +29,11 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use tungstenite::Message;
 use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 
-// cargo compiles benches with cfg(test): the modules' tests come along, inert.
-#[allow(dead_code, unused_imports)]
-#[path = "../src/kv.rs"]
-mod kv;
-#[allow(dead_code)]
-#[path = "../src/prefix.rs"]
-mod prefix;
-#[allow(dead_code, unused_imports)]
-#[path = "../src/protocol.rs"]
-mod protocol;
-#[allow(dead_code)]
-#[path = "../src/scheduler.rs"]
-mod scheduler;
-
-/// The one engine item the scheduler needs.
-mod engine {
-    pub type JobKey = u64;
-}
-
-use protocol::ServerMsg;
+use inference_core::core::Event;
+use inference_core::engine::{self, kv, prefix, scheduler};
+use inference_core::server::protocol::ServerMsg;
+use inference_core::server::session::Session;
+use inference_core::server::ws_v1::WsV1;
 
 fn token_json() -> String {
     ServerMsg::Token {
@@ -118,14 +103,6 @@ fn token_event(c: &mut Criterion) {
     g.finish();
 }
 
-/// What the engine thread sends per token in the stub.
-struct Event {
-    conn: usize,
-    generation: u64,
-    content: String,
-    prob: f32,
-}
-
 /// `n` tokens through channel + waker + poll + encode + frame + TCP write.
 /// `flush_each`: one write syscall per token (the loop flushes once per batch
 /// of events, and a batch holds one token when the engine is slower than the
@@ -135,24 +112,22 @@ fn reactor_run(n: u64, flush_each: bool) -> Duration {
     const WAKER: mio::Token = mio::Token(0);
     let mut poll = mio::Poll::new().unwrap();
     let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER).unwrap());
-    let (tx, rx) = crossbeam_channel::unbounded::<Event>();
-    let mut ws = server_ws(tcp_pair());
-    let ids = ["r1".to_owned()];
     // The loop keeps the waker alive too: closing its eventfd (when the engine
     // thread's clone drops) would take its pending event out of the epoll set.
     let engine_waker = waker.clone();
+    let (sink, source) = engine::events(move || engine_waker.wake().unwrap());
+    let mut ws = server_ws(tcp_pair());
+    let mut session = WsV1;
+    let mut out = Vec::new();
     let start = Instant::now();
     let engine = std::thread::spawn(move || {
-        let waker = engine_waker;
         for i in 0..n {
-            tx.send(Event {
-                conn: 0,
-                generation: 1,
-                content: if i % 2 == 0 { " the" } else { " sea" }.to_owned(),
+            sink.send(Event::Token {
+                key: 1,
+                text: if i % 2 == 0 { " the" } else { " sea" }.to_owned(),
                 prob: 0.5,
-            })
-            .unwrap();
-            waker.wake().unwrap();
+            });
+            sink.wake();
         }
     });
     let mut events = mio::Events::with_capacity(64);
@@ -163,17 +138,13 @@ fn reactor_run(n: u64, flush_each: bool) -> Duration {
             if ev.token() != WAKER {
                 continue;
             }
-            for e in rx.try_iter() {
-                debug_assert_eq!((e.conn, e.generation), (0, 1));
-                let json = ServerMsg::Token {
-                    id: &ids[e.conn],
-                    content: &e.content,
-                    prob: e.prob,
-                }
-                .to_json();
-                ws.write(Message::text(json)).unwrap();
-                if flush_each {
-                    ws.flush().unwrap();
+            for e in source.drain() {
+                session.on_event("r1", &e, &mut out);
+                for json in out.drain(..) {
+                    ws.write(Message::text(json)).unwrap();
+                    if flush_each {
+                        ws.flush().unwrap();
+                    }
                 }
                 seen += 1;
             }
@@ -199,7 +170,7 @@ fn reactor_hop(c: &mut Criterion) {
 
 fn scheduler_ops(c: &mut Criterion) {
     use prefix::PrefixCache;
-    use scheduler::{Config, Request, Scheduler};
+    use scheduler::{Config, Job, Scheduler};
     let mut g = c.benchmark_group("scheduler");
     let page = 16;
     let mut cache = PrefixCache::new(page);
@@ -227,11 +198,12 @@ fn scheduler_ops(c: &mut Criterion) {
             key += 1;
             let mut tokens = system.clone();
             tokens.extend([7, 8, 9, key as i32]);
-            s.submit(Request {
+            s.submit(Job {
                 key,
                 tokens: tokens.clone(),
                 max_tokens: 32,
-            });
+            })
+            .unwrap();
             let admitted = s.admit();
             assert_eq!(admitted.len(), 1);
             black_box(s.finish(key, &tokens));

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::protocol::Generation;
+use crate::core::SamplingParams;
 
 /// The default model's file name inside the model cache (see scripts/fetch-model.sh).
 pub const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
@@ -49,6 +49,9 @@ pub struct Cli {
     /// Log level: error, warn, info, debug, trace [default: info]
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Log lines as text, or as one JSON object per line [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
@@ -57,7 +60,7 @@ pub struct Config {
     pub server: Server,
     pub model: Model,
     pub scheduler: Scheduler,
-    pub defaults: Generation,
+    pub defaults: SamplingParams,
     pub log: Log,
     pub monitor: Monitor,
     pub thermal: Thermal,
@@ -172,6 +175,8 @@ impl Default for Scheduler {
 #[serde(default, deny_unknown_fields)]
 pub struct Log {
     pub level: String,
+    /// `text`, or `json`: one object per line (time, level, target, message, fields).
+    pub format: LogFormat,
     /// Directory for rotating log files; empty: stderr only.
     pub dir: String,
     pub rotate_mb: u64,
@@ -182,11 +187,19 @@ impl Default for Log {
     fn default() -> Self {
         Log {
             level: "info".into(),
+            format: LogFormat::Text,
             dir: String::new(),
             rotate_mb: 16,
             keep_files: 5,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// `n_gpu_layers`: a count (-1: all) or `"auto"` (as many as fit in VRAM, see `vram`).
@@ -358,6 +371,9 @@ impl Config {
         if let Some(l) = &cli.log_level {
             config.log.level = l.clone();
         }
+        if let Some(f) = cli.log_format {
+            config.log.format = f;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -406,10 +422,9 @@ impl Config {
         if self.watchdog.stall_s <= 0.0 || self.idle.park_after_s < 0.0 {
             return bad("watchdog.stall_s must be positive and idle.park_after_s not negative");
         }
-        if self.defaults.max_tokens == 0 {
-            return bad("defaults.max_tokens must be at least 1");
-        }
-        Ok(())
+        self.defaults
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("defaults.{e}")))
     }
 
     pub fn model_path(&self) -> PathBuf {
@@ -470,6 +485,20 @@ mod tests {
         assert_eq!(c.model.n_gpu_layers, GpuLayers::Count(-1));
         let e = Config::from_toml("[model]\nn_gpu_layers = \"most\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("\"auto\" or a number"), "{e}");
+    }
+
+    #[test]
+    fn defaults_are_validated_like_requests() {
+        let c = Config::from_toml("[defaults]\ntemp = -1.0\n", "t").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("defaults.temp = -1 is out of range"), "{e}");
+    }
+
+    #[test]
+    fn the_log_format_is_text_or_json() {
+        let c = Config::from_toml("[log]\nformat = \"json\"\n", "t").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(Config::from_toml("[log]\nformat = \"xml\"\n", "t").is_err());
     }
 
     #[test]

@@ -42,9 +42,19 @@ fn each_bad_message_gets_a_clear_error_and_the_connection_stays_usable() {
             "empty",
         ),
         (
-            r#"{"op":"infer","id":"t4","prompt":"x","params":{"temperature":0.2}}"#,
+            r#"{"op":"infer","id":"t4","prompt":"x","params":{"temprature":0.2}}"#,
             "bad_request",
-            "unknown field `temperature`",
+            "unknown field `temprature`",
+        ),
+        (
+            r#"{"op":"infer","id":"t8","prompt":"x","params":{"temp":0.2,"temperature":0.2}}"#,
+            "bad_request",
+            "give one",
+        ),
+        (
+            r#"{"op":"infer","id":"t9","prompt":"x","params":{"seed":-7}}"#,
+            "bad_request",
+            "params.seed = -7",
         ),
         (
             r#"{"op":"infer","id":"t5","prompt":"x","params":{"top_p":3}}"#,
@@ -61,11 +71,6 @@ fn each_bad_message_gets_a_clear_error_and_the_connection_stays_usable() {
             "bad_request",
             "unknown variant",
         ),
-        (
-            r#"{"op":"abort","id":"nothing-here"}"#,
-            "bad_request",
-            "no request with id",
-        ),
     ];
     for (raw, code, needle) in cases {
         c.send_raw(raw);
@@ -81,6 +86,12 @@ fn each_bad_message_gets_a_clear_error_and_the_connection_stays_usable() {
     }
     c.ws.send(Message::binary(vec![1u8, 2, 3])).unwrap();
     expect_error(&c.recv(), "bad_request", "binary frames");
+    // Aborting what is not running is no error: abort is idempotent, so the
+    // next event is the status asked for after it.
+    c.send(json!({"op":"abort","id":"nothing-here"}));
+    c.send(json!({"op":"abort"}));
+    c.send(json!({"op":"status"}));
+    assert_eq!(c.recv()["op"], "status");
 
     // Still usable.
     let ok = c.infer("fine", "Hello", json!({"temp":0,"max_tokens":3}));
@@ -110,16 +121,30 @@ fn duplicate_id_and_too_many_in_flight_are_refused() {
     let p = json!({"max_tokens":40,"ignore_eos":true});
     c.send(json!({"op":"infer","id":"same","prompt":"a","params":p}));
     c.send(json!({"op":"infer","id":"same","prompt":"b","params":p}));
-    // The refusal arrives before anything of the second; events of the first may interleave.
-    loop {
+    // The refusal carries no id, so a client that ends a request on an error
+    // with its id does not drop the live stream; that stream runs to its end.
+    let mut refused = 0;
+    let mut tokens = 0;
+    let end = loop {
         let ev = c.recv();
-        if ev["op"] == "error" {
-            expect_error(&ev, "bad_request", "already in flight");
-            break;
+        match ev["op"].as_str().unwrap() {
+            "error" => {
+                expect_error(&ev, "bad_request", "already in flight");
+                assert_eq!(ev["id"], Value::Null, "{ev}");
+                refused += 1;
+            }
+            "token" => tokens += 1,
+            "end" => break ev,
+            _ => panic!("unexpected {ev}"),
         }
-    }
-    c.send(json!({"op":"abort"}));
-    assert_eq!(c.collect("same").reason(), "abort");
+    };
+    assert_eq!(refused, 1);
+    assert_eq!(
+        (&end["id"], &end["reason"]),
+        (&json!("same"), &json!("length"))
+    );
+    assert_eq!(end["stats"]["completion_tokens"], 40);
+    assert!(tokens > 0);
 
     // The default limit is 8 per connection: long requests keep all 8 in flight.
     let long = json!({"max_tokens":300,"ignore_eos":true});
@@ -140,6 +165,28 @@ fn duplicate_id_and_too_many_in_flight_are_refused() {
 }
 
 #[test]
+fn an_unsupported_websocket_version_gets_426_naming_ours() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 426 "), "{answer}");
+    assert!(
+        answer.contains("\r\nSec-WebSocket-Version: 13\r\n"),
+        "{answer}"
+    );
+}
+
+#[test]
 fn oversized_message_gets_an_error_then_a_close() {
     let server = Server::start(&[]);
     let mut c = server.connect();
@@ -147,6 +194,7 @@ fn oversized_message_gets_an_error_then_a_close() {
     let _ = c.ws.send(Message::text(huge));
     expect_error(&c.recv(), "bad_request", "message rejected");
     // The server closes with 1009 (message too big); other clients are fine.
+    c.expect_close(1009);
     let mut d = server.connect();
     assert_eq!(d.infer("ok", "hi", json!({"max_tokens":1})).op(), "end");
 }

@@ -188,7 +188,18 @@ fn abort_in_each_state_frees_its_pages() {
     // Prefilling: a ~2000-token prompt is aborted long before its first token.
     let prompt = "The history of the lighthouse keepers of the northern coast. ".repeat(170);
     c.send(json!({"op":"infer","id":"P","prompt":prompt,"params":{"max_tokens":5}}));
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Prefilling: admitted (it holds a slot and KV pages), no token yet. The
+    // engine publishes its status between prompt chunks.
+    let mut admitted = false;
+    for _ in 0..500 {
+        let s = status(&mut c);
+        if s["busy_slots"] == 1 && s["kv"]["pages_owned"].as_u64().unwrap() > 0 {
+            admitted = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(admitted, "P was never seen prefilling");
     c.send(json!({"op":"abort","id":"P"}));
     let p = c.collect("P");
     assert_eq!(

@@ -33,7 +33,7 @@ fn root_serves_the_page_as_html() {
         head.contains("\r\nContent-Type: text/html; charset=utf-8\r\n"),
         "{head}"
     );
-    assert_eq!(body, include_str!("../src/page.html"));
+    assert_eq!(body, include_str!("../src/server/page.html"));
     // Self-contained: the page loads nothing from anywhere else.
     for needle in ["src=\"http", "href=\"http", "@import", "<link"] {
         assert!(!body.contains(needle), "the page fetches {needle}...");

@@ -1,19 +1,9 @@
-//! The server's sans-I/O entry points, compiled from the main crate's own
-//! source files: `protocol::parse` (one client text frame) and
+//! The server's sans-I/O entry points, from the main crate's library (built
+//! without llama.cpp): `protocol::parse` (one client text frame) and
 //! `connection::feed` (raw client bytes through the WebSocket frame path).
-#![allow(dead_code)]
 
-#[path = "../../src/protocol.rs"]
-pub mod protocol;
-
-#[path = "../../src/connection.rs"]
-pub mod connection;
-
-/// The one item `connection` uses from the engine.
-pub mod engine {
-    pub type JobKey = u64;
-}
-
+use inference_core::core::SamplingParams;
+use inference_core::server::{connection, protocol};
 use tungstenite::protocol::WebSocketConfig;
 
 /// Buffers as the reactor sets them; limits smaller so inputs can reach them.
@@ -33,7 +23,7 @@ pub fn run(data: &[u8]) {
     };
     match mode % 3 {
         0 => {
-            let _ = protocol::parse(&String::from_utf8_lossy(rest));
+            let _ = protocol::parse(&String::from_utf8_lossy(rest), &SamplingParams::default());
         }
         m => {
             let fed = connection::feed(rest, &ws_config(), m == 2);

@@ -12,8 +12,8 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::monitor::Snapshot;
-use crate::protocol::Status;
+use crate::core::{EngineState, Status};
+use crate::ops::monitor::Snapshot;
 
 const PREFIX: &str = "inference_core";
 
@@ -114,8 +114,6 @@ pub struct Gauges {
     pub connections: usize,
 }
 
-pub const ENGINE_STATES: [&str; 4] = ["idle", "busy", "parked", "waking"];
-
 impl Metrics {
     /// Counts a finished request; `outcome` is its `end` reason or `error` code.
     pub fn request_done(&self, outcome: &str) {
@@ -125,6 +123,13 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner())
             .entry(outcome.to_owned())
             .or_default() += 1;
+    }
+
+    /// A request reused `tokens` prompt tokens from the prefix cache.
+    pub fn record_prefix_hit(&self, tokens: usize) {
+        self.prefix_hits.fetch_add(1, Ordering::Relaxed);
+        self.cached_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
     }
 
     pub fn render(&self, g: &Gauges) -> String {
@@ -270,7 +275,7 @@ impl Metrics {
             "gauge",
             "1 for the engine's current state.",
         );
-        for state in ENGINE_STATES {
+        for state in EngineState::ALL.map(EngineState::name) {
             let v = u8::from(state == g.engine_state);
             let _ = writeln!(o, "{PREFIX}_engine_state{{state=\"{state}\"}} {v}");
         }
@@ -336,7 +341,7 @@ fn gauge(o: &mut String, name: &str, help: &str, v: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::monitor::GpuSample;
+    use crate::ops::monitor::GpuSample;
 
     /// A strict reader of the text format: every sample belongs to a family
     /// declared by a TYPE line before it, and every value is a number.

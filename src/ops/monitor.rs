@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config;
-use crate::thermal::{Change, Throttle};
+use crate::ops::thermal::{Change, Throttle};
 
 /// What the sensors said at the last sample; `None`: not known.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -101,7 +101,7 @@ pub fn gpu_layers(config: &Config) -> i32 {
 }
 
 fn auto(config: &Config) -> Result<i32, String> {
-    let free = crate::monitor::gpu_free_vram_mb()
+    let free = crate::ops::monitor::gpu_free_vram_mb()
         .ok_or("NVML cannot tell the free VRAM (is the NVIDIA driver installed?)")?;
     let budget = match config.model.vram_budget_mb {
         0 => free,

@@ -1,19 +1,24 @@
-//! The operational state shared by the engine, the reactor, the monitor and
-//! the watchdog, and the small hooks the engine calls: heartbeat, engine
-//! state, thermal pause, token counting, idle parking.
-//!
-//! Keeping these here leaves `engine.rs` with one-line calls instead of
-//! operations logic.
+//! Operations: what keeps a 24/7 server healthy and observable. The shared
+//! state (`Ops`) that the engine, the reactor, the monitor and the watchdog
+//! all hold, and the small hooks the engine calls: heartbeat, engine state,
+//! thermal pause, token counting, idle parking.
+
+pub mod heartbeat;
+pub mod metrics;
+pub mod monitor;
+pub mod thermal;
+pub mod vram;
+pub mod watchdog;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::config;
-use crate::metrics::{Gauges, Metrics};
-use crate::monitor;
-use crate::protocol::{OpsStatus, Status};
-use crate::watchdog::{EngineState, Fault, Heartbeat};
+use crate::core::{EngineState, OpsStatus, Status};
+use heartbeat::Heartbeat;
+use metrics::{Gauges, Metrics};
+use watchdog::Fault;
 
 pub struct Ops {
     pub heartbeat: Heartbeat,
@@ -85,11 +90,8 @@ impl Ops {
         );
     }
 
-    pub fn is_parked(&self) -> bool {
-        matches!(
-            self.heartbeat.state(),
-            EngineState::Parked | EngineState::Waking
-        )
+    pub fn engine_state(&self) -> EngineState {
+        self.heartbeat.state()
     }
 
     /// The operational part of the `status` snapshot.
@@ -97,7 +99,7 @@ impl Ops {
         let snap = self.monitor.snapshot();
         let gpu = snap.gpu.unwrap_or_default();
         OpsStatus {
-            engine: Some(self.heartbeat.state().name()),
+            engine: Some(self.engine_state().name()),
             throttled: Some(self.throttled()),
             temp_c: snap.temp_c,
             gpu_temp_c: gpu.temp_c,
@@ -115,7 +117,7 @@ impl Ops {
             monitor: self.monitor.snapshot(),
             throttled: self.throttled(),
             throttle_events: self.monitor.throttle_events.load(Ordering::Relaxed),
-            engine_state: self.heartbeat.state().name(),
+            engine_state: self.engine_state().name(),
             connections,
         })
     }

@@ -1,4 +1,6 @@
-//! One client socket: a state machine from HTTP request to open WebSocket to close.
+//! One client socket: a state machine from HTTP request to open WebSocket to
+//! close. Transport only: what the messages mean is the job of the
+//! connection's protocol session (`session`).
 //!
 //! The reactor calls `on_readable` / `on_writable` when mio reports readiness
 //! (edge-triggered: each drains until `WouldBlock`), gets back what the client
@@ -12,7 +14,6 @@
 //! stream, so `feed` can drive it from a byte slice: the property tests below
 //! and the coverage-guided target in `fuzz/` use that entry point.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::time::Instant;
 
@@ -24,8 +25,10 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
-use crate::engine::JobKey;
-use crate::protocol::{ErrorCode, ServerMsg};
+use crate::core::ErrorCode;
+use crate::server::http::{Response, WS_VERSION};
+use crate::server::protocol::ServerMsg;
+use crate::server::session::Session;
 
 /// Largest HTTP request head we accept before answering 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -124,8 +127,8 @@ pub struct Connection {
     state: State,
     /// Handshake or close deadline; past it the reactor drops the connection.
     pub deadline: Option<Instant>,
-    /// Requests in flight on this connection: client id -> engine key.
-    pub requests: HashMap<String, JobKey>,
+    /// The protocol spoken once the WebSocket is open.
+    pub session: Option<Box<dyn Session>>,
     pub peer: String,
     /// Accepted over `max_connections`: its request is read, then answered 503.
     pub refused: bool,
@@ -150,7 +153,7 @@ impl Connection {
                 head: Vec::new(),
             },
             deadline: Some(deadline),
-            requests: HashMap::new(),
+            session: None,
             peer,
             refused,
             echo: false,
@@ -249,14 +252,14 @@ impl Connection {
     }
 
     /// Answers a plain HTTP request and closes the connection once written.
-    pub fn respond(&mut self, status: u16, content_type: &str, body: &str) {
+    pub fn respond(&mut self, response: &Response) {
         let State::Http { .. } = self.state else {
             return;
         };
         let State::Http { stream, .. } = std::mem::replace(&mut self.state, State::Closed) else {
             unreachable!()
         };
-        let out = http_response(status, content_type, body).into_bytes();
+        let out = response.to_bytes();
         self.state = State::Responding {
             stream,
             out,
@@ -296,39 +299,48 @@ impl Connection {
             unreachable!()
         };
         if head.len() > MAX_HEAD_BYTES {
-            self.respond(431, "text/plain", "request header too large\n");
+            self.respond(&Response::new(
+                431,
+                "text/plain",
+                "request header too large\n",
+            ));
             return self.flush();
         }
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
-        let (method, path, upgrade) = match req.parse(head) {
-            Ok(_) => {
-                let upgrade = req.headers.iter().any(|h| {
-                    h.name.eq_ignore_ascii_case("upgrade")
-                        && String::from_utf8_lossy(h.value).eq_ignore_ascii_case("websocket")
-                });
-                (
-                    req.method.unwrap_or("").to_owned(),
-                    req.path.unwrap_or("").to_owned(),
-                    upgrade,
-                )
-            }
-            Err(_) => {
-                self.respond(400, "text/plain", "malformed HTTP request\n");
-                return self.flush();
-            }
+        if req.parse(head).is_err() {
+            self.respond(&Response::new(
+                400,
+                "text/plain",
+                "malformed HTTP request\n",
+            ));
+            return self.flush();
+        }
+        let header = |name: &str| {
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
         };
+        let upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        let version = header("sec-websocket-version");
+        let method = req.method.unwrap_or("").to_owned();
+        let path = req.path.unwrap_or("").to_owned();
         if self.refused {
-            self.respond(
-                503,
-                "application/json",
-                "{\"error\":\"too many connections\"}\n",
-            );
+            self.respond(&Response::too_many_connections());
             return self.flush();
         }
         if !upgrade {
             inputs.push(Input::Http { method, path });
             return Liveness::Alive;
+        }
+        if version.as_deref() != Some(WS_VERSION) {
+            log::debug!(
+                "{}: refusing WebSocket version {version:?} with 426",
+                self.peer
+            );
+            self.respond(&Response::upgrade_required());
+            return self.flush();
         }
         self.echo = settings
             .echo_path
@@ -452,13 +464,10 @@ fn read_messages<S: Read + Write>(
                 };
                 log::debug!("closing WebSocket after read error: {e}");
                 if code == CloseCode::Size && !echo {
+                    // Protocol v1 (the only WebSocket protocol) hears why first.
                     let message = format!("message rejected: {why}");
-                    let error = ServerMsg::Error {
-                        id: None,
-                        code: ErrorCode::BadRequest,
-                        message: &message,
-                    };
-                    let _ = ws.write(Message::text(error.to_json()));
+                    let error = ServerMsg::error(None, ErrorCode::BadRequest, &message);
+                    let _ = ws.write(Message::text(error));
                 }
                 fail(ws, code, &why);
                 return (Liveness::Gone, active);
@@ -480,7 +489,6 @@ fn fail<S: Read + Write>(ws: &mut WebSocket<S>, code: CloseCode, why: &str) {
 
 /// An in-memory stream for `feed`: reads the given bytes, then `WouldBlock`
 /// (like a non-blocking socket with nothing more to read); keeps what is written.
-#[cfg_attr(not(test), allow(dead_code))] // used by the unit tests and fuzz/
 struct Memory<'a> {
     input: &'a [u8],
     output: Vec<u8>,
@@ -515,7 +523,6 @@ impl Write for Memory<'_> {
 }
 
 /// What `feed` observed.
-#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug)]
 pub struct Fed {
     pub inputs: Vec<Input>,
@@ -526,7 +533,6 @@ pub struct Fed {
 
 /// The frame path of an open server-side WebSocket, driven from bytes: what
 /// the reactor does when a client's frames arrive, without a socket.
-#[cfg_attr(not(test), allow(dead_code))]
 pub fn feed(bytes: &[u8], config: &WebSocketConfig, echo: bool) -> Fed {
     let memory = Memory {
         input: bytes,
@@ -542,22 +548,6 @@ pub fn feed(bytes: &[u8], config: &WebSocketConfig, echo: bool) -> Fed {
         liveness,
         output: std::mem::take(&mut ws.get_mut().output),
     }
-}
-
-pub fn http_response(status: u16, content_type: &str, body: &str) -> String {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n{body}",
-        body.len()
-    )
 }
 
 #[cfg(test)]
@@ -669,12 +659,21 @@ mod tests {
             let fed = feed(&bytes, &config(), true);
             prop_assert_eq!(fed.liveness, Liveness::Alive);
             prop_assert!(fed.inputs.is_empty());
-            // Server frames are unmasked: each echo holds the text verbatim.
+            // Server frames are unmasked: each echo holds the text verbatim,
+            // next to the pong of the ping sent after its first fragment.
+            let pong = [0x8a, 2, b'h', b'i'];
             let mut expected = Vec::new();
             for text in &msgs {
-                expected.extend(message_unmasked(text));
+                if text.len() == 1 {
+                    // One fragment: the message is whole before the ping arrives.
+                    expected.extend(message_unmasked(text));
+                    expected.extend(pong);
+                } else {
+                    expected.extend(pong);
+                    expected.extend(message_unmasked(text));
+                }
             }
-            prop_assert_eq!(fed.output.len(), expected.len() + 4 * msgs.len());
+            prop_assert_eq!(fed.output, expected);
         }
 
         #[test]

@@ -12,10 +12,8 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use crate::kv::PageId;
-
-pub type Token = i32;
-pub type SeqId = i32;
+use crate::engine::backend::{SeqId, Token};
+use crate::engine::kv::PageId;
 
 #[derive(Debug)]
 pub struct Entry {
@@ -48,6 +46,10 @@ impl PrefixCache {
             index: HashMap::new(),
             clock: 0,
         }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     pub fn len(&self) -> usize {

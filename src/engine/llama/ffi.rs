@@ -1,11 +1,14 @@
 //! Our small safe wrapper over llama.cpp (through `llama-cpp-sys-2`).
 //!
-//! Every `unsafe` block of the project lives in this module. The types here own
+//! Every `unsafe` block of the project lives in this module, each with a
+//! `SAFETY:` comment. The types here own
 //! llama.cpp objects and free them on `Drop`; null pointers and negative return
 //! codes become typed errors at this boundary, so the engine never sees a raw
 //! pointer or a bare integer. A `Context` borrows its `Model`, so the model can
 //! never be freed first, and neither type is `Send`: both are created and dropped
 //! on the engine thread.
+
+#![allow(unsafe_code)]
 
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_void};
@@ -16,36 +19,8 @@ use std::sync::Once;
 
 use llama_cpp_sys_2 as sys;
 
-pub type Token = sys::llama_token;
-
-#[derive(Debug, thiserror::Error)]
-pub enum LlamaError {
-    #[error("model file not found: {0}")]
-    ModelMissing(String),
-    #[error("cannot load model {path}: {reason}")]
-    ModelLoad { path: String, reason: String },
-    #[error("cannot create a llama.cpp context: {0}")]
-    Context(String),
-    #[error("text contains a NUL byte")]
-    NulByte,
-    #[error("tokenization failed ({0})")]
-    Tokenize(i32),
-    #[error("llama.cpp does not support this model's chat template")]
-    UnsupportedChatTemplate,
-}
-
-/// Result of `llama_decode`, as documented in llama.h.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("no KV slot for the batch")]
-    NoKvSlot,
-    #[error("aborted")]
-    Aborted,
-    #[error("invalid batch")]
-    InvalidBatch,
-    #[error("llama_decode failed with code {0}")]
-    Fatal(i32),
-}
+use crate::core::SamplingParams;
+use crate::engine::backend::{BackendError, BatchToken, DecodeError, Sampled, Token};
 
 /// Initialises the llama.cpp backend once per process and routes its logs into
 /// the `log` crate (target `llama.cpp`).
@@ -60,17 +35,16 @@ pub fn init() {
     });
 }
 
-/// llama.cpp's description of the CPU features ggml was built with
-/// (e.g. "CPU : SSE3 = 1 | AVX2 = 1 | FMA = 1 ...").
-/// Ends the process at once with `code`, without running exit handlers: the
-/// engine thread may be stuck inside llama.cpp holding its locks, and the
-/// C++ static destructors that `exit` runs could then wait forever.
+/// Ends the process at once with `code`, without running exit handlers (see
+/// `ops::watchdog::ExitNow` for why).
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: `_exit` only ends the process; it touches no Rust state and
     // never returns. Log lines were written directly (unbuffered) before it.
     unsafe { libc::_exit(code) }
 }
 
+/// llama.cpp's description of the CPU features ggml was built with
+/// (e.g. "CPU : SSE3 = 1 | AVX2 = 1 | FMA = 1 ...").
 pub fn system_info() -> String {
     // SAFETY: returns a pointer to a static, NUL-terminated string owned by llama.cpp.
     unsafe { CStr::from_ptr(sys::llama_print_system_info()) }
@@ -150,14 +124,14 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn load(path: &Path, params: &ModelParams) -> Result<Model, LlamaError> {
+    pub fn load(path: &Path, params: &ModelParams) -> Result<Model, BackendError> {
         init();
         let shown = path.display().to_string();
         if !path.is_file() {
-            return Err(LlamaError::ModelMissing(shown));
+            return Err(BackendError::ModelMissing(shown));
         }
         let c_path =
-            CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| LlamaError::NulByte)?;
+            CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| BackendError::NulByte)?;
         // SAFETY: returns a plain struct of defaults.
         let mut mparams = unsafe { sys::llama_model_default_params() };
         mparams.n_gpu_layers = params.n_gpu_layers;
@@ -169,7 +143,7 @@ impl Model {
         });
         match NonNull::new(raw) {
             Some(ptr) => Ok(Model { ptr }),
-            None => Err(LlamaError::ModelLoad {
+            None => Err(BackendError::ModelLoad {
                 path: shown,
                 reason: load_reason(&errors),
             }),
@@ -206,13 +180,13 @@ impl Model {
     pub fn apply_chat_template(
         template: &str,
         messages: &[(&str, &str)],
-    ) -> Result<String, LlamaError> {
-        let c_tmpl = CString::new(template).map_err(|_| LlamaError::NulByte)?;
+    ) -> Result<String, BackendError> {
+        let c_tmpl = CString::new(template).map_err(|_| BackendError::NulByte)?;
         let owned: Vec<(CString, CString)> = messages
             .iter()
             .map(|(r, c)| Ok((CString::new(*r)?, CString::new(*c)?)))
             .collect::<Result<_, std::ffi::NulError>>()
-            .map_err(|_| LlamaError::NulByte)?;
+            .map_err(|_| BackendError::NulByte)?;
         let chat: Vec<sys::llama_chat_message> = owned
             .iter()
             .map(|(r, c)| sys::llama_chat_message {
@@ -236,7 +210,7 @@ impl Model {
                 )
             };
             if n < 0 {
-                return Err(LlamaError::UnsupportedChatTemplate);
+                return Err(BackendError::UnsupportedChatTemplate);
             }
             let n = n as usize;
             if n <= buf.len() {
@@ -305,10 +279,15 @@ impl Vocab<'_> {
         (0..self.n_tokens()).filter(|&t| self.is_eog(t)).collect()
     }
 
-    /// Tokenizes `text`, adding BOS if the model wants one (`add_special`) and
-    /// parsing control tokens written as text (`<start_of_turn>`).
-    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<Token>, LlamaError> {
-        let len = i32::try_from(text.len()).map_err(|_| LlamaError::Tokenize(i32::MIN))?;
+    /// Tokenizes `text`, adding BOS if the model wants one (`add_special`);
+    /// `parse_special` reads control tokens written as text (`<start_of_turn>`).
+    pub fn tokenize(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<Token>, BackendError> {
+        let len = i32::try_from(text.len()).map_err(|_| BackendError::Tokenize(i32::MIN))?;
         let mut tokens: Vec<Token> = vec![0; text.len() + 2];
         loop {
             // SAFETY: `text` is valid for `len` bytes (no NUL terminator needed);
@@ -321,7 +300,7 @@ impl Vocab<'_> {
                     tokens.as_mut_ptr(),
                     tokens.len() as i32,
                     add_special,
-                    true,
+                    parse_special,
                 )
             };
             if n >= 0 {
@@ -329,7 +308,7 @@ impl Vocab<'_> {
                 return Ok(tokens);
             }
             if n == i32::MIN || (-n) as usize <= tokens.len() {
-                return Err(LlamaError::Tokenize(n));
+                return Err(BackendError::Tokenize(n));
             }
             tokens.resize((-n) as usize, 0);
         }
@@ -382,11 +361,15 @@ pub struct ContextParams {
 
 pub struct Context<'m> {
     ptr: NonNull<sys::llama_context>,
+    n_vocab: usize,
+    /// Rows of the last decode whose logits were requested: the only ones
+    /// `logits` hands out.
+    outputs: Vec<bool>,
     _model: PhantomData<&'m Model>,
 }
 
 impl<'m> Context<'m> {
-    pub fn new(model: &'m Model, params: &ContextParams) -> Result<Context<'m>, LlamaError> {
+    pub fn new(model: &'m Model, params: &ContextParams) -> Result<Context<'m>, BackendError> {
         // SAFETY: returns a plain struct of defaults.
         let mut cparams = unsafe { sys::llama_context_default_params() };
         cparams.n_ctx = params.n_ctx;
@@ -403,9 +386,11 @@ impl<'m> Context<'m> {
         // SAFETY: the model is valid and outlives the context ('m); null on failure.
         let (raw, errors) =
             capturing_errors(|| unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cparams) });
-        let ptr = NonNull::new(raw).ok_or_else(|| LlamaError::Context(errors.join("; ")))?;
+        let ptr = NonNull::new(raw).ok_or_else(|| BackendError::Context(errors.join("; ")))?;
         Ok(Context {
             ptr,
+            n_vocab: model.vocab().n_tokens().max(0) as usize,
+            outputs: Vec::new(),
             _model: PhantomData,
         })
     }
@@ -427,6 +412,7 @@ impl<'m> Context<'m> {
             let f = unsafe { &*(data as *const &dyn Fn() -> bool) };
             f()
         }
+        self.outputs.clear();
         let data: *const &dyn Fn() -> bool = &should_abort;
         // SAFETY: the callback and its data stay valid for the whole llama_decode
         // call; they are cleared again before `should_abort` goes out of scope.
@@ -437,7 +423,10 @@ impl<'m> Context<'m> {
             rc
         });
         let result = match rc {
-            0 => Ok(()),
+            0 => {
+                self.outputs.extend(batch.outputs());
+                Ok(())
+            }
             1 => Err(DecodeError::NoKvSlot),
             2 => Err(DecodeError::Aborted),
             -1 => Err(DecodeError::InvalidBatch),
@@ -455,15 +444,22 @@ impl<'m> Context<'m> {
         result
     }
 
-    /// Logits of output `i` of the last decode (negative counts from the end).
-    fn logits(&self, i: i32, n_vocab: usize) -> &[f32] {
-        // SAFETY: llama.cpp returns a pointer to `n_vocab` floats for a valid
-        // output index (it aborts on an invalid one); they stay valid until the
-        // next decode, which needs `&mut self`.
-        unsafe {
-            let p = sys::llama_get_logits_ith(self.ptr.as_ptr(), i);
-            std::slice::from_raw_parts(p, n_vocab)
+    /// Logits of batch row `row` of the last successful decode, which must
+    /// have asked for them.
+    fn logits(&self, row: usize) -> Result<&[f32], BackendError> {
+        if !self.outputs.get(row).copied().unwrap_or(false) {
+            return Err(BackendError::NoLogits(row));
         }
+        // SAFETY: the context is valid and `row` is a row of the last decode
+        // that requested logits, so llama.cpp has them; it returns null otherwise.
+        let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), row as i32) };
+        if p.is_null() {
+            return Err(BackendError::NoLogits(row));
+        }
+        // SAFETY: non-null, pointing to one row of `n_vocab` floats (the
+        // model's vocabulary size); they stay valid until the next decode,
+        // which needs `&mut self` and so cannot overlap this borrow.
+        Ok(unsafe { std::slice::from_raw_parts(p, self.n_vocab) })
     }
 
     /// Makes sequence `dst` share the cells of positions `[0, len)` of `src`.
@@ -523,24 +519,34 @@ impl Batch {
         self.raw.n_tokens as usize
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn is_full(&self) -> bool {
         self.len() >= self.capacity
     }
 
-    /// Adds a token at `pos` of sequence `seq`; `output` asks for its logits.
-    pub fn push(&mut self, token: Token, pos: i32, seq: i32, output: bool) {
+    /// Adds a token; its `output` flag asks for its logits.
+    pub fn push(&mut self, t: BatchToken) {
         assert!(!self.is_full(), "batch overflow");
         let i = self.len();
         // SAFETY: i < capacity, and llama_batch_init allocated every array for
         // `capacity` entries and each seq_id row for at least one id.
         unsafe {
-            *self.raw.token.add(i) = token;
-            *self.raw.pos.add(i) = pos;
+            *self.raw.token.add(i) = t.token;
+            *self.raw.pos.add(i) = t.pos as i32;
             *self.raw.n_seq_id.add(i) = 1;
-            *(*self.raw.seq_id.add(i)) = seq;
-            *self.raw.logits.add(i) = output as i8;
+            *(*self.raw.seq_id.add(i)) = t.seq;
+            *self.raw.logits.add(i) = t.output as i8;
         }
         self.raw.n_tokens += 1;
+    }
+
+    /// Which rows ask for logits.
+    fn outputs(&self) -> impl Iterator<Item = bool> + '_ {
+        // SAFETY: the first `len()` entries of `logits` were written by `push`.
+        (0..self.len()).map(|i| unsafe { *self.raw.logits.add(i) } != 0)
     }
 }
 
@@ -549,20 +555,6 @@ impl Drop for Batch {
         // SAFETY: the batch was allocated by llama_batch_init and is freed once.
         unsafe { sys::llama_batch_free(self.raw) }
     }
-}
-
-/// Sampling settings for one request, already validated.
-#[derive(Debug, Clone)]
-pub struct SamplerSpec {
-    pub temp: f32,
-    pub top_k: i32,
-    pub top_p: f32,
-    pub min_p: f32,
-    pub repeat_penalty: f32,
-    pub repeat_last_n: i32,
-    pub seed: u32,
-    /// Tokens that may never be sampled (end-of-generation tokens under `ignore_eos`).
-    pub banned: Vec<Token>,
 }
 
 /// A llama.cpp sampler chain plus the candidate buffer it works on.
@@ -575,7 +567,21 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(spec: &SamplerSpec, n_vocab: i32) -> Sampler {
+    /// A chain for validated `params`: `banned` tokens are never sampled,
+    /// `n_ctx` stands for a `repeat_last_n` of -1.
+    pub fn new(
+        params: &SamplingParams,
+        seed: u32,
+        banned: &[Token],
+        n_vocab: i32,
+        n_ctx: i32,
+    ) -> Sampler {
+        let spec = params;
+        let repeat_last_n = if spec.repeat_last_n < 0 {
+            n_ctx
+        } else {
+            spec.repeat_last_n
+        };
         // SAFETY: plain constructor; the chain owns every sampler added to it.
         let chain =
             unsafe { sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params()) };
@@ -584,12 +590,11 @@ impl Sampler {
             // SAFETY: `s` is a freshly created sampler; the chain takes ownership.
             unsafe { sys::llama_sampler_chain_add(chain.as_ptr(), s) }
         };
-        // SAFETY (all constructors below): they only read their scalar
-        // arguments; `biases` outlives the logit-bias constructor, which copies it.
+        // SAFETY: the constructors below only read their scalar arguments;
+        // `biases` outlives the logit-bias constructor, which copies it.
         unsafe {
-            if !spec.banned.is_empty() {
-                let biases: Vec<sys::llama_logit_bias> = spec
-                    .banned
+            if !banned.is_empty() {
+                let biases: Vec<sys::llama_logit_bias> = banned
                     .iter()
                     .map(|&token| sys::llama_logit_bias {
                         token,
@@ -602,10 +607,10 @@ impl Sampler {
                     biases.as_ptr(),
                 ));
             }
-            if spec.repeat_penalty != 1.0 && spec.repeat_last_n != 0 {
+            if spec.repeat_penalty != 1.0 && repeat_last_n != 0 {
                 add(sys::llama_sampler_init_penalties(
                     n_vocab,
-                    spec.repeat_last_n,
+                    repeat_last_n,
                     spec.repeat_penalty,
                     0.0,
                     0.0,
@@ -624,25 +629,28 @@ impl Sampler {
                     add(sys::llama_sampler_init_min_p(spec.min_p, 1));
                 }
                 add(sys::llama_sampler_init_temp(spec.temp));
-                add(sys::llama_sampler_init_dist(spec.seed));
+                add(sys::llama_sampler_init_dist(seed));
             }
         }
-        let plain_greedy =
-            spec.temp <= 0.0 && (spec.repeat_penalty == 1.0 || spec.repeat_last_n == 0);
+        let plain_greedy = spec.temp <= 0.0 && (spec.repeat_penalty == 1.0 || repeat_last_n == 0);
         Sampler {
             chain,
             candidates: Vec::new(),
-            greedy: plain_greedy.then(|| spec.banned.clone()),
+            greedy: plain_greedy.then(|| banned.to_vec()),
         }
     }
 
-    /// Samples from output `idx` of the last decode and records the token in
-    /// the chain's history (for repetition penalties). Returns the token and its
-    /// probability after the chain (temperature and truncation applied).
-    pub fn sample(&mut self, ctx: &Context<'_>, idx: i32, n_vocab: usize) -> (Token, f32) {
-        let logits = ctx.logits(idx, n_vocab);
+    /// Samples from batch row `row` of the last decode and records the token
+    /// in the chain's history (for repetition penalties). The probability is
+    /// the model's own (softmax of the raw logits), whatever the chain did.
+    pub fn sample(&mut self, ctx: &Context<'_>, row: usize) -> Result<Sampled, BackendError> {
+        let logits = ctx.logits(row)?;
         if let Some(banned) = &self.greedy {
-            return greedy(logits, banned);
+            let token = argmax(logits, banned);
+            return Ok(Sampled {
+                token,
+                prob: softmax_at(logits, token),
+            });
         }
         self.candidates.clear();
         self.candidates
@@ -671,46 +679,42 @@ impl Sampler {
         );
         // SAFETY: the chain may have shrunk `size` but `data` still points into our buffer.
         let kept = unsafe { std::slice::from_raw_parts(arr.data, arr.size) };
-        let chosen = kept[arr.selected as usize];
-        let prob = softmax_at(kept, chosen.logit);
+        let token = kept[arr.selected as usize].id;
         // SAFETY: the chain is valid; accept only updates its history.
-        unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), chosen.id) };
-        (chosen.id, prob)
+        unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), token) };
+        Ok(Sampled {
+            token,
+            prob: softmax_at(logits, token),
+        })
     }
 }
 
-/// The most likely token that is not banned, and its softmax probability.
-fn greedy(logits: &[f32], banned: &[Token]) -> (Token, f32) {
+/// The most likely token that is not banned.
+fn argmax(logits: &[f32], banned: &[Token]) -> Token {
     let mut best = (0usize, f32::NEG_INFINITY);
     for (i, &l) in logits.iter().enumerate() {
         if l > best.1 && !banned.contains(&(i as Token)) {
             best = (i, l);
         }
     }
-    let floor = best.1 - 20.0;
-    let sum: f32 = logits
-        .iter()
-        .enumerate()
-        .filter(|&(i, &l)| l > floor && !banned.contains(&(i as Token)))
-        .map(|(_, &l)| (l - best.1).exp())
-        .sum();
-    (best.0 as Token, 1.0 / sum)
+    best.0 as Token
 }
 
-/// Probability of a candidate with logit `at` among `kept`. Terms more than
-/// 30 nats below the maximum change the sum by less than 1e-13 each and are skipped.
-fn softmax_at(kept: &[sys::llama_token_data], at: f32) -> f32 {
-    let max = kept.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.logit));
+/// The probability of `token` under the softmax of `logits`. Terms more
+/// than 30 nats below the maximum change the sum by less than 1e-13 each and
+/// are skipped.
+fn softmax_at(logits: &[f32], token: Token) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
     if !max.is_finite() {
         return 1.0;
     }
     let floor = max - 30.0;
-    let sum: f32 = kept
+    let sum: f32 = logits
         .iter()
-        .filter(|c| c.logit > floor)
-        .map(|c| (c.logit - max).exp())
+        .filter(|&&l| l > floor)
+        .map(|&l| (l - max).exp())
         .sum();
-    (at - max).exp() / sum
+    (logits[token as usize] - max).exp() / sum
 }
 
 impl Drop for Sampler {
@@ -725,26 +729,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn softmax_of_candidates() {
-        let c = |logit| sys::llama_token_data {
-            id: 0,
-            logit,
-            p: 0.0,
-        };
-        let kept = [c(1.0), c(1.0), c(f32::NEG_INFINITY)];
-        assert!((softmax_at(&kept, 1.0) - 0.5).abs() < 1e-6);
-        assert_eq!(softmax_at(&[c(3.0)], 3.0), 1.0);
+    fn softmax_of_logits() {
+        let logits = [1.0, 1.0, f32::NEG_INFINITY];
+        assert!((softmax_at(&logits, 0) - 0.5).abs() < 1e-6);
+        assert_eq!(softmax_at(&logits, 2), 0.0);
+        assert_eq!(softmax_at(&[3.0], 0), 1.0);
     }
 
     #[test]
-    fn greedy_skips_banned_tokens() {
+    fn greedy_skips_banned_tokens_and_reports_the_models_probability() {
         let logits = [0.0, 5.0, 5.0_f32.ln() + 5.0, 1.0];
-        let (t, p) = greedy(&logits, &[]);
-        assert_eq!(t, 2);
+        assert_eq!(argmax(&logits, &[]), 2);
+        assert_eq!(argmax(&logits, &[2]), 1);
+        let p = softmax_at(&logits, 2);
         assert!(p > 0.8 && p < 0.85, "{p}");
-        let (t, p) = greedy(&logits, &[2]);
-        assert_eq!(t, 1);
-        assert!(p > 0.9, "{p}");
     }
 
     #[test]

@@ -3,17 +3,17 @@
 //! Fixed tokens for the listener, the engine's waker and the signal pipe;
 //! connections live in a `Slab` and carry a generation so an engine event for
 //! a connection that has gone (and whose slot was reused) is dropped, never
-//! misdelivered. Engine events are drained in batches after each wake-up and
-//! every touched connection is flushed once per batch.
+//! misdelivered. The loop accepts, reads, hands messages to each connection's
+//! protocol session, delivers engine events (drained in batches after each
+//! wake-up) through the request table, flushes every touched connection once
+//! per batch, and runs the timers: handshake and close deadlines, pings,
+//! shutdown.
 
-use std::collections::HashMap;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -23,14 +23,15 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::config;
-use crate::connection::{Connection, Input, Liveness, SendError, Settings, http_response};
-use crate::engine::{Command, EngineHandle, Event, Job, JobKey, Ready};
+use crate::core::{Event, PromptInput, Request, RequestError, RequestKey, SamplingParams, Status};
+use crate::engine::{EngineHandle, EventSource, Ready};
 use crate::ops::Ops;
-use crate::protocol::{self, ClientMsg, ErrorCode, Generation, InferRequest, ServerMsg, Status};
-use crate::watchdog;
-
-/// The page served at `GET /`: one self-contained file, no build step.
-const PAGE: &str = include_str!("page.html");
+use crate::ops::watchdog;
+use crate::server::connection::{Connection, Input, Liveness, SendError, Settings};
+use crate::server::http::{self, Health, Response};
+use crate::server::requests::{ConnId, RequestTable};
+use crate::server::session::{Host, Message, Outbox, ServerInfo, Session, SubmitError};
+use crate::server::ws_v1::WsV1;
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
@@ -45,14 +46,16 @@ const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a client disconnected for a limit gets to read its close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// Where an engine event for a request goes.
-struct Route {
-    slot: usize,
-    generation: u64,
-    id: String,
-    cancel: Arc<AtomicBool>,
-    /// When its last token event arrived (inter-token latency).
-    last_token: Option<Instant>,
+/// What the reactor is built from.
+pub struct Parts {
+    pub poll: Poll,
+    pub listener: TcpListener,
+    pub engine: EngineHandle,
+    pub events: EventSource,
+    pub ready: Ready,
+    pub ops: Arc<Ops>,
+    /// Ends the process after a stall (see `watchdog::ExitNow`).
+    pub exit_now: watchdog::ExitNow,
 }
 
 pub struct Reactor {
@@ -61,17 +64,15 @@ pub struct Reactor {
     signals: Signals,
     conns: Slab<Connection>,
     next_generation: u64,
-    routes: HashMap<JobKey, Route>,
-    next_key: JobKey,
+    table: RequestTable,
     engine: EngineHandle,
-    events: Receiver<Event>,
-    /// Shared with the engine's `EventSink`: set while a wake-up is pending.
-    armed: Arc<AtomicBool>,
+    events: EventSource,
     engine_stopped: bool,
     ready: Ready,
     ops: Arc<Ops>,
+    exit_now: watchdog::ExitNow,
     server: config::Server,
-    defaults: Generation,
+    defaults: SamplingParams,
     settings: Settings,
     /// Connections in the slab that are only being answered 503.
     refusing: usize,
@@ -82,18 +83,16 @@ pub struct Reactor {
 }
 
 impl Reactor {
-    // The parts main builds, each used once here; a struct would only rename them.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        poll: Poll,
-        mut listener: TcpListener,
-        events: Receiver<Event>,
-        armed: Arc<AtomicBool>,
-        engine: EngineHandle,
-        ready: Ready,
-        ops: Arc<Ops>,
-        config: &config::Config,
-    ) -> io::Result<Reactor> {
+    pub fn new(parts: Parts, config: &config::Config) -> io::Result<Reactor> {
+        let Parts {
+            poll,
+            mut listener,
+            engine,
+            events,
+            ready,
+            ops,
+            exit_now,
+        } = parts;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let mut signals = Signals::new([SIGINT, SIGTERM])?;
@@ -112,14 +111,13 @@ impl Reactor {
             signals,
             conns: Slab::new(),
             next_generation: 0,
-            routes: HashMap::new(),
-            next_key: 1,
+            table: RequestTable::new(s.max_inflight_per_connection),
             engine,
             events,
-            armed,
             engine_stopped: false,
             ready,
             ops,
+            exit_now,
             server: s.clone(),
             defaults: config.defaults.clone(),
             settings: Settings {
@@ -168,9 +166,9 @@ impl Reactor {
             }
             self.flush_dirty();
             if self.ops.heartbeat.stalled() {
-                self.fail_all("the engine stalled; the server restarts");
+                self.fail_all(RequestError::Stalled);
                 log::error!("exiting with status {}", watchdog::EXIT_STALL);
-                crate::llama::exit_now(watchdog::EXIT_STALL);
+                (self.exit_now)(watchdog::EXIT_STALL);
             }
             self.sweep_deadlines();
             if let Some(deadline) = self.shutdown_deadline
@@ -178,10 +176,10 @@ impl Reactor {
             {
                 break;
             }
-            if self.engine.thread.is_finished() && !self.engine_stopped {
+            if self.engine.is_finished() && !self.engine_stopped {
                 self.drain_engine();
                 if !self.engine_stopped {
-                    self.fail_all("the engine thread stopped unexpectedly");
+                    self.fail_all(RequestError::EngineGone);
                     anyhow::bail!("the engine thread stopped unexpectedly");
                 }
             }
@@ -204,9 +202,7 @@ impl Reactor {
                         log::warn!("refusing a connection: {open} connections already open");
                         if self.refusing >= REFUSE_HEADROOM {
                             // Best effort: a fresh socket takes this small write at once.
-                            let body = "{\"error\":\"too many connections\"}\n";
-                            let _ = stream
-                                .write(http_response(503, "application/json", body).as_bytes());
+                            let _ = stream.write(&Response::too_many_connections().to_bytes());
                             continue;
                         }
                     }
@@ -274,269 +270,147 @@ impl Reactor {
     fn handle_input(&mut self, slot: usize, input: Input) {
         match input {
             Input::Opened => {
-                let hello = ServerMsg::Hello {
-                    status: "ready",
-                    model: &self.ready.model_name,
-                    n_ctx: self.ready.n_ctx,
-                    version: env!("CARGO_PKG_VERSION"),
-                };
-                let json = hello.to_json();
-                self.send(slot, json);
+                if let Some(conn) = self.conns.get_mut(slot) {
+                    conn.session = Some(Box::new(WsV1));
+                }
+                self.with_session(slot, |s, host, out| s.opened(host, out));
             }
             Input::Http { method, path } => self.serve_http(slot, &method, &path),
-            Input::Binary => self.send_error(
-                slot,
-                None,
-                ErrorCode::BadRequest,
-                "binary frames are not supported: send JSON text frames",
-            ),
-            Input::Text(text) => match protocol::parse(&text) {
-                Ok(ClientMsg::Infer(req)) => self.start_infer(slot, req),
-                Ok(ClientMsg::Abort { id }) => self.abort(slot, id),
-                Ok(ClientMsg::Status) => {
-                    let mut status = self.engine_status();
-                    status.ops = self.ops.status();
-                    let json = ServerMsg::Status(&status).to_json();
-                    self.send(slot, json);
-                }
-                Err(e) => self.send_error(slot, e.id.as_deref(), e.code, &e.message),
-            },
+            Input::Binary => self.with_session(slot, |s, host, out| {
+                s.on_message(Message::Binary(&[]), host, out)
+            }),
+            Input::Text(text) => self.with_session(slot, |s, host, out| {
+                s.on_message(Message::Text(&text), host, out)
+            }),
         }
     }
 
-    fn engine_status(&self) -> Status {
-        self.engine
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// Runs `f` on the session of `slot` with this connection's view of the
+    /// server, then queues what it wrote.
+    fn with_session(
+        &mut self,
+        slot: usize,
+        f: impl FnOnce(&mut dyn Session, &mut dyn Host, &mut Outbox),
+    ) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let Some(session) = conn.session.as_mut() else {
+            return;
+        };
+        let mut host = ConnHost {
+            conn: ConnId {
+                slot,
+                generation: conn.generation,
+            },
+            table: &mut self.table,
+            engine: &self.engine,
+            ready: &self.ready,
+            ops: &self.ops,
+            server: &self.server,
+            defaults: &self.defaults,
+            draining: self.shutdown_deadline.is_some(),
+        };
+        let mut out = Vec::new();
+        f(session.as_mut(), &mut host, &mut out);
+        for text in out {
+            self.send(slot, text);
+        }
+    }
+
+    fn health(&self) -> Health {
+        if self.shutdown_deadline.is_some() {
+            Health::Draining
+        } else if self.ops.engine_state().is_parked() {
+            Health::Parked
+        } else {
+            Health::Ready
+        }
     }
 
     fn serve_http(&mut self, slot: usize, method: &str, path: &str) {
-        let metrics = (method, path) == ("GET", "/metrics");
-        let metrics = metrics.then(|| {
+        let response = http::route(method, path, self.health(), || {
             self.ops
-                .render_metrics(self.engine_status(), self.conns.len())
+                .render_metrics(self.engine.status(), self.conns.len())
         });
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return;
-        };
-        let path = path.split('?').next().unwrap_or("");
-        match (method, path) {
-            ("GET", "/health") if self.shutdown_deadline.is_some() => {
-                conn.respond(503, "application/json", "{\"status\":\"draining\"}\n")
-            }
-            // Parked is healthy: the next request wakes the engine (docs/operations.md).
-            ("GET", "/health") if self.ops.is_parked() => {
-                conn.respond(200, "application/json", "{\"status\":\"parked\"}\n")
-            }
-            ("GET", "/health") => conn.respond(200, "application/json", "{\"status\":\"ready\"}\n"),
-            ("GET", "/metrics") => conn.respond(
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                &metrics.unwrap_or_default(),
-            ),
-            ("GET", "/") => conn.respond(200, "text/html; charset=utf-8", PAGE),
-            ("GET", _) => conn.respond(404, "application/json", "{\"error\":\"not found\"}\n"),
-            _ => conn.respond(
-                405,
-                "application/json",
-                "{\"error\":\"method not allowed\"}\n",
-            ),
-        }
-    }
-
-    fn start_infer(&mut self, slot: usize, req: InferRequest) {
-        let key = self.next_key;
-        let id = req.id.unwrap_or_else(|| format!("req-{key}"));
-        if self.shutdown_deadline.is_some() {
-            return self.send_error(
-                slot,
-                Some(&id),
-                ErrorCode::ShuttingDown,
-                "the server is shutting down",
-            );
-        }
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return;
-        };
-        if conn.requests.contains_key(&id) {
-            let message =
-                format!("a request with id {id:?} is already in flight on this connection");
-            return self.send_error(slot, Some(&id), ErrorCode::BadRequest, &message);
-        }
-        if conn.requests.len() >= self.server.max_inflight_per_connection {
-            let message = format!(
-                "this connection already has {} requests in flight (the limit)",
-                self.server.max_inflight_per_connection
-            );
-            return self.send_error(slot, Some(&id), ErrorCode::Overloaded, &message);
-        }
-        self.next_key += 1;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let job = Job {
-            key,
-            id: id.clone(),
-            input: req.input,
-            params: req.params.resolve(&self.defaults),
-            cancel: cancel.clone(),
-            received: Instant::now(),
-            max_prompt_tokens: self.server.max_prompt_tokens,
-        };
-        if self
-            .engine
-            .commands
-            .send(Command::Infer(Box::new(job)))
-            .is_err()
-        {
-            return self.send_error(
-                slot,
-                Some(&id),
-                ErrorCode::Internal,
-                "the engine is not running",
-            );
-        }
-        conn.requests.insert(id.clone(), key);
-        let generation = conn.generation;
-        self.routes.insert(
-            key,
-            Route {
-                slot,
-                generation,
-                id,
-                cancel,
-                last_token: None,
-            },
-        );
-    }
-
-    fn abort(&mut self, slot: usize, id: Option<String>) {
-        let Some(conn) = self.conns.get(slot) else {
-            return;
-        };
-        match id {
-            Some(id) => match conn.requests.get(&id) {
-                Some(key) => {
-                    if let Some(route) = self.routes.get(key) {
-                        route.cancel.store(true, Ordering::Relaxed);
-                    }
-                }
-                None => {
-                    let message =
-                        format!("abort: no request with id {id:?} is in flight on this connection");
-                    self.send_error(slot, None, ErrorCode::BadRequest, &message);
-                }
-            },
-            None => {
-                for route in conn
-                    .requests
-                    .values()
-                    .filter_map(|key| self.routes.get(key))
-                {
-                    route.cancel.store(true, Ordering::Relaxed);
-                }
-            }
+        if let Some(conn) = self.conns.get_mut(slot) {
+            conn.respond(&response);
         }
     }
 
     fn drain_engine(&mut self) {
-        self.armed.store(false, Ordering::Release);
-        while let Ok(event) = self.events.try_recv() {
-            match event {
-                Event::Queued { key, position } => {
-                    let Some(route) = self.routes.get(&key) else {
-                        continue;
-                    };
-                    let json = ServerMsg::Queued {
-                        id: &route.id,
-                        position,
-                    }
-                    .to_json();
-                    let (slot, generation) = (route.slot, route.generation);
-                    self.deliver(slot, generation, json);
+        let events: Vec<Event> = self.events.drain().collect();
+        for event in events {
+            let key = match &event {
+                Event::Stopped => {
+                    self.engine_stopped = true;
+                    continue;
                 }
-                Event::Token { key, text, prob } => {
-                    let Some(route) = self.routes.get_mut(&key) else {
-                        continue;
-                    };
-                    let now = Instant::now();
-                    if let Some(last) = route.last_token.replace(now) {
-                        self.ops.metrics.itl.observe((now - last).as_secs_f64());
-                    }
-                    if route.cancel.load(Ordering::Relaxed) {
-                        continue; // aborted: only its `end` is still wanted
-                    }
-                    let json = ServerMsg::Token {
-                        id: &route.id,
-                        content: &text,
-                        prob,
-                    }
-                    .to_json();
-                    let (slot, generation) = (route.slot, route.generation);
-                    self.deliver(slot, generation, json);
+                Event::Queued { key, .. }
+                | Event::Token { key, .. }
+                | Event::End { key, .. }
+                | Event::Error { key, .. } => *key,
+            };
+            self.on_engine_event(key, &event);
+        }
+    }
+
+    /// Counts an event and hands it to its request's session, if its
+    /// connection is still there.
+    fn on_engine_event(&mut self, key: RequestKey, event: &Event) {
+        let Some(route) = self.table.get_mut(key) else {
+            return; // ended by the server already (shutdown)
+        };
+        let m = &self.ops.metrics;
+        match event {
+            Event::Token { .. } => {
+                let now = Instant::now();
+                if let Some(last) = route.last_token.replace(now) {
+                    m.itl.observe((now - last).as_secs_f64());
                 }
-                Event::End { key, reason, stats } => {
-                    let m = &self.ops.metrics;
-                    m.request_done(&label(&reason));
-                    if stats.completion_tokens > 0 {
-                        m.ttft.observe(stats.ttft_ms / 1e3);
-                    }
-                    if stats.cached_tokens > 0 {
-                        m.prefix_hits.fetch_add(1, Ordering::Relaxed);
-                        m.cached_tokens
-                            .fetch_add(stats.cached_tokens as u64, Ordering::Relaxed);
-                    }
-                    if let Some(route) = self.finish_route(key) {
-                        let json = ServerMsg::End {
-                            id: &route.id,
-                            reason,
-                            stats: &stats,
-                        }
-                        .to_json();
-                        self.deliver(route.slot, route.generation, json);
-                    }
+                if route.cancelled() {
+                    return; // aborted: only its end is still wanted
                 }
-                Event::Error { key, code, message } => {
-                    self.ops.metrics.request_done(&label(&code));
-                    if let Some(route) = self.finish_route(key) {
-                        let json = ServerMsg::Error {
-                            id: Some(&route.id),
-                            code,
-                            message: &message,
-                        }
-                        .to_json();
-                        self.deliver(route.slot, route.generation, json);
-                    }
-                }
-                Event::Stopped => self.engine_stopped = true,
             }
+            Event::End { reason, stats, .. } => {
+                m.request_done(reason.as_str());
+                if stats.completion_tokens > 0 {
+                    m.ttft.observe(stats.ttft_ms / 1e3);
+                }
+                if stats.cached_tokens > 0 {
+                    m.record_prefix_hit(stats.cached_tokens);
+                }
+            }
+            Event::Error { error, .. } => m.request_done(error.code().as_str()),
+            Event::Queued { .. } | Event::Stopped => {}
+        }
+        let (conn, id) = if event.is_final() {
+            let route = self.table.finish(key).expect("looked up above");
+            (route.conn, route.id)
+        } else {
+            (route.conn, route.id.clone())
+        };
+        if let Some(conn) = conn {
+            self.deliver(conn, &id, event);
         }
     }
 
-    /// Forgets a finished request; returns its route if its connection is still there.
-    fn finish_route(&mut self, key: JobKey) -> Option<Route> {
-        let route = self.routes.remove(&key)?;
-        let conn = self
+    fn deliver(&mut self, conn: ConnId, id: &str, event: &Event) {
+        let Some(c) = self
             .conns
-            .get_mut(route.slot)
-            .filter(|c| c.generation == route.generation)?;
-        conn.requests.remove(&route.id);
-        Some(route)
-    }
-
-    fn deliver(&mut self, slot: usize, generation: u64, json: String) {
-        if self
-            .conns
-            .get(slot)
-            .is_some_and(|c| c.generation == generation)
-        {
-            self.send(slot, json);
+            .get_mut(conn.slot)
+            .filter(|c| c.generation == conn.generation)
+        else {
+            return;
+        };
+        let Some(session) = c.session.as_mut() else {
+            return;
+        };
+        let mut out = Vec::new();
+        session.on_event(id, event, &mut out);
+        for text in out {
+            self.send(conn.slot, text);
         }
-    }
-
-    fn send_error(&mut self, slot: usize, id: Option<&str>, code: ErrorCode, message: &str) {
-        let json = ServerMsg::Error { id, code, message }.to_json();
-        self.send(slot, json);
     }
 
     /// Queues a message; the connection is flushed once the current batch is done.
@@ -580,15 +454,12 @@ impl Reactor {
         }
         let conn = self.conns.remove(slot);
         self.refusing -= usize::from(conn.refused);
-        self.abort_requests(&conn.peer, conn.requests, "the client went away");
+        self.detach(slot, conn.generation, &conn.peer, "the client went away");
     }
 
-    fn abort_requests(&mut self, peer: &str, requests: HashMap<String, JobKey>, why: &str) {
-        for key in requests.values() {
-            if let Some(route) = self.routes.remove(key) {
-                route.cancel.store(true, Ordering::Relaxed);
-                log::info!("{peer}: request {} aborted: {why}", route.id);
-            }
+    fn detach(&mut self, slot: usize, generation: u64, peer: &str, why: &str) {
+        for id in self.table.detach(ConnId { slot, generation }) {
+            log::info!("{peer}: request {id} aborted: {why}");
         }
     }
 
@@ -599,11 +470,9 @@ impl Reactor {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        let requests = std::mem::take(&mut conn.requests);
         conn.close(code, reason, Instant::now() + CLOSE_GRACE);
-        let open = conn.is_open();
-        let peer = conn.peer.clone();
-        self.abort_requests(&peer, requests, reason);
+        let (open, generation, peer) = (conn.is_open(), conn.generation, conn.peer.clone());
+        self.detach(slot, generation, &peer, reason);
         if open {
             self.dirty.push(slot);
         } else {
@@ -675,9 +544,8 @@ impl Reactor {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        self.engine.shutdown.store(true, Ordering::Relaxed);
-        let _ = self.engine.commands.send(Command::Shutdown);
-        self.fail_all("the server is shutting down");
+        self.engine.stop();
+        self.fail_all(RequestError::ShuttingDown);
         let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
         for slot in slots {
             let conn = &mut self.conns[slot];
@@ -690,36 +558,89 @@ impl Reactor {
         }
     }
 
-    /// Ends every request in flight with an error (shutdown, or a dead engine).
-    fn fail_all(&mut self, message: &str) {
-        let code = if self.shutdown_deadline.is_some() {
-            ErrorCode::ShuttingDown
-        } else {
-            ErrorCode::Internal
-        };
-        let keys: Vec<JobKey> = self.routes.keys().copied().collect();
-        for key in keys {
-            self.ops.metrics.request_done(&label(&code));
-            if let Some(route) = self.finish_route(key) {
-                route.cancel.store(true, Ordering::Relaxed);
-                let json = ServerMsg::Error {
-                    id: Some(&route.id),
-                    code,
-                    message,
-                }
-                .to_json();
-                self.deliver(route.slot, route.generation, json);
+    /// Ends every request in flight with `error` (shutdown, a stalled or a
+    /// dead engine); whatever the engine sends for them later is dropped.
+    fn fail_all(&mut self, error: RequestError) {
+        for (key, route) in self.table.drain() {
+            self.ops.metrics.request_done(error.code().as_str());
+            route
+                .cancel
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(conn) = route.conn {
+                let event = Event::Error {
+                    key,
+                    error: error.clone(),
+                };
+                self.deliver(conn, &route.id, &event);
             }
         }
-        self.routes.clear();
         self.flush_dirty();
     }
 }
 
-/// An `end` reason or `error` code as it appears on the wire, for metrics labels.
-fn label<T: serde::Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => "other".into(),
+/// The server as one connection's session sees it.
+struct ConnHost<'a> {
+    conn: ConnId,
+    table: &'a mut RequestTable,
+    engine: &'a EngineHandle,
+    ready: &'a Ready,
+    ops: &'a Ops,
+    server: &'a config::Server,
+    defaults: &'a SamplingParams,
+    draining: bool,
+}
+
+impl Host for ConnHost<'_> {
+    fn info(&self) -> ServerInfo {
+        ServerInfo {
+            model: self.ready.model_name.clone(),
+            n_ctx: self.ready.n_ctx,
+            chat: self.ready.chat,
+            parked: self.ops.engine_state().is_parked(),
+            max_inflight: self.server.max_inflight_per_connection,
+            max_prompt_tokens: self.server.max_prompt_tokens,
+            max_message_bytes: self.server.max_message_bytes,
+            defaults: self.defaults.clone(),
+        }
+    }
+
+    fn defaults(&self) -> &SamplingParams {
+        self.defaults
+    }
+
+    fn submit(
+        &mut self,
+        id: Option<&str>,
+        input: PromptInput,
+        params: SamplingParams,
+    ) -> Result<String, SubmitError> {
+        if self.draining {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let opened = self.table.open(self.conn, id)?;
+        let req = Request {
+            key: opened.key,
+            id: opened.id.clone(),
+            input,
+            params,
+            cancel: opened.cancel,
+            received: Instant::now(),
+            max_prompt_tokens: self.server.max_prompt_tokens,
+        };
+        if self.engine.submit(req).is_err() {
+            self.table.finish(opened.key);
+            return Err(SubmitError::EngineGone);
+        }
+        Ok(opened.id)
+    }
+
+    fn abort(&mut self, id: Option<&str>) {
+        self.table.abort(self.conn, id);
+    }
+
+    fn status(&self) -> Status {
+        let mut status = self.engine.status();
+        status.ops = self.ops.status();
+        status
     }
 }

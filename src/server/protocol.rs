@@ -1,4 +1,5 @@
-//! Protocol v1: the JSON messages exchanged over WebSocket text frames.
+//! Protocol v1: the JSON messages exchanged over WebSocket text frames, as a
+//! pure mapping to and from the core's types.
 //!
 //! Sans-I/O: `parse` turns one client text frame into a typed, validated
 //! message (or a `ProtoError` saying exactly what was wrong), and `ServerMsg`
@@ -8,28 +9,13 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::core::{
+    ChatMessage, ErrorCode, InvalidParam, PromptInput, Role, SamplingParams, Stats, Status,
+};
+
+/// The protocol version `hello` announces.
+pub const VERSION: u32 = 1;
 pub const MAX_ID_LEN: usize = 64;
-pub const MAX_STOP_STRINGS: usize = 16;
-pub const MAX_STOP_LEN: usize = 256;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    BadRequest,
-    ContextOverflow,
-    Overloaded,
-    ShuttingDown,
-    Internal,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EndReason {
-    Eos,
-    Length,
-    Stop,
-    Abort,
-}
 
 /// A rejected client message. `id` is the request's id when it could be read.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,163 +50,96 @@ pub enum ClientMsg {
 pub struct InferRequest {
     pub id: Option<String>,
     pub input: PromptInput,
-    pub params: Params,
+    /// `params` laid over the server's defaults, validated.
+    pub params: SamplingParams,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum PromptInput {
-    Text(String),
-    Messages(Vec<ChatMessage>),
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ChatMessage {
-    pub role: Role,
-    pub content: String,
+struct WireMessage {
+    role: WireRole,
+    content: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Role {
+enum WireRole {
     System,
     User,
     Assistant,
 }
 
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
+impl From<WireMessage> for ChatMessage {
+    fn from(m: WireMessage) -> ChatMessage {
+        let role = match m.role {
+            WireRole::System => Role::System,
+            WireRole::User => Role::User,
+            WireRole::Assistant => Role::Assistant,
+        };
+        ChatMessage {
+            role,
+            content: m.content,
         }
     }
 }
 
-/// Per-request generation parameters as sent; `None` means "server default".
+/// Per-request generation parameters as sent; `None` keeps the server's default.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Params {
-    pub temp: Option<f32>,
-    pub top_k: Option<i32>,
-    pub top_p: Option<f32>,
-    pub min_p: Option<f32>,
-    pub repeat_penalty: Option<f32>,
-    pub repeat_last_n: Option<i32>,
-    pub seed: Option<u32>,
-    pub max_tokens: Option<u32>,
-    pub stop: Option<Vec<String>>,
-    pub ignore_eos: Option<bool>,
-}
-
-/// Fully resolved generation parameters. Its `Default` is the server's
-/// built-in defaults, which `[defaults]` in the config file overrides.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Generation {
-    pub temp: f32,
-    pub top_k: i32,
-    pub top_p: f32,
-    pub min_p: f32,
-    pub repeat_penalty: f32,
-    pub repeat_last_n: i32,
-    /// `None`: a fresh random seed per request.
-    pub seed: Option<u32>,
-    pub max_tokens: u32,
-    pub stop: Vec<String>,
-    pub ignore_eos: bool,
-}
-
-impl Default for Generation {
-    fn default() -> Self {
-        Generation {
-            temp: 0.8,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: None,
-            max_tokens: 512,
-            stop: Vec::new(),
-            ignore_eos: false,
-        }
-    }
+struct Params {
+    temp: Option<f32>,
+    /// What every other API calls `temp`.
+    temperature: Option<f32>,
+    top_k: Option<i32>,
+    top_p: Option<f32>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    repeat_last_n: Option<i32>,
+    /// -1: a fresh random seed, as in llama-server.
+    seed: Option<i64>,
+    max_tokens: Option<u32>,
+    stop: Option<Vec<String>>,
+    ignore_eos: Option<bool>,
 }
 
 impl Params {
-    /// Overlays these parameters on `defaults`.
-    pub fn resolve(&self, defaults: &Generation) -> Generation {
+    /// Lays these parameters over `defaults` and validates the result.
+    fn resolve(self, defaults: &SamplingParams) -> Result<SamplingParams, String> {
         let d = defaults.clone();
-        Generation {
-            temp: self.temp.unwrap_or(d.temp),
+        let temp = match (self.temp, self.temperature) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "params.temp and params.temperature are the same setting: give one".into(),
+                );
+            }
+            (t, u) => t.or(u).unwrap_or(d.temp),
+        };
+        let seed = match self.seed {
+            None => d.seed,
+            Some(-1) => None,
+            Some(s) => Some(u32::try_from(s).map_err(|_| {
+                format!(
+                    "params.seed = {s} is out of range: -1 (random) or 0 to {}",
+                    u32::MAX
+                )
+            })?),
+        };
+        let params = SamplingParams {
+            temp,
             top_k: self.top_k.unwrap_or(d.top_k),
             top_p: self.top_p.unwrap_or(d.top_p),
             min_p: self.min_p.unwrap_or(d.min_p),
             repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
             repeat_last_n: self.repeat_last_n.unwrap_or(d.repeat_last_n),
-            seed: self.seed.or(d.seed),
+            seed,
             max_tokens: self.max_tokens.unwrap_or(d.max_tokens),
-            stop: self.stop.clone().unwrap_or(d.stop),
+            stop: self.stop.unwrap_or(d.stop),
             ignore_eos: self.ignore_eos.unwrap_or(d.ignore_eos),
-        }
-    }
-
-    /// Range checks that serde's types cannot express.
-    fn validate(&self) -> Result<(), String> {
-        fn check<T: PartialOrd + Copy + std::fmt::Display>(
-            name: &str,
-            v: Option<T>,
-            ok: impl Fn(T) -> bool,
-            range: &str,
-        ) -> Result<(), String> {
-            match v {
-                Some(v) if !ok(v) => Err(format!("params.{name} = {v} is out of range: {range}")),
-                _ => Ok(()),
-            }
-        }
-        check(
-            "temp",
-            self.temp,
-            |v| (0.0..=100.0).contains(&v),
-            "0 to 100 (0 = greedy)",
-        )?;
-        check("top_k", self.top_k, |v| v >= 0, "0 or more (0 = off)")?;
-        check(
-            "top_p",
-            self.top_p,
-            |v| v > 0.0 && v <= 1.0,
-            "above 0, at most 1",
-        )?;
-        check("min_p", self.min_p, |v| (0.0..=1.0).contains(&v), "0 to 1")?;
-        check(
-            "repeat_penalty",
-            self.repeat_penalty,
-            |v| v > 0.0 && v <= 10.0,
-            "above 0, at most 10 (1 = off)",
-        )?;
-        check(
-            "repeat_last_n",
-            self.repeat_last_n,
-            |v| v >= -1,
-            "-1 (whole context) or more",
-        )?;
-        check("max_tokens", self.max_tokens, |v| v >= 1, "1 or more")?;
-        if let Some(stop) = &self.stop {
-            if stop.len() > MAX_STOP_STRINGS {
-                return Err(format!(
-                    "params.stop has {} strings; at most {MAX_STOP_STRINGS}",
-                    stop.len()
-                ));
-            }
-            if let Some(s) = stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
-                return Err(format!(
-                    "params.stop entry {s:?} must be 1 to {MAX_STOP_LEN} bytes long"
-                ));
-            }
-        }
-        Ok(())
+        };
+        params
+            .validate()
+            .map_err(|e: InvalidParam| format!("params.{e}"))?;
+        Ok(params)
     }
 }
 
@@ -231,7 +150,7 @@ struct InferWire {
     op: String,
     id: Option<String>,
     prompt: Option<String>,
-    messages: Option<Vec<ChatMessage>>,
+    messages: Option<Vec<WireMessage>>,
     #[serde(default)]
     params: Params,
 }
@@ -244,8 +163,8 @@ struct AbortWire {
     id: Option<String>,
 }
 
-/// Parses one client text frame.
-pub fn parse(text: &str) -> Result<ClientMsg, ProtoError> {
+/// Parses one client text frame; request parameters are laid over `defaults`.
+pub fn parse(text: &str, defaults: &SamplingParams) -> Result<ClientMsg, ProtoError> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| ProtoError::bad(None, format!("malformed JSON: {e}")))?;
     let Value::Object(obj) = &value else {
@@ -271,7 +190,12 @@ pub fn parse(text: &str) -> Result<ClientMsg, ProtoError> {
     let op = match obj.get("op") {
         Some(Value::String(op)) => op.as_str(),
         Some(_) => return Err(ProtoError::bad(id, "\"op\" must be a string")),
-        None => return Err(ProtoError::bad(id, "missing \"op\" (one of: infer, abort)")),
+        None => {
+            return Err(ProtoError::bad(
+                id,
+                "missing \"op\" (one of: infer, abort, status)",
+            ));
+        }
     };
     let field_err =
         |e: serde_json::Error| ProtoError::bad(id, format!("invalid {op} message: {e}"));
@@ -295,13 +219,16 @@ pub fn parse(text: &str) -> Result<ClientMsg, ProtoError> {
                 (None, Some(m)) if m.is_empty() => {
                     return Err(ProtoError::bad(id, "\"messages\" is empty"));
                 }
-                (None, Some(m)) => PromptInput::Messages(m),
+                (None, Some(m)) => PromptInput::Messages(m.into_iter().map(Into::into).collect()),
             };
-            wire.params.validate().map_err(|m| ProtoError::bad(id, m))?;
+            let params = wire
+                .params
+                .resolve(defaults)
+                .map_err(|m| ProtoError::bad(id, m))?;
             Ok(ClientMsg::Infer(InferRequest {
                 id: wire.id,
                 input,
-                params: wire.params,
+                params,
             }))
         }
         "abort" => {
@@ -319,60 +246,33 @@ pub fn parse(text: &str) -> Result<ClientMsg, ProtoError> {
     }
 }
 
+/// What `hello` tells a new client about the server.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Stats {
-    pub prompt_tokens: usize,
-    /// Prompt tokens served from the prefix cache instead of being computed.
-    pub cached_tokens: usize,
-    pub completion_tokens: usize,
-    pub ttft_ms: f64,
-    pub ms: f64,
-    pub tps: f64,
+pub struct Hello<'a> {
+    pub protocol: u32,
+    /// The engine's state: `ready`, or `parked` (the first request wakes it).
+    pub status: &'a str,
+    pub model: &'a str,
+    pub n_ctx: usize,
+    pub version: &'a str,
+    /// Whether `messages` can be sent (the model has a chat template).
+    pub chat: bool,
+    pub limits: Limits,
 }
 
-/// A snapshot of the engine, answered to `{"op":"status"}`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Status {
-    pub slots: usize,
-    pub busy_slots: usize,
-    pub queued: usize,
-    pub kv: KvStatus,
-    /// Engine state, temperature, throttle and GPU readings, filled in by the
-    /// reactor (`ops`); absent fields are unknown.
-    #[serde(flatten)]
-    pub ops: OpsStatus,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct OpsStatus {
-    /// idle, busy, parked or waking.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub engine: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub throttled: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub temp_c: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_temp_c: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_vram_used_mb: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_vram_free_mb: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_power_w: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_util_pct: Option<u32>,
-}
-
-/// KV cache pages: owned by running requests, held by the prefix cache, free.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct KvStatus {
-    pub page_size: usize,
-    pub pages_total: usize,
-    pub pages_owned: usize,
-    pub pages_cached: usize,
-    pub pages_free: usize,
-    pub prefix_entries: usize,
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Limits {
+    /// Requests in flight on one connection.
+    pub max_inflight: usize,
+    /// Longest prompt, in tokens.
+    pub max_prompt_tokens: usize,
+    /// Most tokens one request can generate (the context's share left after a prompt).
+    pub max_tokens: usize,
+    /// `max_tokens` when a request does not say.
+    pub default_max_tokens: u32,
+    pub max_stop_strings: usize,
+    pub max_stop_bytes: usize,
+    pub max_message_bytes: usize,
 }
 
 /// Everything the server sends, serialised with `to_json`.
@@ -384,12 +284,7 @@ pub enum ServerMsg<'a> {
         position: usize,
     },
     Status(&'a Status),
-    Hello {
-        status: &'a str,
-        model: &'a str,
-        n_ctx: u32,
-        version: &'a str,
-    },
+    Hello(&'a Hello<'a>),
     Token {
         id: &'a str,
         content: &'a str,
@@ -397,12 +292,12 @@ pub enum ServerMsg<'a> {
     },
     End {
         id: &'a str,
-        reason: EndReason,
+        reason: &'a str,
         stats: &'a Stats,
     },
     Error {
         id: Option<&'a str>,
-        code: ErrorCode,
+        code: &'a str,
         message: &'a str,
     },
 }
@@ -411,11 +306,24 @@ impl ServerMsg<'_> {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("server messages always serialise")
     }
+
+    pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> String {
+        ServerMsg::Error {
+            id,
+            code: code.as_str(),
+            message,
+        }
+        .to_json()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(text: &str) -> Result<ClientMsg, ProtoError> {
+        super::parse(text, &SamplingParams::default())
+    }
 
     fn err(text: &str) -> ProtoError {
         parse(text).expect_err(text)
@@ -427,11 +335,53 @@ mod tests {
         let ClientMsg::Infer(req) = msg else { panic!() };
         assert_eq!(req.id.as_deref(), Some("r1"));
         assert_eq!(req.input, PromptInput::Text("Hi".into()));
-        let g = req.params.resolve(&Generation::default());
+        let g = req.params;
         assert_eq!(g.temp, 0.0);
         assert_eq!(g.max_tokens, 8);
         assert_eq!(g.stop, vec!["\n".to_owned()]);
-        assert_eq!(g.top_k, Generation::default().top_k);
+        assert_eq!(g.top_k, SamplingParams::default().top_k);
+    }
+
+    #[test]
+    fn defaults_come_from_the_server() {
+        let defaults = SamplingParams {
+            max_tokens: 7,
+            ..SamplingParams::default()
+        };
+        let Ok(ClientMsg::Infer(req)) = super::parse(r#"{"op":"infer","prompt":"Hi"}"#, &defaults)
+        else {
+            panic!()
+        };
+        assert_eq!(req.params, defaults);
+    }
+
+    #[test]
+    fn temperature_is_temp_and_seed_minus_one_is_random() {
+        let infer = |params: &str| match parse(&format!(
+            r#"{{"op":"infer","prompt":"x","params":{params}}}"#
+        )) {
+            Ok(ClientMsg::Infer(req)) => Ok(req.params),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.message),
+        };
+        assert_eq!(infer(r#"{"temperature":0.3}"#).unwrap().temp, 0.3);
+        assert!(
+            infer(r#"{"temp":0.3,"temperature":0.3}"#)
+                .unwrap_err()
+                .contains("give one")
+        );
+        assert!(
+            infer(r#"{"temperature":-1}"#)
+                .unwrap_err()
+                .contains("params.temp")
+        );
+        assert_eq!(infer(r#"{"seed":-1}"#).unwrap().seed, None);
+        assert_eq!(infer(r#"{"seed":42}"#).unwrap().seed, Some(42));
+        assert!(
+            infer(r#"{"seed":-2}"#)
+                .unwrap_err()
+                .contains("params.seed = -2")
+        );
     }
 
     #[test]
@@ -538,9 +488,9 @@ mod tests {
 
     #[test]
     fn unknown_parameter_is_named() {
-        let e = err(r#"{"op":"infer","prompt":"x","params":{"temperature":0.5}}"#);
+        let e = err(r#"{"op":"infer","prompt":"x","params":{"temprature":0.5}}"#);
         assert!(
-            e.message.contains("unknown field `temperature`"),
+            e.message.contains("unknown field `temprature`"),
             "{}",
             e.message
         );
@@ -617,19 +567,14 @@ mod tests {
         assert_eq!(
             ServerMsg::End {
                 id: "r1",
-                reason: EndReason::Eos,
+                reason: "eos",
                 stats: &stats
             }
             .to_json(),
             r#"{"op":"end","id":"r1","reason":"eos","stats":{"prompt_tokens":3,"cached_tokens":0,"completion_tokens":2,"ttft_ms":1.5,"ms":3.0,"tps":100.0}}"#
         );
         assert_eq!(
-            ServerMsg::Error {
-                id: None,
-                code: ErrorCode::ContextOverflow,
-                message: "m"
-            }
-            .to_json(),
+            ServerMsg::error(None, ErrorCode::ContextOverflow, "m"),
             r#"{"op":"error","id":null,"code":"context_overflow","message":"m"}"#
         );
     }
@@ -637,7 +582,9 @@ mod tests {
     mod properties {
         //! Property tests: `parse` takes any text a client may send.
 
-        use super::super::*;
+        use super::super::ClientMsg;
+        use super::parse;
+        use crate::core::{MAX_STOP_STRINGS, PromptInput};
         use proptest::prelude::*;
 
         /// JSON objects made of the protocol's own keys and values of every type.
@@ -711,9 +658,9 @@ mod tests {
                 };
                 prop_assert_eq!(req.id.as_deref(), Some(id.as_str()));
                 prop_assert_eq!(req.input, PromptInput::Text(prompt));
-                prop_assert_eq!(req.params.max_tokens, Some(max_tokens));
-                prop_assert_eq!(req.params.temp, Some(temp));
-                prop_assert_eq!(req.params.stop, Some(stop));
+                prop_assert_eq!(req.params.max_tokens, max_tokens);
+                prop_assert_eq!(req.params.temp, temp);
+                prop_assert_eq!(req.params.stop, stop);
             }
 
             #[test]

@@ -13,12 +13,12 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::engine::JobKey;
+use crate::core::{KvStatus, RequestError, RequestKey, Status};
+use crate::engine::backend::{SeqId, Token};
 #[cfg(test)]
-use crate::kv::Usage;
-use crate::kv::{KvPages, PageId};
-use crate::prefix::{PrefixCache, SeqId, Token};
-use crate::protocol::{ErrorCode, KvStatus, Status};
+use crate::engine::kv::Usage;
+use crate::engine::kv::{KvPages, PageId};
+use crate::engine::prefix::PrefixCache;
 
 /// An operation on llama.cpp's KV cache, applied by the engine in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,15 +29,16 @@ pub enum MemOp {
     Remove { seq: SeqId, from: usize },
 }
 
-pub struct Request {
-    pub key: JobKey,
+/// A tokenized request, as the scheduler sees it.
+pub struct Job {
+    pub key: RequestKey,
     pub tokens: Vec<Token>,
     pub max_tokens: usize,
 }
 
 #[derive(Debug, PartialEq)]
 pub struct Admitted {
-    pub key: JobKey,
+    pub key: RequestKey,
     pub seq: SeqId,
     /// Prompt tokens whose cells were copied from the prefix cache.
     pub cached_tokens: usize,
@@ -47,14 +48,8 @@ pub struct Admitted {
     pub ops: Vec<MemOp>,
 }
 
-#[derive(Debug, PartialEq)]
-pub enum Submitted {
-    Queued { position: usize },
-    Rejected { code: ErrorCode, message: String },
-}
-
 struct Waiting {
-    req: Request,
+    req: Job,
     reported: usize,
 }
 
@@ -76,7 +71,7 @@ pub struct Scheduler {
     kv: KvPages,
     cache: PrefixCache,
     queue: VecDeque<Waiting>,
-    active: HashMap<JobKey, Active>,
+    active: HashMap<RequestKey, Active>,
     free_seqs: Vec<SeqId>,
 }
 
@@ -131,41 +126,33 @@ impl Scheduler {
         self.kv.total() * self.cfg.page_size
     }
 
-    /// Queues a tokenized request, or rejects one that can never run.
-    pub fn submit(&mut self, req: Request) -> Submitted {
+    /// Queues a tokenized request (returns its position, 1 is next), or
+    /// rejects one that can never run or that the full queue cannot take.
+    pub fn submit(&mut self, req: Job) -> Result<usize, RequestError> {
         if req.tokens.len() >= self.capacity() {
-            return Submitted::Rejected {
-                code: ErrorCode::ContextOverflow,
-                message: format!(
-                    "the prompt is {} tokens but the context holds {} (at least one must be left for the reply)",
-                    req.tokens.len(),
-                    self.capacity()
-                ),
-            };
+            return Err(RequestError::ContextOverflow {
+                prompt_tokens: req.tokens.len(),
+                capacity: self.capacity(),
+            });
         }
         if self.queue.len() >= self.cfg.queue_limit {
-            return Submitted::Rejected {
-                code: ErrorCode::Overloaded,
-                message: format!(
-                    "the server is busy: {} requests are already waiting",
-                    self.queue.len()
-                ),
-            };
+            return Err(RequestError::QueueFull {
+                waiting: self.queue.len(),
+            });
         }
-        let position = self.queue.len() + 1;
         self.queue.push_back(Waiting { req, reported: 0 });
-        Submitted::Queued { position }
+        Ok(self.queue.len())
     }
 
     /// Removes a waiting request; false if it is not waiting (already admitted).
-    pub fn cancel_queued(&mut self, key: JobKey) -> bool {
+    pub fn cancel_queued(&mut self, key: RequestKey) -> bool {
         let before = self.queue.len();
         self.queue.retain(|w| w.req.key != key);
         before != self.queue.len()
     }
 
     /// Waiting requests whose position is new or changed since they were last told.
-    pub fn position_updates(&mut self) -> Vec<(JobKey, usize)> {
+    pub fn position_updates(&mut self) -> Vec<(RequestKey, usize)> {
         let mut out = Vec::new();
         for (i, w) in self.queue.iter_mut().enumerate() {
             if w.reported != i + 1 {
@@ -177,7 +164,7 @@ impl Scheduler {
     }
 
     /// Admits waiting requests, in order, while slots and pages allow.
-    pub fn admit(&mut self) -> Vec<(Request, Admitted)> {
+    pub fn admit(&mut self) -> Vec<(Job, Admitted)> {
         let mut out = Vec::new();
         while self.active.len() < self.cfg.slots {
             let Some(head) = self.queue.pop_front() else {
@@ -194,7 +181,7 @@ impl Scheduler {
         out
     }
 
-    fn try_admit(&mut self, req: &Request) -> Option<Admitted> {
+    fn try_admit(&mut self, req: &Job) -> Option<Admitted> {
         let p = self.cfg.page_size;
         let limit = (req.tokens.len() + req.max_tokens).min(self.capacity());
         let need = self.kv.pages_for(limit);
@@ -267,7 +254,7 @@ impl Scheduler {
     /// A request ended; `decoded` are the tokens whose cells its sequence
     /// holds. Its whole pages become a prefix-cache entry (unless already
     /// cached), the rest is freed.
-    pub fn finish(&mut self, key: JobKey, decoded: &[Token]) -> Vec<MemOp> {
+    pub fn finish(&mut self, key: RequestKey, decoded: &[Token]) -> Vec<MemOp> {
         let Some(a) = self.active.remove(&key) else {
             return Vec::new();
         };
@@ -341,8 +328,8 @@ mod tests {
         })
     }
 
-    fn req(key: JobKey, tokens: Vec<Token>, max_tokens: usize) -> Request {
-        Request {
+    fn req(key: RequestKey, tokens: Vec<Token>, max_tokens: usize) -> Job {
+        Job {
             key,
             tokens,
             max_tokens,
@@ -357,12 +344,7 @@ mod tests {
     fn admits_in_order_and_queues_the_rest() {
         let mut s = sched(64, 2, 4);
         for k in 1..=3 {
-            assert_eq!(
-                s.submit(req(k, prompt(4, k as i32), 4)),
-                Submitted::Queued {
-                    position: k as usize
-                }
-            );
+            assert_eq!(s.submit(req(k, prompt(4, k as i32), 4)), Ok(k as usize));
         }
         let admitted = s.admit();
         assert_eq!(
@@ -381,34 +363,27 @@ mod tests {
     #[test]
     fn rejects_what_never_fits_and_a_full_queue() {
         let mut s = sched(16, 1, 1);
-        let Submitted::Rejected { code, message } = s.submit(req(1, prompt(16, 0), 1)) else {
-            panic!()
-        };
-        assert_eq!(code, ErrorCode::ContextOverflow);
-        assert!(message.contains("16 tokens") && message.contains("holds 16"));
+        assert_eq!(
+            s.submit(req(1, prompt(16, 0), 1)),
+            Err(RequestError::ContextOverflow {
+                prompt_tokens: 16,
+                capacity: 16
+            })
+        );
         for k in 0..3 {
-            assert!(matches!(
-                s.submit(req(k, prompt(2, 0), 1)),
-                Submitted::Queued { .. }
-            ));
+            assert!(s.submit(req(k, prompt(2, 0), 1)).is_ok());
         }
-        assert!(matches!(
+        assert_eq!(
             s.submit(req(9, prompt(2, 0), 1)),
-            Submitted::Rejected {
-                code: ErrorCode::Overloaded,
-                ..
-            }
-        ));
+            Err(RequestError::QueueFull { waiting: 3 })
+        );
     }
 
     #[test]
     fn a_pool_that_is_not_a_whole_number_of_pages_still_admits_the_largest_request() {
         let mut s = sched(30, 1, 1); // 7 whole pages of 4: 28 usable cells
-        assert!(matches!(
-            s.submit(req(1, prompt(28, 0), 1)),
-            Submitted::Rejected { .. }
-        ));
-        s.submit(req(2, prompt(27, 0), 100));
+        assert!(s.submit(req(1, prompt(28, 0), 1)).is_err());
+        s.submit(req(2, prompt(27, 0), 100)).unwrap();
         let (_, a) = s.admit().remove(0);
         assert_eq!(a.limit, 28);
     }
@@ -416,8 +391,8 @@ mod tests {
     #[test]
     fn waits_for_pages_then_runs() {
         let mut s = sched(32, 2, 0); // 8 pages
-        s.submit(req(1, prompt(10, 1), 10)); // 5 pages
-        s.submit(req(2, prompt(10, 2), 10)); // 5 pages: must wait
+        s.submit(req(1, prompt(10, 1), 10)).unwrap(); // 5 pages
+        s.submit(req(2, prompt(10, 2), 10)).unwrap(); // 5 pages: must wait
         assert_eq!(s.admit().len(), 1);
         assert!(s.admit().is_empty());
         s.finish(1, &prompt(12, 1));
@@ -429,7 +404,7 @@ mod tests {
     fn finished_prefix_is_reused_by_the_next_request() {
         let mut s = sched(64, 1, 4);
         let system = prompt(10, 7);
-        s.submit(req(1, system.clone(), 4));
+        s.submit(req(1, system.clone(), 4)).unwrap();
         let (_, a) = s.admit().remove(0);
         assert_eq!(a.cached_tokens, 0);
         // 10 prompt + 3 generated decoded: 3 whole pages are kept.
@@ -447,7 +422,7 @@ mod tests {
 
         let mut next = system.clone();
         next.extend([42, 43, 44]);
-        s.submit(req(2, next, 4));
+        s.submit(req(2, next, 4)).unwrap();
         let (_, b) = s.admit().remove(0);
         assert_eq!(b.cached_tokens, 8); // 10 shared tokens: 2 whole pages
         assert_eq!(
@@ -464,10 +439,10 @@ mod tests {
     #[test]
     fn the_whole_prompt_is_never_reused() {
         let mut s = sched(64, 1, 4);
-        s.submit(req(1, prompt(8, 1), 4));
+        s.submit(req(1, prompt(8, 1), 4)).unwrap();
         s.admit();
         s.finish(1, &prompt(8, 1));
-        s.submit(req(2, prompt(8, 1), 4));
+        s.submit(req(2, prompt(8, 1), 4)).unwrap();
         let (_, b) = s.admit().remove(0);
         assert_eq!(
             b.cached_tokens, 4,
@@ -479,7 +454,7 @@ mod tests {
     fn cached_prefixes_are_evicted_lru_only_when_pages_are_needed() {
         let mut s = sched(32, 1, 8); // 8 pages
         for k in 1..=3 {
-            s.submit(req(k, prompt(8, k as i32), 1));
+            s.submit(req(k, prompt(8, k as i32), 1)).unwrap();
             s.admit();
             s.finish(k, &prompt(8, k as i32));
         }
@@ -492,7 +467,7 @@ mod tests {
             }
         );
         // Needs 4 pages: the oldest entry (2 pages) goes, the others stay.
-        s.submit(req(9, prompt(15, 9), 1));
+        s.submit(req(9, prompt(15, 9), 1)).unwrap();
         let (_, a) = s.admit().remove(0);
         assert_eq!(a.ops, vec![MemOp::Remove { seq: 0, from: 0 }]);
         assert_eq!(s.usage().cached, 4);
@@ -512,14 +487,14 @@ mod tests {
         };
         for _round in 0..200 {
             let mut s = sched(128, 3, 5);
-            let mut running: Vec<(JobKey, Vec<Token>)> = Vec::new();
+            let mut running: Vec<(RequestKey, Vec<Token>)> = Vec::new();
             for key in 0..60u64 {
                 match next() % 5 {
                     0 | 1 => {
                         // Prompts drawn from a few families so prefixes repeat.
                         let family = (next() % 3) as i32;
                         let len = 1 + (next() % 40) as usize;
-                        s.submit(req(key, prompt(len, family), 1 + (next() % 30) as usize));
+                        let _ = s.submit(req(key, prompt(len, family), 1 + (next() % 30) as usize));
                     }
                     2 => {
                         if let Some(i) =

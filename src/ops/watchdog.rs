@@ -1,4 +1,4 @@
-//! Self-healing: the engine's heartbeat, the watchdog thread that ends the
+//! Self-healing: the watchdog thread that ends the
 //! process when the engine stalls, the slow-worker supervisor, and systemd's
 //! notification protocol (READY, WATCHDOG, STOPPING).
 //!
@@ -10,86 +10,18 @@
 //! is fresh, so a process too wedged to exit is killed by systemd.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
 use crate::config;
+use crate::core::EngineState;
 use crate::ops::Ops;
 
 /// Exit status after a stall (or a slow worker with `restart_on_slow`):
 /// EX_SOFTWARE from sysexits.h, distinct from 1 (start-up failure) and 2 (usage).
 pub const EXIT_STALL: i32 = 70;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum EngineState {
-    /// No work: blocked on its channel.
-    Idle = 0,
-    /// Work pending: must beat.
-    Busy = 1,
-    /// Idle and its context (maybe its model) released.
-    Parked = 2,
-    /// Re-creating what parking released.
-    Waking = 3,
-}
-
-impl EngineState {
-    pub fn name(self) -> &'static str {
-        crate::metrics::ENGINE_STATES[self as usize]
-    }
-}
-
-/// Written by the engine, read by the watchdog.
-pub struct Heartbeat {
-    origin: Instant,
-    last_ms: AtomicU64,
-    state: AtomicU8,
-    stalled: AtomicBool,
-}
-
-impl Default for Heartbeat {
-    fn default() -> Self {
-        Heartbeat {
-            origin: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            state: AtomicU8::new(EngineState::Idle as u8),
-            stalled: AtomicBool::new(false),
-        }
-    }
-}
-
-impl Heartbeat {
-    pub fn beat(&self) {
-        let now = self.origin.elapsed().as_millis() as u64;
-        self.last_ms.store(now, Ordering::Relaxed);
-    }
-
-    pub fn set_state(&self, state: EngineState) {
-        self.beat();
-        self.state.store(state as u8, Ordering::Relaxed);
-    }
-
-    pub fn state(&self) -> EngineState {
-        match self.state.load(Ordering::Relaxed) {
-            0 => EngineState::Idle,
-            1 => EngineState::Busy,
-            2 => EngineState::Parked,
-            _ => EngineState::Waking,
-        }
-    }
-
-    pub fn since_beat(&self) -> Duration {
-        let now = self.origin.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
-
-    /// Set by the watchdog: the reactor fails every request and exits.
-    pub fn stalled(&self) -> bool {
-        self.stalled.load(Ordering::Relaxed)
-    }
-}
 
 /// Test-only fault injection, off unless `INFERENCE_CORE_FAULT` is set:
 /// `stall_after_tokens:N` makes the engine hang (without beating) once it
@@ -126,14 +58,19 @@ impl Fault {
 
     /// Called for every sampled token; hangs forever once the fault triggers.
     pub fn on_token(&self) {
-        let Some(limit) = self.stall_after_tokens else {
-            return;
-        };
-        if self.tokens.fetch_add(1, Ordering::Relaxed) + 1 >= limit {
+        if self.triggered() {
             log::warn!("fault injection: the engine stalls now");
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
+        }
+    }
+
+    /// Counts a token; true once the configured number has been reached.
+    fn triggered(&self) -> bool {
+        match self.stall_after_tokens {
+            Some(limit) => self.tokens.fetch_add(1, Ordering::Relaxed) + 1 >= limit,
+            None => false,
         }
     }
 }
@@ -158,6 +95,7 @@ pub fn spawn(
     cfg: &config::Watchdog,
     ops: Arc<Ops>,
     wake: impl Fn() + Send + 'static,
+    exit_now: ExitNow,
 ) -> std::io::Result<()> {
     let cfg = cfg.clone();
     let stall = Duration::from_secs_f64(cfg.stall_s);
@@ -181,7 +119,7 @@ pub fn spawn(
                         lag.as_secs_f64()
                     );
                     ops.metrics.stalls.fetch_add(1, Ordering::Relaxed);
-                    restart(&ops, &wake);
+                    restart(&ops, &wake, exit_now);
                 }
                 if let Some(period) = systemd
                     && last_ping.elapsed() >= period
@@ -203,7 +141,7 @@ pub fn spawn(
                             cfg.min_tps
                         );
                         if cfg.restart_on_slow {
-                            restart(&ops, &wake);
+                            restart(&ops, &wake, exit_now);
                         }
                     }
                 }
@@ -214,13 +152,19 @@ pub fn spawn(
 
 /// Hands over to the reactor (which fails every request and exits); exits
 /// from here if the reactor does not manage within two seconds.
-fn restart(ops: &Ops, wake: &dyn Fn()) -> ! {
-    ops.heartbeat.stalled.store(true, Ordering::Relaxed);
+fn restart(ops: &Ops, wake: &dyn Fn(), exit_now: ExitNow) -> ! {
+    ops.heartbeat.mark_stalled();
     wake();
     std::thread::sleep(Duration::from_secs(2));
     log::error!("watchdog: the reactor did not exit: exiting now");
-    crate::llama::exit_now(EXIT_STALL)
+    exit_now(EXIT_STALL)
 }
+
+/// Ends the process at once with a status, without running exit handlers:
+/// the engine thread may be stuck inside llama.cpp holding its locks, and the
+/// C++ static destructors that `exit` runs could then wait forever. The app
+/// passes `engine::llama::exit_now` (`_exit`, in the FFI module).
+pub type ExitNow = fn(i32) -> !;
 
 /// The slow-worker supervisor's measuring window: it only spans time in
 /// which the engine was busy and not thermally throttled.
@@ -260,24 +204,21 @@ mod tests {
     #[test]
     fn fault_spec_is_parsed_and_off_by_default() {
         assert_eq!(Fault::parse("").stall_after_tokens, None);
+        assert_eq!(Fault::parse("explode").stall_after_tokens, None);
         assert_eq!(
             Fault::parse("stall_after_tokens:5").stall_after_tokens,
             Some(5)
         );
-        assert_eq!(Fault::parse("explode").stall_after_tokens, None);
-        Fault::parse("").on_token(); // returns
     }
 
     #[test]
-    fn heartbeat_tracks_state_and_age() {
-        let hb = Heartbeat::default();
-        hb.set_state(EngineState::Busy);
-        assert_eq!(hb.state(), EngineState::Busy);
-        assert!(hb.since_beat() < Duration::from_millis(50));
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(hb.since_beat() >= Duration::from_millis(20));
-        hb.beat();
-        assert!(hb.since_beat() < Duration::from_millis(20));
-        assert_eq!(EngineState::Parked.name(), "parked");
+    fn the_fault_triggers_at_the_nth_token_and_never_without_one() {
+        let off = Fault::parse("");
+        assert!((0..100).all(|_| !off.triggered()));
+        let fault = Fault::parse("stall_after_tokens:3");
+        assert_eq!(
+            (0..3).map(|_| fault.triggered()).collect::<Vec<_>>(),
+            [false, false, true]
+        );
     }
 }

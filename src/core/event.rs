@@ -1,0 +1,36 @@
+//! What the engine tells the server about a request.
+
+use super::{FinishReason, RequestError, RequestKey, Stats};
+
+#[derive(Debug)]
+pub enum Event {
+    /// The request waits for a slot or KV pages; `position` 1 is next.
+    Queued { key: RequestKey, position: usize },
+    /// Text that may be sent (complete UTF-8, no part of a stop string), and
+    /// the probability the model gave the token that ended it.
+    Token {
+        key: RequestKey,
+        text: String,
+        prob: f32,
+    },
+    /// The request ended normally (including an abort).
+    End {
+        key: RequestKey,
+        reason: FinishReason,
+        stats: Stats,
+    },
+    /// The request failed; nothing more comes for it.
+    Error {
+        key: RequestKey,
+        error: RequestError,
+    },
+    /// The engine has ended every request and is exiting.
+    Stopped,
+}
+
+impl Event {
+    /// Whether this is the last event of its request.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Event::End { .. } | Event::Error { .. })
+    }
+}

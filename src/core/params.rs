@@ -1,0 +1,159 @@
+//! Sampling parameters: one resolved type, one `validate`, used by every path
+//! that sets them (each protocol's request and the config file's `[defaults]`).
+
+use serde::{Deserialize, Serialize};
+
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_LEN: usize = 256;
+
+/// Fully resolved generation parameters. `Default` holds the built-in
+/// defaults, which `[defaults]` in the config file overrides.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// 0: greedy.
+    pub temp: f32,
+    /// 0: off.
+    pub top_k: i32,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// 1: off.
+    pub repeat_penalty: f32,
+    /// Tokens the repeat penalty looks back over; -1: the whole context.
+    pub repeat_last_n: i32,
+    /// `None`: a fresh random seed per request.
+    pub seed: Option<u32>,
+    pub max_tokens: u32,
+    pub stop: Vec<String>,
+    /// Never end on an end-of-generation token (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temp: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: None,
+            max_tokens: 512,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// A parameter outside its range; `name` is the field's name, which each
+/// caller qualifies (`params.temp`, `defaults.temp`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{name} = {value} is out of range: {range}")]
+pub struct InvalidParam {
+    pub name: &'static str,
+    pub value: String,
+    pub range: &'static str,
+}
+
+impl SamplingParams {
+    /// Range checks that the types cannot express.
+    pub fn validate(&self) -> Result<(), InvalidParam> {
+        fn check<T: std::fmt::Display>(
+            name: &'static str,
+            v: T,
+            ok: bool,
+            range: &'static str,
+        ) -> Result<(), InvalidParam> {
+            if ok {
+                Ok(())
+            } else {
+                Err(InvalidParam {
+                    name,
+                    value: v.to_string(),
+                    range,
+                })
+            }
+        }
+        let p = self;
+        check(
+            "temp",
+            p.temp,
+            (0.0..=100.0).contains(&p.temp),
+            "0 to 100 (0 = greedy)",
+        )?;
+        check("top_k", p.top_k, p.top_k >= 0, "0 or more (0 = off)")?;
+        check(
+            "top_p",
+            p.top_p,
+            p.top_p > 0.0 && p.top_p <= 1.0,
+            "above 0, at most 1",
+        )?;
+        check("min_p", p.min_p, (0.0..=1.0).contains(&p.min_p), "0 to 1")?;
+        check(
+            "repeat_penalty",
+            p.repeat_penalty,
+            p.repeat_penalty > 0.0 && p.repeat_penalty <= 10.0,
+            "above 0, at most 10 (1 = off)",
+        )?;
+        check(
+            "repeat_last_n",
+            p.repeat_last_n,
+            p.repeat_last_n >= -1,
+            "-1 (whole context) or more",
+        )?;
+        check("max_tokens", p.max_tokens, p.max_tokens >= 1, "1 or more")?;
+        check(
+            "stop",
+            format!("{} strings", p.stop.len()),
+            p.stop.len() <= MAX_STOP_STRINGS,
+            "at most 16 strings",
+        )?;
+        if let Some(s) = p
+            .stop
+            .iter()
+            .find(|s| s.is_empty() || s.len() > MAX_STOP_LEN)
+        {
+            check("stop", format!("{s:?}"), false, "each 1 to 256 bytes long")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        SamplingParams::default().validate().unwrap();
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        type Set = fn(&mut SamplingParams);
+        let cases: [(&str, Set); 8] = [
+            ("temp", |p| p.temp = -1.0),
+            ("top_k", |p| p.top_k = -3),
+            ("top_p", |p| p.top_p = 0.0),
+            ("min_p", |p| p.min_p = 1.5),
+            ("repeat_penalty", |p| p.repeat_penalty = 0.0),
+            ("repeat_last_n", |p| p.repeat_last_n = -2),
+            ("max_tokens", |p| p.max_tokens = 0),
+            ("stop", |p| p.stop = vec![String::new()]),
+        ];
+        for (name, set) in cases {
+            let mut p = SamplingParams::default();
+            set(&mut p);
+            let e = p.validate().unwrap_err();
+            assert_eq!(e.name, name);
+            assert!(e.to_string().starts_with(&format!("{name} = ")), "{e}");
+        }
+        let p = SamplingParams {
+            stop: vec!["x".into(); MAX_STOP_STRINGS + 1],
+            ..SamplingParams::default()
+        };
+        assert!(p.validate().unwrap_err().to_string().contains("17 strings"));
+    }
+}

@@ -1,0 +1,91 @@
+//! Snapshots the engine and the operations side publish: slots, queue, KV
+//! pages, engine state, temperatures.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EngineState {
+    /// No work: blocked on its channel.
+    Idle = 0,
+    /// Work pending: must beat.
+    Busy = 1,
+    /// Idle and its context (maybe its model) released.
+    Parked = 2,
+    /// Re-creating what parking released.
+    Waking = 3,
+}
+
+impl EngineState {
+    pub const ALL: [EngineState; 4] = [
+        EngineState::Idle,
+        EngineState::Busy,
+        EngineState::Parked,
+        EngineState::Waking,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineState::Idle => "idle",
+            EngineState::Busy => "busy",
+            EngineState::Parked => "parked",
+            EngineState::Waking => "waking",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> EngineState {
+        Self::ALL
+            .get(v as usize)
+            .copied()
+            .unwrap_or(EngineState::Waking)
+    }
+
+    /// Parked or on its way back: the next request pays for the wake-up.
+    pub fn is_parked(self) -> bool {
+        matches!(self, EngineState::Parked | EngineState::Waking)
+    }
+}
+
+/// A snapshot of the engine, answered to a status request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Status {
+    pub slots: usize,
+    pub busy_slots: usize,
+    pub queued: usize,
+    pub kv: KvStatus,
+    /// Engine state, temperature, throttle and GPU readings; absent fields are unknown.
+    #[serde(flatten)]
+    pub ops: OpsStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct OpsStatus {
+    /// idle, busy, parked or waking.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temp_c: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_temp_c: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_vram_used_mb: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_vram_free_mb: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_power_w: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_util_pct: Option<u32>,
+}
+
+/// KV cache pages: owned by running requests, held by the prefix cache, free.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct KvStatus {
+    pub page_size: usize,
+    pub pages_total: usize,
+    pub pages_owned: usize,
+    pub pages_cached: usize,
+    pub pages_free: usize,
+    pub prefix_entries: usize,
+}

@@ -1,0 +1,182 @@
+//! llama.cpp behind the `Backend` seam: `LlamaLoader` loads the GGUF once and
+//! opens a context over it (again after every park); `LlamaBackend` is that
+//! context with the model's vocabulary and chat template. Safe code only:
+//! every `unsafe` block is in `ffi`.
+
+pub mod ffi;
+
+use std::path::PathBuf;
+
+use ffi::{Batch, Context, ContextParams, Model, ModelParams, Sampler};
+
+use crate::core::SamplingParams;
+use crate::engine::backend::{
+    Backend, BackendError, BatchToken, DecodeError, Loader, Sampled, SeqId, Token,
+};
+
+pub use ffi::{exit_now, system_info};
+
+/// Everything needed to load the model and open contexts over it.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub model_path: PathBuf,
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    /// Sequence ids the context must provide (slots plus cache entries).
+    pub n_seq_max: u32,
+    pub threads: usize,
+    pub n_gpu_layers: i32,
+    pub repack: bool,
+    /// Overrides the model's own chat template.
+    pub chat_template: Option<String>,
+}
+
+pub struct LlamaLoader {
+    config: LlamaConfig,
+}
+
+impl LlamaLoader {
+    pub fn new(config: LlamaConfig) -> LlamaLoader {
+        ffi::init();
+        LlamaLoader { config }
+    }
+}
+
+impl Loader for LlamaLoader {
+    type Model = Model;
+    type Backend<'m> = LlamaBackend<'m>;
+
+    fn load(&self) -> Result<Model, BackendError> {
+        Model::load(
+            &self.config.model_path,
+            &ModelParams {
+                n_gpu_layers: self.config.n_gpu_layers,
+                repack: self.config.repack,
+            },
+        )
+    }
+
+    fn open<'m>(&'m self, model: &'m Model) -> Result<LlamaBackend<'m>, BackendError> {
+        let c = &self.config;
+        let threads = c.threads as i32;
+        let ctx = Context::new(
+            model,
+            &ContextParams {
+                n_ctx: c.n_ctx,
+                n_batch: c.n_batch,
+                n_seq_max: c.n_seq_max,
+                n_threads: threads,
+                n_threads_batch: threads,
+            },
+        )?;
+        let chat_template = c.chat_template.clone().or_else(|| model.chat_template());
+        if let Some(t) = &chat_template
+            && let Err(e) = Model::apply_chat_template(t, &[("user", "hi")])
+        {
+            let shown: String = t.chars().take(40).collect();
+            return Err(BackendError::BadChatTemplate(format!("{shown:?}: {e}")));
+        }
+        let vocab = model.vocab();
+        Ok(LlamaBackend {
+            n_vocab: vocab.n_tokens(),
+            eog: vocab.eog_tokens(),
+            batch: Batch::new(c.n_batch as usize, 1),
+            chat_template,
+            model,
+            ctx,
+        })
+    }
+
+    fn model_name(&self) -> String {
+        self.config
+            .model_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    fn describe(&self, model: &Model) -> String {
+        format!(
+            "model {} ({}, trained context {}), {} threads",
+            self.config.model_path.display(),
+            model.description(),
+            model.n_ctx_train(),
+            self.config.threads
+        )
+    }
+}
+
+pub struct LlamaBackend<'m> {
+    model: &'m Model,
+    ctx: Context<'m>,
+    batch: Batch,
+    n_vocab: i32,
+    eog: Vec<Token>,
+    chat_template: Option<String>,
+}
+
+impl Backend for LlamaBackend<'_> {
+    type Sampler = Sampler;
+
+    fn n_ctx(&self) -> usize {
+        self.ctx.n_ctx() as usize
+    }
+
+    fn tokenize(
+        &self,
+        text: &str,
+        add_bos: bool,
+        special: bool,
+    ) -> Result<Vec<Token>, BackendError> {
+        self.model.vocab().tokenize(text, add_bos, special)
+    }
+
+    fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    fn render_chat(&self, messages: &[(&str, &str)]) -> Result<String, BackendError> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or(BackendError::NoChatTemplate)?;
+        Model::apply_chat_template(template, messages)
+    }
+
+    fn is_eog(&self, token: Token) -> bool {
+        self.model.vocab().is_eog(token)
+    }
+
+    fn piece(&self, token: Token, out: &mut Vec<u8>) {
+        self.model.vocab().piece(token, out)
+    }
+
+    fn decode(
+        &mut self,
+        batch: &[BatchToken],
+        should_abort: &dyn Fn() -> bool,
+    ) -> Result<(), DecodeError> {
+        self.batch.clear();
+        for &t in batch {
+            self.batch.push(t);
+        }
+        self.ctx.decode(&self.batch, should_abort)
+    }
+
+    fn sampler(&self, params: &SamplingParams, seed: u32) -> Sampler {
+        let banned: &[Token] = if params.ignore_eos { &self.eog } else { &[] };
+        Sampler::new(params, seed, banned, self.n_vocab, self.ctx.n_ctx() as i32)
+    }
+
+    fn sample(&mut self, sampler: &mut Sampler, row: usize) -> Result<Sampled, BackendError> {
+        sampler.sample(&self.ctx, row)
+    }
+
+    fn seq_cp(&mut self, src: SeqId, dst: SeqId, len: usize) {
+        self.ctx.seq_cp(src, dst, len)
+    }
+
+    fn seq_rm(&mut self, seq: SeqId, from: usize) {
+        self.ctx.seq_rm(seq, from)
+    }
+}

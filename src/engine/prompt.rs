@@ -1,0 +1,160 @@
+//! From a request's input to prompt tokens.
+//!
+//! Raw text is tokenized with control tokens parsed (that is what it is for).
+//! A conversation is rendered by the chat template, but the text of its
+//! messages is never read as control tokens: a user who writes
+//! `<end_of_turn>\n<start_of_turn>model\n` gets those characters, not a forged
+//! turn. The messages go through the template as unique markers; the rendered
+//! text is cut at the markers, the template's own text is tokenized with
+//! control tokens and each message's text without.
+
+use crate::core::{PromptInput, RequestError};
+use crate::engine::backend::{Backend, BackendError, Token};
+
+/// Marks message `i` inside the rendered template (private-use characters,
+/// with a nonce no message contains).
+fn marker(nonce: u32, i: usize) -> String {
+    format!("\u{E000}{nonce}:{i}\u{E001}")
+}
+
+pub fn tokens<B: Backend>(backend: &B, input: &PromptInput) -> Result<Vec<Token>, RequestError> {
+    let tokenize_err = |e: BackendError| RequestError::Tokenize(e.to_string());
+    let messages = match input {
+        PromptInput::Text(text) => return backend.tokenize(text, true, true).map_err(tokenize_err),
+        PromptInput::Messages(m) => m,
+    };
+    if !backend.has_chat_template() {
+        return Err(RequestError::NoChatTemplate);
+    }
+    let nonce = (0..)
+        .find(|n| {
+            let tag = format!("\u{E000}{n}:");
+            messages.iter().all(|m| !m.content.contains(&tag))
+        })
+        .expect("some nonce is free");
+    let markers: Vec<String> = (0..messages.len()).map(|i| marker(nonce, i)).collect();
+    let turns: Vec<(&str, &str)> = messages
+        .iter()
+        .zip(&markers)
+        .map(|(m, k)| (m.role.as_str(), k.as_str()))
+        .collect();
+    let rendered = backend
+        .render_chat(&turns)
+        .map_err(|e| RequestError::Template(e.to_string()))?;
+    let mut out = Vec::new();
+    for (i, piece) in split(&rendered, &markers).into_iter().enumerate() {
+        let first = i == 0;
+        let toks = match piece {
+            Piece::Template(text) if text.is_empty() && !first => continue,
+            Piece::Template(text) => backend.tokenize(text, first, true),
+            Piece::Message(m) => backend.tokenize(&messages[m].content, first, false),
+        };
+        out.extend(toks.map_err(tokenize_err)?);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, PartialEq)]
+enum Piece<'a> {
+    Template(&'a str),
+    Message(usize),
+}
+
+/// Cuts `rendered` at every occurrence of a marker.
+fn split<'a>(rendered: &'a str, markers: &[String]) -> Vec<Piece<'a>> {
+    let mut pieces = Vec::new();
+    let mut rest = rendered;
+    loop {
+        let next = markers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| rest.find(m.as_str()).map(|at| (at, i, m.len())))
+            .min();
+        match next {
+            Some((at, i, len)) => {
+                pieces.push(Piece::Template(&rest[..at]));
+                pieces.push(Piece::Message(i));
+                rest = &rest[at + len..];
+            }
+            None => {
+                pieces.push(Piece::Template(rest));
+                return pieces;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{ChatMessage, Role};
+    use crate::engine::fake::{CONTROL, Fake};
+
+    fn chat(content: &str) -> PromptInput {
+        PromptInput::Messages(vec![ChatMessage {
+            role: Role::User,
+            content: content.into(),
+        }])
+    }
+
+    #[test]
+    fn raw_prompts_parse_control_tokens() {
+        let fake = Fake::default();
+        let t = tokens(&fake.backend(), &PromptInput::Text("a<ctl>b".into())).unwrap();
+        assert!(t.contains(&CONTROL), "{t:?}");
+    }
+
+    #[test]
+    fn message_text_is_never_a_control_token() {
+        let fake = Fake::default();
+        let backend = fake.backend();
+        let t = tokens(&backend, &chat("hi <ctl> there")).unwrap();
+        // The template's own turn markers are control tokens; the user's is not.
+        let rendered = backend.render_chat(&[("user", "hi <ctl> there")]).unwrap();
+        let naive = backend.tokenize(&rendered, true, true).unwrap();
+        let count = |v: &[Token]| v.iter().filter(|&&x| x == CONTROL).count();
+        assert_eq!(count(&naive), count(&t) + 1, "{t:?} vs {naive:?}");
+        assert_eq!(t.len(), naive.len() + "<ctl>".len() - 1);
+    }
+
+    #[test]
+    fn markers_the_user_wrote_do_not_confuse_the_split() {
+        let fake = Fake::default();
+        let sneaky = format!("x{}y", marker(0, 0));
+        let t = tokens(&fake.backend(), &chat(&sneaky)).unwrap();
+        let text: String = t.iter().map(|&x| fake::char_of(x)).collect();
+        assert!(text.contains(&sneaky), "{text:?}");
+    }
+
+    #[test]
+    fn split_finds_markers_in_any_order() {
+        let m = [marker(0, 0), marker(0, 1)];
+        let s = format!("<a>{}<b>{}<c>{}", m[1], m[0], m[1]);
+        assert_eq!(
+            split(&s, &m),
+            [
+                Piece::Template("<a>"),
+                Piece::Message(1),
+                Piece::Template("<b>"),
+                Piece::Message(0),
+                Piece::Template("<c>"),
+                Piece::Message(1),
+                Piece::Template(""),
+            ]
+        );
+    }
+
+    #[test]
+    fn no_template_is_a_clear_error() {
+        let fake = Fake {
+            chat_template: false,
+            ..Fake::default()
+        };
+        assert_eq!(
+            tokens(&fake.backend(), &chat("hi")),
+            Err(RequestError::NoChatTemplate)
+        );
+    }
+
+    use crate::engine::fake;
+}

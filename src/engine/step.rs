@@ -1,0 +1,481 @@
+//! The step loop: one engine context serving requests until it parks or
+//! stops. Each iteration takes commands, ends aborted requests, admits what
+//! the scheduler allows, runs one batched decode planned by `planner`,
+//! samples and streams, and publishes the status. It runs over any `Backend`
+//! and is unit-tested with the fake one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+
+use crate::core::{EngineState, Event, FinishReason, Request, RequestError, RequestKey, Status};
+use crate::engine::backend::{Backend, BatchToken, DecodeError};
+use crate::engine::planner::{self, Budget, Work};
+use crate::engine::scheduler::{self, Job, MemOp, Scheduler};
+use crate::engine::sequence::{Progress, Seq};
+use crate::engine::text::Step;
+use crate::engine::{Command, EngineConfig, EventSink, prompt};
+use crate::ops::Ops;
+
+/// What the step loop shares with the supervisor and the server.
+pub struct Io {
+    pub sink: EventSink,
+    pub commands: Receiver<Command>,
+    /// Set on shutdown: aborts the running decode at once.
+    pub shutdown: Arc<AtomicBool>,
+    pub status: Arc<Mutex<Status>>,
+    pub ops: Arc<Ops>,
+}
+
+/// Why `serve` returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    Stopped,
+    /// Idle for `idle.park_after_s`: release the context until the next request.
+    Park,
+}
+
+/// How a request ended, before it becomes an event.
+enum Outcome {
+    End(FinishReason),
+    Error(RequestError),
+}
+
+pub struct Engine<'a, B: Backend> {
+    backend: B,
+    io: &'a Io,
+    cfg: &'a EngineConfig,
+    scheduler: Scheduler,
+    /// Admitted sequences, in admission order (prefill goes first-come first-served).
+    active: Vec<Seq<B::Sampler>>,
+    /// Requests the scheduler holds in its queue.
+    waiting: HashMap<RequestKey, Request>,
+    batch: Vec<BatchToken>,
+    stopping: bool,
+}
+
+impl<'a, B: Backend> Engine<'a, B> {
+    /// A fresh engine over a fresh context: its KV bookkeeping and prefix
+    /// cache describe that context, which starts empty.
+    pub fn new(backend: B, cfg: &'a EngineConfig, io: &'a Io) -> Self {
+        let scheduler = Scheduler::new(scheduler::Config {
+            n_ctx: backend.n_ctx(),
+            page_size: cfg.page_size,
+            slots: cfg.slots,
+            cache_entries: cfg.cache_entries,
+            queue_limit: cfg.queue_limit,
+        });
+        let engine = Engine {
+            backend,
+            io,
+            cfg,
+            scheduler,
+            active: Vec::new(),
+            waiting: HashMap::new(),
+            batch: Vec::with_capacity(cfg.n_batch),
+            stopping: false,
+        };
+        engine.publish();
+        engine
+    }
+
+    pub fn serve(&mut self) -> Exit {
+        let ops = &self.io.ops;
+        loop {
+            if self.active.is_empty() && self.waiting.is_empty() && !self.stopping {
+                ops.set_state(EngineState::Idle);
+                let command = match ops.park_after() {
+                    Some(after) => match self.io.commands.recv_timeout(after) {
+                        Err(RecvTimeoutError::Timeout) => return Exit::Park,
+                        other => other.ok(),
+                    },
+                    None => self.io.commands.recv().ok(),
+                };
+                self.take(command);
+                ops.set_state(EngineState::Busy);
+            }
+            self.poll_commands();
+            self.thermal_pause();
+            if self.stopping {
+                self.fail_all(RequestError::ShuttingDown);
+                return Exit::Stopped;
+            }
+            self.reap_cancelled();
+            self.admit();
+            if self.active.is_empty() && !self.waiting.is_empty() {
+                // Nothing can start yet (cannot happen with a consistent pool, but
+                // never spin): wait for a command, or re-check cancellations soon.
+                self.wait_command(Duration::from_millis(50));
+            } else {
+                self.step();
+            }
+            self.publish();
+            self.io.sink.wake();
+            ops.beat();
+        }
+    }
+
+    /// Acts on one command; `None` means the server is gone.
+    fn take(&mut self, command: Option<Command>) {
+        match command {
+            Some(Command::Infer(req)) => self.submit(*req),
+            Some(Command::Shutdown) | None => {
+                self.stopping = true;
+                self.io.shutdown.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes every pending command without blocking.
+    fn poll_commands(&mut self) {
+        while !self.stopping {
+            match self.io.commands.try_recv() {
+                Ok(command) => self.take(Some(command)),
+                Err(TryRecvError::Disconnected) => self.take(None),
+                Err(TryRecvError::Empty) => return,
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a command, keeping the heartbeat going.
+    fn wait_command(&mut self, timeout: Duration) {
+        self.io.ops.beat();
+        match self.io.commands.recv_timeout(timeout) {
+            Ok(command) => self.take(Some(command)),
+            Err(RecvTimeoutError::Disconnected) => self.take(None),
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+
+    /// While the thermal throttle is on, no step starts; commands, aborts and
+    /// shutdown are still served and the heartbeat goes on.
+    fn thermal_pause(&mut self) {
+        while self.io.ops.throttled()
+            && !self.stopping
+            && !(self.active.is_empty() && self.waiting.is_empty())
+        {
+            self.reap_cancelled();
+            self.publish();
+            self.io.sink.wake();
+            self.wait_command(Duration::from_millis(50));
+        }
+    }
+
+    fn publish(&self) {
+        let snapshot = self.scheduler.status();
+        *self.io.status.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
+    }
+
+    /// Tokenizes a request and queues it with the scheduler.
+    pub fn submit(&mut self, req: Request) {
+        let mut progress = Progress::new(req.received);
+        let tokens = match prompt::tokens(&self.backend, &req.input) {
+            Ok(t) => t,
+            Err(e) => return self.report(&req, Outcome::Error(e), &progress),
+        };
+        progress.prompt_tokens = tokens.len();
+        if req.max_prompt_tokens > 0 && tokens.len() > req.max_prompt_tokens {
+            let e = RequestError::PromptTooLong {
+                prompt_tokens: tokens.len(),
+                max: req.max_prompt_tokens,
+            };
+            return self.report(&req, Outcome::Error(e), &progress);
+        }
+        let job = Job {
+            key: req.key,
+            tokens,
+            max_tokens: req.params.max_tokens as usize,
+        };
+        match self.scheduler.submit(job) {
+            Ok(_) => {
+                self.waiting.insert(req.key, req);
+            }
+            Err(e) => self.report(&req, Outcome::Error(e), &progress),
+        }
+    }
+
+    /// Ends aborted requests, waiting or running, before the next step.
+    fn reap_cancelled(&mut self) {
+        let cancelled: Vec<RequestKey> = self
+            .waiting
+            .values()
+            .filter(|r| r.cancelled())
+            .map(|r| r.key)
+            .collect();
+        for key in cancelled {
+            self.scheduler.cancel_queued(key);
+            let req = self.waiting.remove(&key).expect("listed above");
+            let progress = Progress::new(req.received);
+            self.report(&req, Outcome::End(FinishReason::Abort), &progress);
+        }
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].req.cancelled() {
+                self.finish(i, Outcome::End(FinishReason::Abort));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Starts every request the scheduler admits and tells the others their place.
+    fn admit(&mut self) {
+        for (job, admitted) in self.scheduler.admit() {
+            let req = self
+                .waiting
+                .remove(&job.key)
+                .expect("admitted requests are waiting");
+            self.apply(&admitted.ops);
+            let seed = req.params.seed.unwrap_or_else(random_seed);
+            let mut progress = Progress::new(req.received);
+            progress.prompt_tokens = job.tokens.len();
+            progress.cached_tokens = admitted.cached_tokens;
+            self.active.push(Seq {
+                sampler: self.backend.sampler(&req.params, seed),
+                stream: crate::engine::text::TextStream::new(req.params.stop.clone()),
+                id: admitted.seq,
+                decoded: job.tokens[..admitted.cached_tokens].to_vec(),
+                prompt: job.tokens,
+                pending: None,
+                limit: admitted.limit,
+                progress,
+                work: Work::Idle,
+                row: None,
+                req,
+            });
+        }
+        for (key, position) in self.scheduler.position_updates() {
+            self.io.sink.send(Event::Queued { key, position });
+        }
+    }
+
+    fn apply(&mut self, ops: &[MemOp]) {
+        for op in ops {
+            match *op {
+                MemOp::Copy { src, dst, len } => self.backend.seq_cp(src, dst, len),
+                MemOp::Remove { seq, from } => self.backend.seq_rm(seq, from),
+            }
+        }
+    }
+
+    /// Fills the batch with the planned work of every sequence.
+    fn build_batch(&mut self) {
+        let views: Vec<_> = self.active.iter().map(Seq::view).collect();
+        let budget = Budget {
+            batch: self.cfg.n_batch,
+            prefill_chunk: self.cfg.prefill_chunk,
+        };
+        self.batch.clear();
+        for (s, work) in self.active.iter_mut().zip(planner::plan(&views, budget)) {
+            s.work = work;
+            s.row = None;
+            match work {
+                Work::Idle => {}
+                Work::Decode => {
+                    s.row = Some(self.batch.len());
+                    self.batch.push(BatchToken {
+                        token: s.pending.expect("a decoding sequence has a token"),
+                        pos: s.decoded.len(),
+                        seq: s.id,
+                        output: true,
+                    });
+                }
+                Work::Prefill(n) => {
+                    let start = s.decoded.len();
+                    for pos in start..start + n {
+                        let last = pos + 1 == s.prompt.len();
+                        if last {
+                            s.row = Some(self.batch.len());
+                        }
+                        self.batch.push(BatchToken {
+                            token: s.prompt[pos],
+                            pos,
+                            seq: s.id,
+                            output: last,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// One decode of the planned batch, then sampling for every row.
+    fn step(&mut self) {
+        self.build_batch();
+        if self.batch.is_empty() {
+            return;
+        }
+        let in_batch = |s: &Seq<B::Sampler>| s.work != Work::Idle;
+        let result = loop {
+            let flags: Vec<Arc<AtomicBool>> = self
+                .active
+                .iter()
+                .filter(|s| in_batch(s))
+                .map(|s| s.req.cancel.clone())
+                .collect();
+            let shutdown = &self.io.shutdown;
+            let ops = &self.io.ops;
+            // One client's abort must not throw away the others' work: only
+            // interrupt a decode in which every sequence was aborted.
+            let should_abort = || {
+                ops.beat(); // polled between graph nodes: a long decode is not a stall
+                shutdown.load(Ordering::Relaxed) || flags.iter().all(|f| f.load(Ordering::Relaxed))
+            };
+            match self.backend.decode(&self.batch, &should_abort) {
+                Err(DecodeError::NoKvSlot) => match self.scheduler.evict_lru() {
+                    Some(op) => {
+                        log::warn!(
+                            "llama.cpp found no KV slot: evicting a cached prefix and retrying"
+                        );
+                        self.apply(&[op]);
+                    }
+                    None => break Err(DecodeError::NoKvSlot),
+                },
+                other => break other,
+            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(DecodeError::Aborted) => return, // reap_cancelled or shutdown ends them
+            Err(e) => {
+                log::error!("llama_decode failed: {e}");
+                while let Some(i) = self.active.iter().position(in_batch) {
+                    let error = RequestError::EngineFailed(e.to_string());
+                    self.finish(i, Outcome::Error(error));
+                }
+                return;
+            }
+        }
+        let mut i = 0;
+        while i < self.active.len() {
+            let s = &mut self.active[i];
+            s.advance();
+            s.work = Work::Idle;
+            match s.row.take().and_then(|row| self.on_output(i, row)) {
+                Some(outcome) => self.finish(i, outcome),
+                None => i += 1,
+            }
+        }
+    }
+
+    /// Samples sequence `i`'s next token from batch row `row` and streams its
+    /// text; returns how the request ended, if it did.
+    fn on_output(&mut self, i: usize, row: usize) -> Option<Outcome> {
+        let s = &mut self.active[i];
+        let t0 = Instant::now();
+        let sampled = match self.backend.sample(&mut s.sampler, row) {
+            Ok(x) => x,
+            Err(e) => return Some(Outcome::Error(RequestError::EngineFailed(e.to_string()))),
+        };
+        s.progress.sampling += t0.elapsed();
+        s.progress.first_token.get_or_insert_with(Instant::now);
+        let (key, prob) = (s.req.key, sampled.prob);
+        if self.backend.is_eog(sampled.token) {
+            let text = s.stream.finish();
+            self.send_text(key, text, prob);
+            return Some(Outcome::End(FinishReason::Eos));
+        }
+        s.progress.completion_tokens += 1;
+        self.io.ops.on_token();
+        let mut bytes = Vec::with_capacity(16);
+        self.backend.piece(sampled.token, &mut bytes);
+        let (text, stopped) = match s.stream.push(&bytes) {
+            Step::Emit(text) => (text, false),
+            Step::Stop(text) => (text, true),
+        };
+        let done = s.progress.completion_tokens >= s.req.params.max_tokens as usize
+            || s.decoded.len() >= s.limit;
+        let tail = if done && !stopped {
+            s.stream.finish()
+        } else {
+            String::new()
+        };
+        s.pending = Some(sampled.token);
+        self.send_text(key, text + &tail, prob);
+        if stopped {
+            Some(Outcome::End(FinishReason::Stop))
+        } else if done {
+            Some(Outcome::End(FinishReason::Length))
+        } else {
+            None
+        }
+    }
+
+    fn send_text(&self, key: RequestKey, text: String, prob: f32) {
+        if !text.is_empty() {
+            self.io.sink.send(Event::Token { key, text, prob });
+        }
+    }
+
+    /// Ends active sequence `i`: its KV pages go back to the scheduler (whole
+    /// pages of a cleanly ended request stay as a cached prefix).
+    fn finish(&mut self, i: usize, outcome: Outcome) {
+        let s = self.active.remove(i);
+        let keep: &[_] = match outcome {
+            Outcome::End(_) => &s.decoded,
+            Outcome::Error(..) => &[],
+        };
+        let ops = self.scheduler.finish(s.req.key, keep);
+        self.apply(&ops);
+        debug_assert!(
+            self.scheduler.check().is_ok(),
+            "{:?}",
+            self.scheduler.check()
+        );
+        self.report(&s.req, outcome, &s.progress);
+    }
+
+    /// Ends every request, running or waiting, with `error`.
+    fn fail_all(&mut self, error: RequestError) {
+        while !self.active.is_empty() {
+            self.finish(0, Outcome::Error(error.clone()));
+        }
+        for (key, req) in std::mem::take(&mut self.waiting) {
+            self.scheduler.cancel_queued(key);
+            let progress = Progress::new(req.received);
+            self.report(&req, Outcome::Error(error.clone()), &progress);
+        }
+    }
+
+    fn report(&self, req: &Request, outcome: Outcome, progress: &Progress) {
+        let key = req.key;
+        let id = req.id.as_str();
+        match outcome {
+            Outcome::End(reason) => {
+                let s = progress.stats();
+                log::info!(
+                    request = id, reason = reason.as_str(), prompt_tokens = s.prompt_tokens,
+                    cached_tokens = s.cached_tokens, completion_tokens = s.completion_tokens,
+                    ttft_ms = s.ttft_ms, tps = s.tps, ms = s.ms;
+                    "request {id} ended ({}): prompt {} tokens ({} cached), completion {} tokens, ttft {:.1} ms, {:.1} tok/s, total {:.1} ms",
+                    reason.as_str(), s.prompt_tokens, s.cached_tokens, s.completion_tokens, s.ttft_ms, s.tps, s.ms
+                );
+                log::debug!(
+                    request = id;
+                    "request {id}: sampling took {:.2} ms in all",
+                    progress.sampling.as_secs_f64() * 1e3
+                );
+                self.io.sink.send(Event::End {
+                    key,
+                    reason,
+                    stats: s,
+                });
+            }
+            Outcome::Error(error) => {
+                log::info!(
+                    request = id, code = error.code().as_str();
+                    "request {id} failed ({}): {error}", error.code().as_str()
+                );
+                self.io.sink.send(Event::Error { key, error });
+            }
+        }
+    }
+}
+
+fn random_seed() -> u32 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(Instant::now()) as u32
+}

@@ -1,0 +1,449 @@
+//! The step loop, admission, abort in every state, eviction on a full KV
+//! pool, park/wake and shutdown, run in memory over the fake backend.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::backend::BatchToken;
+use super::fake::Fake;
+use super::*;
+use crate::config;
+use crate::core::{
+    ChatMessage, EngineState, ErrorCode, FinishReason, PromptInput, Role, SamplingParams, Stats,
+};
+use crate::ops::monitor;
+use crate::ops::watchdog::Fault;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config(slots: usize) -> EngineConfig {
+    EngineConfig {
+        n_batch: 64,
+        slots,
+        page_size: 4,
+        queue_limit: 4,
+        cache_entries: 4,
+        prefill_chunk: 8,
+    }
+}
+
+struct Harness {
+    engine: EngineHandle,
+    events: EventSource,
+    buffered: VecDeque<Event>,
+    fake: Fake,
+    ops: Arc<Ops>,
+    next_key: u64,
+}
+
+/// What one request produced.
+#[derive(Debug)]
+struct Done {
+    text: String,
+    queued: Vec<usize>,
+    last: Event,
+}
+
+impl Done {
+    fn end(&self) -> (FinishReason, &Stats) {
+        match &self.last {
+            Event::End { reason, stats, .. } => (*reason, stats),
+            other => panic!("expected an end, got {other:?}"),
+        }
+    }
+
+    fn error(&self) -> &RequestError {
+        match &self.last {
+            Event::Error { error, .. } => error,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+}
+
+impl Harness {
+    fn start(fake: Fake, cfg: EngineConfig, idle: config::Idle) -> Harness {
+        let ops = Arc::new(Ops::new(
+            Arc::new(monitor::Shared::default()),
+            idle,
+            Fault::default(),
+        ));
+        let (sink, events) = events(|| {});
+        let (engine, ready) = spawn(fake.clone(), cfg, ops.clone(), sink).expect("starts");
+        assert_eq!(ready.model_name, "fake");
+        Harness {
+            engine,
+            events,
+            buffered: VecDeque::new(),
+            fake,
+            ops,
+            next_key: 1,
+        }
+    }
+
+    fn new(slots: usize) -> Harness {
+        Harness::start(Fake::default(), config(slots), never_park())
+    }
+
+    fn submit_input(
+        &mut self,
+        input: PromptInput,
+        params: SamplingParams,
+    ) -> (u64, Arc<AtomicBool>) {
+        let key = self.next_key;
+        self.next_key += 1;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let req = Request {
+            key,
+            id: format!("r{key}"),
+            input,
+            params,
+            cancel: cancel.clone(),
+            received: Instant::now(),
+            max_prompt_tokens: 0,
+        };
+        self.engine.submit(req).map_err(|_| "engine gone").unwrap();
+        (key, cancel)
+    }
+
+    fn submit(&mut self, prompt: &str) -> (u64, Arc<AtomicBool>) {
+        self.submit_input(PromptInput::Text(prompt.into()), greedy(64))
+    }
+
+    fn next(&mut self) -> Event {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            self.buffered.extend(self.events.drain());
+            if let Some(e) = self.buffered.pop_front() {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no event within {WAIT:?}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Events of `key` up to its final one; other requests' events are kept.
+    fn finish(&mut self, key: u64) -> Done {
+        let mut others = VecDeque::new();
+        let mut text = String::new();
+        let mut queued = Vec::new();
+        loop {
+            let event = self.next();
+            match &event {
+                Event::Token {
+                    key: k, text: t, ..
+                } if *k == key => text.push_str(t),
+                Event::Queued { key: k, position } if *k == key => queued.push(*position),
+                Event::End { key: k, .. } | Event::Error { key: k, .. } if *k == key => {
+                    others.extend(self.buffered.drain(..));
+                    self.buffered = others;
+                    return Done {
+                        text,
+                        queued,
+                        last: event,
+                    };
+                }
+                _ => others.push_back(event),
+            }
+        }
+    }
+
+    fn wait_until(&self, what: &str, done: impl Fn(&Harness) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done(self) {
+            assert!(Instant::now() < deadline, "timed out waiting: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn never_park() -> config::Idle {
+    config::Idle {
+        park_after_s: 0.0,
+        unload_model: false,
+    }
+}
+
+fn greedy(max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        temp: 0.0,
+        max_tokens,
+        ..SamplingParams::default()
+    }
+}
+
+#[test]
+fn streams_the_reply_and_ends_at_end_of_generation() {
+    let mut h = Harness::new(2);
+    let (key, _) = h.submit("hi");
+    let done = h.finish(key);
+    assert_eq!(done.text, "hello world");
+    let (reason, stats) = done.end();
+    assert_eq!(reason, FinishReason::Eos);
+    assert_eq!(stats.prompt_tokens, 3, "BOS + 2 characters");
+    assert_eq!(stats.completion_tokens, 11);
+}
+
+#[test]
+fn max_tokens_and_stop_strings_end_a_request() {
+    let mut h = Harness::new(2);
+    let (key, _) = h.submit_input(PromptInput::Text("a".into()), greedy(4));
+    let done = h.finish(key);
+    assert_eq!(
+        (done.text.as_str(), done.end().0),
+        ("hell", FinishReason::Length)
+    );
+    let params = SamplingParams {
+        stop: vec!["o w".into()],
+        ..greedy(64)
+    };
+    let (key, _) = h.submit_input(PromptInput::Text("a".into()), params);
+    let done = h.finish(key);
+    assert_eq!(
+        (done.text.as_str(), done.end().0),
+        ("hell", FinishReason::Stop)
+    );
+}
+
+#[test]
+fn requests_beyond_the_slots_queue_and_run_in_order() {
+    let mut h = Harness::new(1);
+    h.fake.state().hold = true;
+    let (a, _) = h.submit("first");
+    h.wait_until("the first decode", |h| h.fake.state().holding);
+    let (b, _) = h.submit("second");
+    let (c, _) = h.submit("third");
+    h.fake.state().hold = false;
+    let (da, db, dc) = (h.finish(a), h.finish(b), h.finish(c));
+    assert!(da.queued.is_empty());
+    assert_eq!(db.queued, [1]);
+    assert_eq!(dc.queued, [2, 1]);
+    for d in [da, db, dc] {
+        assert_eq!(d.text, "hello world");
+    }
+}
+
+#[test]
+fn every_request_is_decoded_at_its_own_positions_while_others_run() {
+    let fake = Fake {
+        reply: "abcdefghijklmnopqrstuvwxyz".into(),
+        ..Fake::default()
+    };
+    let mut h = Harness::start(fake, config(3), never_park());
+    let keys: Vec<u64> = ["one", "a much longer prompt than the chunk", "x"]
+        .iter()
+        .map(|p| h.submit(p).0)
+        .collect();
+    for key in keys {
+        assert_eq!(h.finish(key).text, "abcdefghijklmnopqrstuvwxyz");
+    }
+    // The fake asserts positions; here: no step carried more prompt tokens
+    // than the chunk while another sequence was generating. Sequence ids
+    // follow admission; prompts are BOS plus one token per character.
+    let prompt_len = [4, 36, 2];
+    for batch in &h.fake.state().batches {
+        let is_decode = |t: &&BatchToken| t.pos >= prompt_len[t.seq as usize];
+        let decodes = batch.iter().filter(is_decode).count();
+        let prompt = batch.len() - decodes;
+        assert!(decodes == 0 || prompt <= 8, "{batch:?}");
+    }
+}
+
+#[test]
+fn abort_while_queued_prefilling_and_decoding() {
+    let mut h = Harness::new(1);
+    // Prefilling: the decode holds until the abort callback fires.
+    h.fake.state().hold = true;
+    let (a, cancel_a) = h.submit("prefill me");
+    h.wait_until("the prefill", |h| h.fake.state().holding);
+    // Queued behind it.
+    let (b, cancel_b) = h.submit("queued");
+    cancel_b.store(true, Ordering::Relaxed);
+    cancel_a.store(true, Ordering::Relaxed);
+    let (da, db) = (h.finish(a), h.finish(b));
+    assert_eq!(da.end().0, FinishReason::Abort);
+    assert_eq!(db.end().0, FinishReason::Abort);
+    assert!(db.text.is_empty());
+    // Decoding: abort after the first token, while the second decode runs.
+    {
+        let mut s = h.fake.state();
+        s.hold = false;
+        s.hold_at_batch = Some(s.batches.len() + 2);
+    }
+    let (c, cancel_c) = h.submit("decode");
+    loop {
+        if let Event::Token { key, .. } = h.next()
+            && key == c
+        {
+            break;
+        }
+    }
+    cancel_c.store(true, Ordering::Relaxed);
+    let dc = h.finish(c);
+    assert_eq!(dc.end().0, FinishReason::Abort);
+    assert!(
+        dc.text.is_empty(),
+        "streamed after the abort: {:?}",
+        dc.text
+    );
+    h.fake.state().hold = false;
+    // Every page is back (whole pages may stay cached as a prefix).
+    h.wait_until("an idle engine", |h| h.engine.status().busy_slots == 0);
+    let kv = h.engine.status().kv;
+    assert_eq!(kv.pages_owned, 0);
+    assert_eq!(kv.pages_free + kv.pages_cached, kv.pages_total);
+}
+
+#[test]
+fn a_finished_prompt_is_reused_by_the_next_request() {
+    let mut h = Harness::new(1);
+    let system = "You are a terse assistant. ";
+    let (a, _) = h.submit(&format!("{system}Hi"));
+    assert_eq!(h.finish(a).end().1.cached_tokens, 0);
+    let (b, _) = h.submit(&format!("{system}Bye"));
+    let cached = h.finish(b).end().1.cached_tokens;
+    assert!(cached >= 24 && cached.is_multiple_of(4), "{cached}");
+    let batches = &h.fake.state().batches;
+    let first_of_b = batches
+        .iter()
+        .rev()
+        .find(|b| b.iter().all(|t| !t.output) || b.len() > 1)
+        .unwrap();
+    assert!(first_of_b[0].pos >= cached, "recomputed a cached prefix");
+}
+
+#[test]
+fn no_kv_slot_evicts_a_cached_prefix_and_retries() {
+    let mut h = Harness::new(1);
+    let (a, _) = h.submit("a prompt that stays cached");
+    h.finish(a);
+    assert_eq!(h.engine.status().kv.prefix_entries, 1);
+    h.fake.state().no_kv_slot = 1;
+    let (b, _) = h.submit("something else");
+    assert_eq!(h.finish(b).text, "hello world");
+    // The cache was emptied to make room, then this request's prompt was kept.
+    let batches = h.fake.state().batches.len();
+    assert!(batches > 2);
+    // With nothing left to evict, the request fails and the engine goes on.
+    h.engine.status();
+    let (c, _) = h.submit("x");
+    h.finish(c);
+    h.fake.state().no_kv_slot = 100;
+    let mut failed = false;
+    for _ in 0..3 {
+        let (d, _) = h.submit("yet another prompt");
+        let done = h.finish(d);
+        if let Event::Error { error, .. } = &done.last {
+            assert_eq!(error.code(), ErrorCode::Internal);
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "a request failed once nothing could be evicted");
+    h.fake.state().no_kv_slot = 0;
+    let (e, _) = h.submit("fine again");
+    assert_eq!(h.finish(e).text, "hello world");
+}
+
+#[test]
+fn a_failing_decode_fails_its_requests_and_the_engine_goes_on() {
+    let mut h = Harness::new(2);
+    h.fake.state().fail_decode = true;
+    let (a, _) = h.submit("doomed");
+    assert!(matches!(h.finish(a).error(), RequestError::EngineFailed(_)));
+    h.fake.state().fail_decode = false;
+    let (b, _) = h.submit("fine");
+    assert_eq!(h.finish(b).text, "hello world");
+}
+
+#[test]
+fn bad_prompts_get_errors_that_say_why() {
+    let fake = Fake {
+        chat_template: false,
+        n_ctx: 32,
+        ..Fake::default()
+    };
+    let mut h = Harness::start(fake, config(1), never_park());
+    let chat = PromptInput::Messages(vec![ChatMessage {
+        role: Role::User,
+        content: "hi".into(),
+    }]);
+    let (a, _) = h.submit_input(chat, greedy(4));
+    assert_eq!(h.finish(a).error(), &RequestError::NoChatTemplate);
+    let (b, _) = h.submit(&"x".repeat(40));
+    assert_eq!(
+        h.finish(b).error(),
+        &RequestError::ContextOverflow {
+            prompt_tokens: 41,
+            capacity: 32
+        }
+    );
+}
+
+#[test]
+fn the_idle_engine_parks_and_the_next_request_wakes_it() {
+    let idle = config::Idle {
+        park_after_s: 0.02,
+        unload_model: true,
+    };
+    let mut h = Harness::start(Fake::default(), config(1), idle);
+    let (a, _) = h.submit("hi");
+    h.finish(a);
+    h.wait_until("parked", |h| h.ops.engine_state() == EngineState::Parked);
+    assert_eq!(h.ops.metrics.parks.load(Ordering::Relaxed), 1);
+    let (b, _) = h.submit("hi again");
+    assert_eq!(h.finish(b).text, "hello world");
+    let s = h.fake.state();
+    assert_eq!(
+        (s.loads, s.opens),
+        (2, 2),
+        "the model was unloaded and reloaded"
+    );
+    assert_eq!(h.ops.metrics.wakes.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_failed_wake_fails_the_waking_request_only() {
+    let idle = config::Idle {
+        park_after_s: 0.02,
+        unload_model: false,
+    };
+    let mut h = Harness::start(Fake::default(), config(1), idle);
+    h.wait_until("parked", |h| h.ops.engine_state() == EngineState::Parked);
+    h.fake.state().fail_open = true;
+    let (a, _) = h.submit("hi");
+    assert!(matches!(h.finish(a).error(), RequestError::WakeFailed(_)));
+    h.fake.state().fail_open = false;
+    let (b, _) = h.submit("hi");
+    assert_eq!(h.finish(b).text, "hello world");
+}
+
+#[test]
+fn a_failed_load_is_reported_by_spawn() {
+    let fake = Fake::default();
+    fake.state().fail_load = true;
+    let ops = Arc::new(Ops::new(
+        Arc::new(monitor::Shared::default()),
+        never_park(),
+        Fault::default(),
+    ));
+    let (sink, _events) = events(|| {});
+    let e = spawn(fake, config(1), ops, sink).err().unwrap();
+    assert_eq!(e, BackendError::ModelMissing("fake.gguf".into()));
+}
+
+#[test]
+fn shutdown_fails_running_and_queued_requests_then_stops() {
+    let mut h = Harness::new(1);
+    h.fake.state().hold = true;
+    let (a, _) = h.submit("running");
+    h.wait_until("the decode", |h| h.fake.state().holding);
+    let (b, _) = h.submit("queued");
+    h.engine.stop();
+    for key in [a, b] {
+        assert_eq!(h.finish(key).error(), &RequestError::ShuttingDown);
+    }
+    assert!(matches!(h.next(), Event::Stopped));
+    h.wait_until("the thread ends", |h| h.engine.is_finished());
+}

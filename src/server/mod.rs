@@ -1,0 +1,11 @@
+//! The server: one mio reactor on the main thread owns every socket; each
+//! connection speaks a protocol through its session (WebSocket v1 today);
+//! the request table routes the engine's events back to their clients.
+
+pub mod connection;
+pub mod http;
+pub mod protocol;
+pub mod reactor;
+pub mod requests;
+pub mod session;
+pub mod ws_v1;

@@ -1,0 +1,69 @@
+//! The seam between the reactor and the protocols. A `Session` drives one
+//! open connection: it turns what the client sends into core requests
+//! (through the `Host`, the reactor's side) and the engine's events for its
+//! requests into messages. The reactor never knows which protocol a
+//! connection speaks; sessions never touch a socket, so they are tested with
+//! a fake host.
+
+use crate::core::{Event, PromptInput, SamplingParams, Status};
+use crate::server::requests::Refused;
+
+/// What a client sent.
+#[derive(Debug, Clone, Copy)]
+pub enum Message<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+}
+
+/// Messages for the client, in order.
+pub type Outbox = Vec<String>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{0}")]
+    Refused(#[from] Refused),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the engine is not running")]
+    EngineGone,
+}
+
+/// What a new client is told about the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerInfo {
+    pub model: String,
+    pub n_ctx: usize,
+    /// Whether the model has a chat template (`messages` work).
+    pub chat: bool,
+    /// The engine is parked: the first request wakes it.
+    pub parked: bool,
+    pub max_inflight: usize,
+    /// 0: only the context bounds a prompt.
+    pub max_prompt_tokens: usize,
+    pub max_message_bytes: usize,
+    pub defaults: SamplingParams,
+}
+
+/// The server, as one connection's session sees it.
+pub trait Host {
+    fn info(&self) -> ServerInfo;
+    fn defaults(&self) -> &SamplingParams;
+    /// Starts a request; returns the id it goes by (a given one, or `req-N`).
+    fn submit(
+        &mut self,
+        id: Option<&str>,
+        input: PromptInput,
+        params: SamplingParams,
+    ) -> Result<String, SubmitError>;
+    /// Aborts this connection's request `id`, or all of them; unknown ids are ignored.
+    fn abort(&mut self, id: Option<&str>);
+    fn status(&self) -> Status;
+}
+
+pub trait Session {
+    /// The connection is open (after the WebSocket handshake).
+    fn opened(&mut self, host: &mut dyn Host, out: &mut Outbox);
+    fn on_message(&mut self, msg: Message<'_>, host: &mut dyn Host, out: &mut Outbox);
+    /// An engine event for this session's request `id`.
+    fn on_event(&mut self, id: &str, event: &Event, out: &mut Outbox);
+}

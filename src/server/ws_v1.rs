@@ -1,0 +1,300 @@
+//! The WebSocket protocol v1 session: JSON text frames in (`infer`, `abort`,
+//! `status`), events out (`hello`, `queued`, `token`, `end`, `error`,
+//! `status`). See docs/protocol.md.
+
+use crate::core::{ErrorCode, Event};
+use crate::server::protocol::{self, ClientMsg, Hello, Limits, ServerMsg};
+use crate::server::requests::Refused;
+use crate::server::session::{Host, Message, Outbox, Session, SubmitError};
+
+#[derive(Debug, Default)]
+pub struct WsV1;
+
+impl Session for WsV1 {
+    fn opened(&mut self, host: &mut dyn Host, out: &mut Outbox) {
+        let info = host.info();
+        let hello = Hello {
+            protocol: protocol::VERSION,
+            status: if info.parked { "parked" } else { "ready" },
+            model: &info.model,
+            n_ctx: info.n_ctx,
+            version: env!("CARGO_PKG_VERSION"),
+            chat: info.chat,
+            limits: Limits {
+                max_inflight: info.max_inflight,
+                max_prompt_tokens: match info.max_prompt_tokens {
+                    0 => info.n_ctx.saturating_sub(1),
+                    n => n.min(info.n_ctx.saturating_sub(1)),
+                },
+                max_tokens: info.n_ctx.saturating_sub(1),
+                default_max_tokens: info.defaults.max_tokens,
+                max_stop_strings: crate::core::MAX_STOP_STRINGS,
+                max_stop_bytes: crate::core::MAX_STOP_LEN,
+                max_message_bytes: info.max_message_bytes,
+            },
+        };
+        out.push(ServerMsg::Hello(&hello).to_json());
+    }
+
+    fn on_message(&mut self, msg: Message<'_>, host: &mut dyn Host, out: &mut Outbox) {
+        let text = match msg {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                out.push(ServerMsg::error(
+                    None,
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported: send JSON text frames",
+                ));
+                return;
+            }
+        };
+        match protocol::parse(text, host.defaults()) {
+            Ok(ClientMsg::Infer(req)) => {
+                let id = req.id.clone();
+                if let Err(e) = host.submit(req.id.as_deref(), req.input, req.params) {
+                    out.push(refusal(id.as_deref(), e));
+                }
+            }
+            Ok(ClientMsg::Abort { id }) => host.abort(id.as_deref()),
+            Ok(ClientMsg::Status) => out.push(ServerMsg::Status(&host.status()).to_json()),
+            Err(e) => out.push(ServerMsg::error(e.id.as_deref(), e.code, &e.message)),
+        }
+    }
+
+    fn on_event(&mut self, id: &str, event: &Event, out: &mut Outbox) {
+        let json = match event {
+            Event::Queued { position, .. } => ServerMsg::Queued {
+                id,
+                position: *position,
+            }
+            .to_json(),
+            Event::Token { text, prob, .. } => ServerMsg::Token {
+                id,
+                content: text,
+                prob: *prob,
+            }
+            .to_json(),
+            Event::End { reason, stats, .. } => ServerMsg::End {
+                id,
+                reason: reason.as_str(),
+                stats,
+            }
+            .to_json(),
+            Event::Error { error, .. } => {
+                ServerMsg::error(Some(id), error.code(), &error.to_string())
+            }
+            Event::Stopped => return,
+        };
+        out.push(json);
+    }
+}
+
+/// The error for a request the server would not start. A duplicate id is
+/// answered without an id: the live request of that id must not look ended.
+fn refusal(id: Option<&str>, e: SubmitError) -> String {
+    match e {
+        SubmitError::Refused(Refused::Duplicate) => {
+            let message = format!(
+                "a request with id {:?} is already in flight on this connection: this one is refused, that one goes on",
+                id.unwrap_or_default()
+            );
+            ServerMsg::error(None, ErrorCode::BadRequest, &message)
+        }
+        SubmitError::Refused(Refused::TooMany(_)) => {
+            ServerMsg::error(id, ErrorCode::Overloaded, &e.to_string())
+        }
+        SubmitError::ShuttingDown => ServerMsg::error(id, ErrorCode::ShuttingDown, &e.to_string()),
+        SubmitError::EngineGone => ServerMsg::error(id, ErrorCode::Internal, &e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::core::{FinishReason, PromptInput, RequestError, SamplingParams, Stats, Status};
+    use crate::server::session::ServerInfo;
+
+    /// Records what the session asked for; refuses what it is told to.
+    #[derive(Default)]
+    struct FakeHost {
+        defaults: SamplingParams,
+        submitted: Vec<(Option<String>, PromptInput, SamplingParams)>,
+        aborted: Vec<Option<String>>,
+        refuse: Option<SubmitError>,
+    }
+
+    impl Host for FakeHost {
+        fn info(&self) -> ServerInfo {
+            ServerInfo {
+                model: "m".into(),
+                n_ctx: 4096,
+                chat: true,
+                parked: true,
+                max_inflight: 8,
+                max_prompt_tokens: 0,
+                max_message_bytes: 1 << 20,
+                defaults: self.defaults.clone(),
+            }
+        }
+        fn defaults(&self) -> &SamplingParams {
+            &self.defaults
+        }
+        fn submit(
+            &mut self,
+            id: Option<&str>,
+            input: PromptInput,
+            params: SamplingParams,
+        ) -> Result<String, SubmitError> {
+            if let Some(e) = self.refuse {
+                return Err(e);
+            }
+            self.submitted.push((id.map(Into::into), input, params));
+            Ok(id.unwrap_or("req-1").into())
+        }
+        fn abort(&mut self, id: Option<&str>) {
+            self.aborted.push(id.map(Into::into));
+        }
+        fn status(&self) -> Status {
+            Status {
+                slots: 4,
+                ..Status::default()
+            }
+        }
+    }
+
+    fn send(host: &mut FakeHost, msg: Value) -> Vec<Value> {
+        let mut out = Vec::new();
+        WsV1.on_message(Message::Text(&msg.to_string()), host, &mut out);
+        out.iter()
+            .map(|s| serde_json::from_str(s).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn hello_says_what_the_server_can_do() {
+        let mut out = Vec::new();
+        WsV1.opened(&mut FakeHost::default(), &mut out);
+        let hello: Value = serde_json::from_str(&out[0]).unwrap();
+        assert_eq!(hello["op"], "hello");
+        assert_eq!(hello["protocol"], 1);
+        assert_eq!(hello["status"], "parked");
+        assert_eq!(hello["chat"], true);
+        assert_eq!(hello["limits"]["max_inflight"], 8);
+        assert_eq!(hello["limits"]["max_prompt_tokens"], 4095);
+        assert_eq!(hello["limits"]["max_stop_strings"], 16);
+    }
+
+    #[test]
+    fn infer_becomes_a_core_request_over_the_defaults() {
+        let mut host = FakeHost::default();
+        let out = send(
+            &mut host,
+            json!({"op":"infer","id":"a","prompt":"Hi","params":{"temperature":0}}),
+        );
+        assert!(out.is_empty(), "{out:?}");
+        let (id, input, params) = &host.submitted[0];
+        assert_eq!(id.as_deref(), Some("a"));
+        assert_eq!(input, &PromptInput::Text("Hi".into()));
+        assert_eq!(params.temp, 0.0);
+        assert_eq!(params.max_tokens, SamplingParams::default().max_tokens);
+    }
+
+    #[test]
+    fn a_duplicate_is_refused_without_the_live_id() {
+        let mut host = FakeHost {
+            refuse: Some(SubmitError::Refused(Refused::Duplicate)),
+            ..FakeHost::default()
+        };
+        let out = send(&mut host, json!({"op":"infer","id":"a","prompt":"Hi"}));
+        assert_eq!(out[0]["op"], "error");
+        assert_eq!(out[0]["id"], Value::Null);
+        assert!(out[0]["message"].as_str().unwrap().contains("\"a\""));
+        host.refuse = Some(SubmitError::Refused(Refused::TooMany(8)));
+        let out = send(&mut host, json!({"op":"infer","id":"b","prompt":"Hi"}));
+        assert_eq!(
+            (&out[0]["id"], &out[0]["code"]),
+            (&json!("b"), &json!("overloaded"))
+        );
+    }
+
+    #[test]
+    fn abort_is_passed_on_and_answers_nothing() {
+        let mut host = FakeHost::default();
+        assert!(send(&mut host, json!({"op":"abort","id":"zzz"})).is_empty());
+        assert!(send(&mut host, json!({"op":"abort"})).is_empty());
+        assert_eq!(host.aborted, [Some("zzz".to_owned()), None]);
+    }
+
+    #[test]
+    fn bad_input_gets_an_error_and_status_a_snapshot() {
+        let mut host = FakeHost::default();
+        let out = send(&mut host, json!({"op":"infer","id":"q","prompt":""}));
+        assert_eq!(
+            (&out[0]["id"], &out[0]["code"]),
+            (&json!("q"), &json!("bad_request"))
+        );
+        let mut out = Vec::new();
+        WsV1.on_message(Message::Binary(b"x"), &mut host, &mut out);
+        assert!(out[0].contains("binary frames"));
+        let out = send(&mut host, json!({"op":"status"}));
+        assert_eq!(out[0]["slots"], 4);
+        assert!(host.submitted.is_empty());
+    }
+
+    #[test]
+    fn engine_events_become_v1_messages() {
+        let mut out = Vec::new();
+        let mut s = WsV1;
+        s.on_event(
+            "r",
+            &Event::Queued {
+                key: 1,
+                position: 2,
+            },
+            &mut out,
+        );
+        s.on_event(
+            "r",
+            &Event::Token {
+                key: 1,
+                text: " hi".into(),
+                prob: 0.5,
+            },
+            &mut out,
+        );
+        s.on_event(
+            "r",
+            &Event::End {
+                key: 1,
+                reason: FinishReason::Length,
+                stats: Stats::default(),
+            },
+            &mut out,
+        );
+        s.on_event(
+            "r",
+            &Event::Error {
+                key: 1,
+                error: RequestError::QueueFull { waiting: 3 },
+            },
+            &mut out,
+        );
+        let v: Vec<Value> = out
+            .iter()
+            .map(|s| serde_json::from_str(s).unwrap())
+            .collect();
+        assert_eq!(v[0], json!({"op":"queued","id":"r","position":2}));
+        assert_eq!(
+            v[1],
+            json!({"op":"token","id":"r","content":" hi","prob":0.5})
+        );
+        assert_eq!(
+            (&v[2]["op"], &v[2]["reason"]),
+            (&json!("end"), &json!("length"))
+        );
+        assert_eq!(v[3]["code"], "overloaded");
+        assert!(v[3]["message"].as_str().unwrap().contains("3 requests"));
+    }
+}
