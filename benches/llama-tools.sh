@@ -37,7 +37,12 @@ else:
 PY
     tar -xzf "$dl/sdist.tar.gz" -C "$dl"
 fi
+# The same CPU features as our engine's build: native, without AMX (see
+# .cargo/config.toml: ggml's AMX kernels crashed on these machines).
+flags=""
+[ "$(uname -m)" = x86_64 ] && flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$src" -B "$out" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF >&2
 cmake --build "$out" --target "${targets[@]}" -j "$(nproc)" >&2
 mkdir -p target/llama-tools/bin

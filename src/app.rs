@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use crate::config::Config;
 use crate::engine::llama::{self, LlamaConfig, LlamaLoader};
 use crate::engine::{self, EngineConfig};
-use crate::ops::{Ops, monitor, vram, watchdog};
+use crate::ops::{Ops, fault, monitor, vram, watchdog};
 use crate::server::reactor::{self, Parts, Reactor};
 
 pub fn run(config: &Config) -> anyhow::Result<()> {
@@ -25,7 +25,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
     let ops = Arc::new(Ops::new(
         monitor,
         config.idle.clone(),
-        watchdog::Fault::from_env(),
+        fault::Fault::from_env(),
     ));
     let s = &config.scheduler;
     let loader = LlamaLoader::new(LlamaConfig {

@@ -38,7 +38,7 @@ const MALFORMED: &[&str] = &[
     "[]",
     r#"{"op":"fly"}"#,
     r#"{"op":"infer","prompt":""}"#,
-    r#"{"op":"infer","prompt":"x","params":{"temperature":1}}"#,
+    r#"{"op":"infer","prompt":"x","params":{"temprature":1}}"#,
     r#"{"op":"infer","prompt":"x","params":{"top_p":7}}"#,
     r#"{"op":"infer","messages":[{"role":"wizard","content":"x"}]}"#,
     "\u{0}\u{1}garbage",

@@ -13,12 +13,31 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
 use crate::core::{EngineState, Event, FinishReason, Request, RequestError, RequestKey, Status};
 use crate::engine::backend::{Backend, BatchToken, DecodeError};
+use crate::engine::channel::{Command, EventSink};
 use crate::engine::planner::{self, Budget, Work};
+use crate::engine::prompt;
 use crate::engine::scheduler::{self, Job, MemOp, Scheduler};
 use crate::engine::sequence::{Progress, Seq};
 use crate::engine::text::Step;
-use crate::engine::{Command, EngineConfig, EventSink, prompt};
 use crate::ops::Ops;
+
+/// Scheduling settings; the model's own (context size, threads...) belong to
+/// its `Loader`.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens one decode may carry.
+    pub n_batch: usize,
+    /// Sequences decoded together.
+    pub slots: usize,
+    /// KV cells per accounting page.
+    pub page_size: usize,
+    /// Requests that may wait for a slot.
+    pub queue_limit: usize,
+    /// Cached prefixes kept in the KV pool.
+    pub cache_entries: usize,
+    /// Prompt tokens a step may carry while other sequences are generating.
+    pub prefill_chunk: usize,
+}
 
 /// What the step loop shares with the supervisor and the server.
 pub struct Io {

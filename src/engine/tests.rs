@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::backend::BatchToken;
+use super::backend::{BackendError, BatchToken};
 use super::fake::Fake;
 use super::*;
 use crate::config;
 use crate::core::{
-    ChatMessage, EngineState, ErrorCode, FinishReason, PromptInput, Role, SamplingParams, Stats,
+    ChatMessage, EngineState, ErrorCode, Event, FinishReason, PromptInput, Request, RequestError,
+    Role, SamplingParams, Stats,
 };
-use crate::ops::monitor;
-use crate::ops::watchdog::Fault;
+use crate::ops::fault::Fault;
+use crate::ops::{Ops, monitor};
 
 const WAIT: Duration = Duration::from_secs(10);
 

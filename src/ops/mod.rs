@@ -3,6 +3,7 @@
 //! all hold, and the small hooks the engine calls: heartbeat, engine state,
 //! thermal pause, token counting, idle parking.
 
+pub mod fault;
 pub mod heartbeat;
 pub mod metrics;
 pub mod monitor;
@@ -16,9 +17,9 @@ use std::time::Duration;
 
 use crate::config;
 use crate::core::{EngineState, OpsStatus, Status};
+use fault::Fault;
 use heartbeat::Heartbeat;
 use metrics::{Gauges, Metrics};
-use watchdog::Fault;
 
 pub struct Ops {
     pub heartbeat: Heartbeat,

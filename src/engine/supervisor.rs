@@ -1,0 +1,208 @@
+//! The engine thread's supervisor: it loads the model through a `Loader`,
+//! opens a backend and runs the step loop until the engine parks (the backend
+//! is dropped and its KV memory released; the next request opens a new one)
+//! or stops. `spawn` starts it; `EngineHandle` is the server's side.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::Sender;
+
+use crate::core::{EngineState, Event, Request, RequestError, Status};
+use crate::engine::backend::{Backend, BackendError, Loader};
+use crate::engine::channel::{Command, EventSink};
+use crate::engine::step::{Engine, EngineConfig, Exit, Io};
+use crate::ops::Ops;
+
+/// What the server needs to know once the model is loaded.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub model_name: String,
+    pub n_ctx: usize,
+    /// Whether `messages` can be rendered (the model has a chat template).
+    pub chat: bool,
+}
+
+pub struct EngineHandle {
+    commands: Sender<Command>,
+    /// Refreshed by the engine after every step.
+    status: Arc<Mutex<Status>>,
+    shutdown: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl EngineHandle {
+    /// Hands a request to the engine; gives it back if the engine is gone.
+    pub fn submit(&self, req: Request) -> Result<(), Box<Request>> {
+        self.commands
+            .send(Command::Infer(Box::new(req)))
+            .map_err(|e| match e.0 {
+                Command::Infer(req) => req,
+                Command::Shutdown => unreachable!(),
+            })
+    }
+
+    /// Stops the engine, aborting the decode in progress.
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+        let _ = self.commands.send(Command::Shutdown);
+    }
+
+    pub fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The thread has ended (normally only after `stop`).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+}
+
+/// Starts the engine thread and waits until the model is loaded (or failed to).
+pub fn spawn<L>(
+    loader: L,
+    config: EngineConfig,
+    ops: Arc<Ops>,
+    sink: EventSink,
+) -> Result<(EngineHandle, Ready), BackendError>
+where
+    L: Loader + Send + 'static,
+{
+    let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let io = Io {
+        sink,
+        commands: cmd_rx,
+        shutdown: Arc::new(AtomicBool::new(false)),
+        status: Arc::new(Mutex::new(Status::default())),
+        ops,
+    };
+    let (shutdown, status) = (io.shutdown.clone(), io.status.clone());
+    let thread = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || supervise(&loader, &config, &io, ready_tx))
+        .expect("cannot spawn the engine thread");
+    match ready_rx.recv() {
+        Ok(Ok(ready)) => Ok((
+            EngineHandle {
+                commands: cmd_tx,
+                status,
+                shutdown,
+                thread,
+            },
+            ready,
+        )),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(BackendError::Context(
+                "the engine thread died while loading".into(),
+            ))
+        }
+    }
+}
+
+/// The engine thread: load, open, serve; on park release the backend (and
+/// with `idle.unload_model` the model) and wait for the request that wakes it.
+fn supervise<L: Loader>(
+    loader: &L,
+    config: &EngineConfig,
+    io: &Io,
+    ready: Sender<Result<Ready, BackendError>>,
+) {
+    let ops = &io.ops;
+    // Sent once, at start-up; later (re)loads happen when waking from idle.
+    let mut ready = Some(ready);
+    let mut model: Option<L::Model> = None;
+    // The request that woke a parked engine.
+    let mut waking: Option<Box<Request>> = None;
+    loop {
+        let opened = serve_once(loader, config, io, &mut model, &mut ready, waking.take());
+        match opened {
+            Ok(Exit::Stopped) => break,
+            Ok(Exit::Park) => ops.parked(),
+            Err((e, waking)) => match (ready.take(), waking) {
+                (Some(tx), _) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                (None, Some(req)) => {
+                    log::error!("cannot wake the engine: {e}");
+                    io.sink.send(Event::Error {
+                        key: req.key,
+                        error: RequestError::WakeFailed(e.to_string()),
+                    });
+                    io.sink.wake();
+                }
+                (None, None) => log::error!("cannot reopen the engine: {e}"),
+            },
+        }
+        if ops.idle.unload_model {
+            model = None;
+        }
+        // Parked (or a wake-up failed): the next request wakes the engine.
+        ops.set_state(EngineState::Parked);
+        match io.commands.recv() {
+            Ok(Command::Infer(req)) => {
+                ops.set_state(EngineState::Waking);
+                waking = Some(req);
+            }
+            Ok(Command::Shutdown) | Err(_) => break,
+        }
+    }
+    io.sink.send(Event::Stopped);
+    io.sink.wake();
+    log::info!("engine stopped");
+}
+
+/// Loads the model if needed, opens a backend and serves until it parks or
+/// stops. On failure the waking request comes back with the error.
+fn serve_once<L: Loader>(
+    loader: &L,
+    config: &EngineConfig,
+    io: &Io,
+    model: &mut Option<L::Model>,
+    ready: &mut Option<Sender<Result<Ready, BackendError>>>,
+    waking: Option<Box<Request>>,
+) -> Result<Exit, (BackendError, Option<Box<Request>>)> {
+    if model.is_none() {
+        match loader.load() {
+            Ok(m) => {
+                log::info!("{}", loader.describe(&m));
+                *model = Some(m);
+            }
+            Err(e) => return Err((e, waking)),
+        }
+    }
+    let m = model.as_ref().expect("loaded above");
+    let backend = match loader.open(m) {
+        Ok(b) => b,
+        Err(e) => return Err((e, waking)),
+    };
+    if let Some(tx) = ready.take() {
+        let n_ctx = backend.n_ctx();
+        log::info!(
+            "context {n_ctx} tokens, {} slots, KV pages of {} cells",
+            config.slots,
+            config.page_size
+        );
+        let _ = tx.send(Ok(Ready {
+            model_name: loader.model_name(),
+            n_ctx,
+            chat: backend.has_chat_template(),
+        }));
+    }
+    let mut engine = Engine::new(backend, config, io);
+    if let Some(req) = waking {
+        io.ops.woke(req.received.elapsed());
+        io.ops.set_state(EngineState::Busy);
+        engine.submit(*req);
+    }
+    Ok(engine.serve())
+}
