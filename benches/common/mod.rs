@@ -52,8 +52,15 @@ impl Drop for Server {
     }
 }
 
+/// Our server: this build's binary, or `BENCH_SERVER_BIN` (another build, to
+/// compare two versions against the same reference in one sitting).
+pub fn server_bin() -> std::ffi::OsString {
+    std::env::var_os("BENCH_SERVER_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_inference-core").into())
+}
+
 pub fn start_server(args: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_inference-core"))
+    let mut child = Command::new(server_bin())
         .args(["--port", "0"])
         .args(args)
         .stderr(Stdio::piped())

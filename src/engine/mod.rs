@@ -5,7 +5,8 @@
 //! `step` is the loop that serves requests over a `Backend` (the seam in
 //! `backend`; llama.cpp implements it in `llama`, a fake in the unit tests);
 //! `planner`, `scheduler`, `kv` and `prefix` decide, sans-I/O, what each step
-//! does. Requests come in and events go out through `channel`. Each request
+//! does. Requests come in and events go out through `channel`; heartbeat,
+//! thermal pause and parking go through `Hooks`, which the ops layer implements. Each request
 //! carries an abort flag that the server sets; the engine checks it before
 //! every step and while a decode runs. With no work the thread blocks on its
 //! channel and uses no CPU.
@@ -14,6 +15,7 @@ pub mod backend;
 mod channel;
 #[cfg(test)]
 mod fake;
+mod hooks;
 pub mod kv;
 #[cfg(feature = "llama")]
 pub mod llama;
@@ -29,5 +31,6 @@ mod tests;
 pub mod text;
 
 pub use channel::{Command, EventSink, EventSource, events};
+pub use hooks::Hooks;
 pub use step::EngineConfig;
 pub use supervisor::{EngineHandle, Ready, spawn};

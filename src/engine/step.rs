@@ -14,12 +14,12 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use crate::core::{EngineState, Event, FinishReason, Request, RequestError, RequestKey, Status};
 use crate::engine::backend::{Backend, BatchToken, DecodeError};
 use crate::engine::channel::{Command, EventSink};
+use crate::engine::hooks::Hooks;
 use crate::engine::planner::{self, Budget, Work};
 use crate::engine::prompt;
 use crate::engine::scheduler::{self, Job, MemOp, Scheduler};
 use crate::engine::sequence::{Progress, Seq};
 use crate::engine::text::Step;
-use crate::ops::Ops;
 
 /// Scheduling settings; the model's own (context size, threads...) belong to
 /// its `Loader`.
@@ -46,7 +46,7 @@ pub struct Io {
     /// Set on shutdown: aborts the running decode at once.
     pub shutdown: Arc<AtomicBool>,
     pub status: Arc<Mutex<Status>>,
-    pub ops: Arc<Ops>,
+    pub hooks: Arc<dyn Hooks>,
 }
 
 /// Why `serve` returned.
@@ -102,11 +102,14 @@ impl<'a, B: Backend> Engine<'a, B> {
     }
 
     pub fn serve(&mut self) -> Exit {
-        let ops = &self.io.ops;
+        let hooks = &self.io.hooks;
         loop {
             if self.active.is_empty() && self.waiting.is_empty() && !self.stopping {
-                ops.set_state(EngineState::Idle);
-                let command = match ops.park_after() {
+                // Whatever was sent (a refusal, the last end) must reach the
+                // server before the engine sleeps.
+                self.io.sink.wake();
+                hooks.set_state(EngineState::Idle);
+                let command = match hooks.park_after() {
                     Some(after) => match self.io.commands.recv_timeout(after) {
                         Err(RecvTimeoutError::Timeout) => return Exit::Park,
                         other => other.ok(),
@@ -114,7 +117,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                     None => self.io.commands.recv().ok(),
                 };
                 self.take(command);
-                ops.set_state(EngineState::Busy);
+                hooks.set_state(EngineState::Busy);
             }
             self.poll_commands();
             self.thermal_pause();
@@ -133,7 +136,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
             self.publish();
             self.io.sink.wake();
-            ops.beat();
+            hooks.beat();
         }
     }
 
@@ -161,7 +164,7 @@ impl<'a, B: Backend> Engine<'a, B> {
 
     /// Waits up to `timeout` for a command, keeping the heartbeat going.
     fn wait_command(&mut self, timeout: Duration) {
-        self.io.ops.beat();
+        self.io.hooks.beat();
         match self.io.commands.recv_timeout(timeout) {
             Ok(command) => self.take(Some(command)),
             Err(RecvTimeoutError::Disconnected) => self.take(None),
@@ -172,7 +175,7 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// While the thermal throttle is on, no step starts; commands, aborts and
     /// shutdown are still served and the heartbeat goes on.
     fn thermal_pause(&mut self) {
-        while self.io.ops.throttled()
+        while self.io.hooks.throttled()
             && !self.stopping
             && !(self.active.is_empty() && self.waiting.is_empty())
         {
@@ -336,11 +339,11 @@ impl<'a, B: Backend> Engine<'a, B> {
                 .map(|s| s.req.cancel.clone())
                 .collect();
             let shutdown = &self.io.shutdown;
-            let ops = &self.io.ops;
+            let hooks = &self.io.hooks;
             // One client's abort must not throw away the others' work: only
             // interrupt a decode in which every sequence was aborted.
             let should_abort = || {
-                ops.beat(); // polled between graph nodes: a long decode is not a stall
+                hooks.beat(); // polled between graph nodes: a long decode is not a stall
                 shutdown.load(Ordering::Relaxed) || flags.iter().all(|f| f.load(Ordering::Relaxed))
             };
             match self.backend.decode(&self.batch, &should_abort) {
@@ -398,7 +401,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             return Some(Outcome::End(FinishReason::Eos));
         }
         s.progress.completion_tokens += 1;
-        self.io.ops.on_token();
+        self.io.hooks.on_token();
         let mut bytes = Vec::with_capacity(16);
         self.backend.piece(sampled.token, &mut bytes);
         let (text, stopped) = match s.stream.push(&bytes) {

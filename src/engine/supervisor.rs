@@ -11,8 +11,8 @@ use crossbeam_channel::Sender;
 use crate::core::{EngineState, Event, Request, RequestError, Status};
 use crate::engine::backend::{Backend, BackendError, Loader};
 use crate::engine::channel::{Command, EventSink};
+use crate::engine::hooks::Hooks;
 use crate::engine::step::{Engine, EngineConfig, Exit, Io};
-use crate::ops::Ops;
 
 /// What the server needs to know once the model is loaded.
 #[derive(Debug, Clone)]
@@ -65,7 +65,7 @@ impl EngineHandle {
 pub fn spawn<L>(
     loader: L,
     config: EngineConfig,
-    ops: Arc<Ops>,
+    hooks: Arc<dyn Hooks>,
     sink: EventSink,
 ) -> Result<(EngineHandle, Ready), BackendError>
 where
@@ -78,7 +78,7 @@ where
         commands: cmd_rx,
         shutdown: Arc::new(AtomicBool::new(false)),
         status: Arc::new(Mutex::new(Status::default())),
-        ops,
+        hooks,
     };
     let (shutdown, status) = (io.shutdown.clone(), io.status.clone());
     let thread = std::thread::Builder::new()
@@ -116,7 +116,7 @@ fn supervise<L: Loader>(
     io: &Io,
     ready: Sender<Result<Ready, BackendError>>,
 ) {
-    let ops = &io.ops;
+    let hooks = &io.hooks;
     // Sent once, at start-up; later (re)loads happen when waking from idle.
     let mut ready = Some(ready);
     let mut model: Option<L::Model> = None;
@@ -126,7 +126,7 @@ fn supervise<L: Loader>(
         let opened = serve_once(loader, config, io, &mut model, &mut ready, waking.take());
         match opened {
             Ok(Exit::Stopped) => break,
-            Ok(Exit::Park) => ops.parked(),
+            Ok(Exit::Park) => hooks.parked(),
             Err((e, waking)) => match (ready.take(), waking) {
                 (Some(tx), _) => {
                     let _ = tx.send(Err(e));
@@ -143,14 +143,14 @@ fn supervise<L: Loader>(
                 (None, None) => log::error!("cannot reopen the engine: {e}"),
             },
         }
-        if ops.idle.unload_model {
+        if hooks.unload_on_park() {
             model = None;
         }
         // Parked (or a wake-up failed): the next request wakes the engine.
-        ops.set_state(EngineState::Parked);
+        hooks.set_state(EngineState::Parked);
         match io.commands.recv() {
             Ok(Command::Infer(req)) => {
-                ops.set_state(EngineState::Waking);
+                hooks.set_state(EngineState::Waking);
                 waking = Some(req);
             }
             Ok(Command::Shutdown) | Err(_) => break,
@@ -200,8 +200,8 @@ fn serve_once<L: Loader>(
     }
     let mut engine = Engine::new(backend, config, io);
     if let Some(req) = waking {
-        io.ops.woke(req.received.elapsed());
-        io.ops.set_state(EngineState::Busy);
+        io.hooks.woke(req.received.elapsed());
+        io.hooks.set_state(EngineState::Busy);
         engine.submit(*req);
     }
     Ok(engine.serve())

@@ -3,19 +3,16 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::backend::{BackendError, BatchToken};
 use super::fake::Fake;
 use super::*;
-use crate::config;
 use crate::core::{
     ChatMessage, EngineState, ErrorCode, Event, FinishReason, PromptInput, Request, RequestError,
     Role, SamplingParams, Stats,
 };
-use crate::ops::fault::Fault;
-use crate::ops::{Ops, monitor};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -30,12 +27,67 @@ fn config(slots: usize) -> EngineConfig {
     }
 }
 
+/// The operations side as the engine sees it, recorded.
+#[derive(Default)]
+struct TestHooks {
+    park_after: Option<Duration>,
+    unload: bool,
+    state: AtomicU8,
+    tokens: AtomicUsize,
+    parks: AtomicUsize,
+    wakes: AtomicUsize,
+}
+
+impl TestHooks {
+    fn state(&self) -> EngineState {
+        EngineState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+}
+
+impl Hooks for TestHooks {
+    fn beat(&self) {}
+    fn set_state(&self, state: EngineState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+    fn throttled(&self) -> bool {
+        false
+    }
+    fn on_token(&self) {
+        self.tokens.fetch_add(1, Ordering::Relaxed);
+    }
+    fn park_after(&self) -> Option<Duration> {
+        self.park_after
+    }
+    fn unload_on_park(&self) -> bool {
+        self.unload
+    }
+    fn parked(&self) {
+        self.parks.fetch_add(1, Ordering::Relaxed);
+    }
+    fn woke(&self, _took: Duration) {
+        self.wakes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn parking(after_s: f64, unload: bool) -> TestHooks {
+    TestHooks {
+        park_after: Some(Duration::from_secs_f64(after_s)),
+        unload,
+        ..TestHooks::default()
+    }
+}
+
 struct Harness {
     engine: EngineHandle,
     events: EventSource,
+    /// Wake-ups the engine sent, and how many of them were handled: like the
+    /// reactor, the harness drains only after a wake-up, so a missing one
+    /// leaves events unseen and the test times out.
+    woken: Arc<AtomicUsize>,
+    handled: usize,
     buffered: VecDeque<Event>,
     fake: Fake,
-    ops: Arc<Ops>,
+    hooks: Arc<TestHooks>,
     next_key: u64,
 }
 
@@ -64,27 +116,29 @@ impl Done {
 }
 
 impl Harness {
-    fn start(fake: Fake, cfg: EngineConfig, idle: config::Idle) -> Harness {
-        let ops = Arc::new(Ops::new(
-            Arc::new(monitor::Shared::default()),
-            idle,
-            Fault::default(),
-        ));
-        let (sink, events) = events(|| {});
-        let (engine, ready) = spawn(fake.clone(), cfg, ops.clone(), sink).expect("starts");
+    fn start(fake: Fake, cfg: EngineConfig, hooks: TestHooks) -> Harness {
+        let hooks = Arc::new(hooks);
+        let woken = Arc::new(AtomicUsize::new(0));
+        let count = woken.clone();
+        let (sink, events) = events(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+        });
+        let (engine, ready) = spawn(fake.clone(), cfg, hooks.clone(), sink).expect("starts");
         assert_eq!(ready.model_name, "fake");
         Harness {
             engine,
             events,
+            woken,
+            handled: 0,
             buffered: VecDeque::new(),
             fake,
-            ops,
+            hooks,
             next_key: 1,
         }
     }
 
     fn new(slots: usize) -> Harness {
-        Harness::start(Fake::default(), config(slots), never_park())
+        Harness::start(Fake::default(), config(slots), TestHooks::default())
     }
 
     fn submit_input(
@@ -115,7 +169,11 @@ impl Harness {
     fn next(&mut self) -> Event {
         let deadline = Instant::now() + WAIT;
         loop {
-            self.buffered.extend(self.events.drain());
+            let woken = self.woken.load(Ordering::SeqCst);
+            if woken > self.handled {
+                self.handled = woken;
+                self.buffered.extend(self.events.drain());
+            }
             if let Some(e) = self.buffered.pop_front() {
                 return e;
             }
@@ -156,13 +214,6 @@ impl Harness {
             assert!(Instant::now() < deadline, "timed out waiting: {what}");
             std::thread::sleep(Duration::from_millis(1));
         }
-    }
-}
-
-fn never_park() -> config::Idle {
-    config::Idle {
-        park_after_s: 0.0,
-        unload_model: false,
     }
 }
 
@@ -231,7 +282,7 @@ fn every_request_is_decoded_at_its_own_positions_while_others_run() {
         reply: "abcdefghijklmnopqrstuvwxyz".into(),
         ..Fake::default()
     };
-    let mut h = Harness::start(fake, config(3), never_park());
+    let mut h = Harness::start(fake, config(3), TestHooks::default());
     let keys: Vec<u64> = ["one", "a much longer prompt than the chunk", "x"]
         .iter()
         .map(|p| h.submit(p).0)
@@ -320,28 +371,22 @@ fn no_kv_slot_evicts_a_cached_prefix_and_retries() {
     let (a, _) = h.submit("a prompt that stays cached");
     h.finish(a);
     assert_eq!(h.engine.status().kv.prefix_entries, 1);
+    // The first decode of the next request finds no slot: the cached prefix
+    // is evicted, the decode retried and the request completes.
     h.fake.state().no_kv_slot = 1;
+    let before = h.fake.state().batches.len();
     let (b, _) = h.submit("something else");
     assert_eq!(h.finish(b).text, "hello world");
-    // The cache was emptied to make room, then this request's prompt was kept.
-    let batches = h.fake.state().batches.len();
-    assert!(batches > 2);
-    // With nothing left to evict, the request fails and the engine goes on.
-    h.engine.status();
-    let (c, _) = h.submit("x");
-    h.finish(c);
+    let retried = h.fake.state().batches[before..before + 2].to_vec();
+    assert_eq!(retried[0], retried[1], "the same batch, retried");
+    // Its own prompt is the only entry now.
+    assert_eq!(h.engine.status().kv.prefix_entries, 1);
+    // With nothing left to evict the request fails, and the engine goes on.
     h.fake.state().no_kv_slot = 100;
-    let mut failed = false;
-    for _ in 0..3 {
-        let (d, _) = h.submit("yet another prompt");
-        let done = h.finish(d);
-        if let Event::Error { error, .. } = &done.last {
-            assert_eq!(error.code(), ErrorCode::Internal);
-            failed = true;
-            break;
-        }
-    }
-    assert!(failed, "a request failed once nothing could be evicted");
+    let (d, _) = h.submit("yet another prompt");
+    let done = h.finish(d);
+    assert_eq!(done.error().code(), ErrorCode::Internal, "{:?}", done.last);
+    assert_eq!(h.engine.status().kv.prefix_entries, 0, "all evicted first");
     h.fake.state().no_kv_slot = 0;
     let (e, _) = h.submit("fine again");
     assert_eq!(h.finish(e).text, "hello world");
@@ -365,7 +410,7 @@ fn bad_prompts_get_errors_that_say_why() {
         n_ctx: 32,
         ..Fake::default()
     };
-    let mut h = Harness::start(fake, config(1), never_park());
+    let mut h = Harness::start(fake, config(1), TestHooks::default());
     let chat = PromptInput::Messages(vec![ChatMessage {
         role: Role::User,
         content: "hi".into(),
@@ -384,15 +429,11 @@ fn bad_prompts_get_errors_that_say_why() {
 
 #[test]
 fn the_idle_engine_parks_and_the_next_request_wakes_it() {
-    let idle = config::Idle {
-        park_after_s: 0.02,
-        unload_model: true,
-    };
-    let mut h = Harness::start(Fake::default(), config(1), idle);
+    let mut h = Harness::start(Fake::default(), config(1), parking(0.02, true));
     let (a, _) = h.submit("hi");
     h.finish(a);
-    h.wait_until("parked", |h| h.ops.engine_state() == EngineState::Parked);
-    assert_eq!(h.ops.metrics.parks.load(Ordering::Relaxed), 1);
+    h.wait_until("parked", |h| h.hooks.state() == EngineState::Parked);
+    assert_eq!(h.hooks.parks.load(Ordering::Relaxed), 1);
     let (b, _) = h.submit("hi again");
     assert_eq!(h.finish(b).text, "hello world");
     let s = h.fake.state();
@@ -401,17 +442,30 @@ fn the_idle_engine_parks_and_the_next_request_wakes_it() {
         (2, 2),
         "the model was unloaded and reloaded"
     );
-    assert_eq!(h.ops.metrics.wakes.load(Ordering::Relaxed), 1);
+    assert_eq!(h.hooks.wakes.load(Ordering::Relaxed), 1);
+    assert_eq!(h.hooks.tokens.load(Ordering::Relaxed), 22);
+}
+
+#[test]
+fn a_request_refused_on_waking_still_reaches_the_server() {
+    let fake = Fake {
+        chat_template: false,
+        ..Fake::default()
+    };
+    let mut h = Harness::start(fake, config(1), parking(0.02, false));
+    h.wait_until("parked", |h| h.hooks.state() == EngineState::Parked);
+    let chat = PromptInput::Messages(vec![ChatMessage {
+        role: Role::User,
+        content: "hi".into(),
+    }]);
+    let (a, _) = h.submit_input(chat, greedy(4));
+    assert_eq!(h.finish(a).error(), &RequestError::NoChatTemplate);
 }
 
 #[test]
 fn a_failed_wake_fails_the_waking_request_only() {
-    let idle = config::Idle {
-        park_after_s: 0.02,
-        unload_model: false,
-    };
-    let mut h = Harness::start(Fake::default(), config(1), idle);
-    h.wait_until("parked", |h| h.ops.engine_state() == EngineState::Parked);
+    let mut h = Harness::start(Fake::default(), config(1), parking(0.02, false));
+    h.wait_until("parked", |h| h.hooks.state() == EngineState::Parked);
     h.fake.state().fail_open = true;
     let (a, _) = h.submit("hi");
     assert!(matches!(h.finish(a).error(), RequestError::WakeFailed(_)));
@@ -424,13 +478,10 @@ fn a_failed_wake_fails_the_waking_request_only() {
 fn a_failed_load_is_reported_by_spawn() {
     let fake = Fake::default();
     fake.state().fail_load = true;
-    let ops = Arc::new(Ops::new(
-        Arc::new(monitor::Shared::default()),
-        never_park(),
-        Fault::default(),
-    ));
     let (sink, _events) = events(|| {});
-    let e = spawn(fake, config(1), ops, sink).err().unwrap();
+    let e = spawn(fake, config(1), Arc::new(TestHooks::default()), sink)
+        .err()
+        .unwrap();
     assert_eq!(e, BackendError::ModelMissing("fake.gguf".into()));
 }
 

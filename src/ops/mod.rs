@@ -1,7 +1,7 @@
 //! Operations: what keeps a 24/7 server healthy and observable. The shared
-//! state (`Ops`) that the engine, the reactor, the monitor and the watchdog
-//! all hold, and the small hooks the engine calls: heartbeat, engine state,
-//! thermal pause, token counting, idle parking.
+//! state (`Ops`) that the reactor, the monitor and the watchdog hold, and the
+//! engine sees through its `Hooks`: heartbeat, engine state, thermal pause,
+//! token counting, idle parking.
 
 pub mod fault;
 pub mod heartbeat;
@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crate::config;
 use crate::core::{EngineState, OpsStatus, Status};
+use crate::engine::Hooks;
 use fault::Fault;
 use heartbeat::Heartbeat;
 use metrics::{Gauges, Metrics};
@@ -40,57 +41,6 @@ impl Ops {
         }
     }
 
-    pub fn beat(&self) {
-        self.heartbeat.beat();
-    }
-
-    pub fn set_state(&self, state: EngineState) {
-        self.heartbeat.set_state(state);
-    }
-
-    /// True while the engine must not start a step.
-    pub fn throttled(&self) -> bool {
-        self.monitor.throttled()
-    }
-
-    /// A token was sampled.
-    pub fn on_token(&self) {
-        self.metrics.tokens.fetch_add(1, Ordering::Relaxed);
-        self.fault.on_token();
-    }
-
-    /// How long the engine may sit idle before parking; `None`: never park.
-    pub fn park_after(&self) -> Option<Duration> {
-        (self.idle.park_after_s > 0.0).then(|| Duration::from_secs_f64(self.idle.park_after_s))
-    }
-
-    /// The engine released its context (and, with `idle.unload_model`, its model).
-    pub fn parked(&self) {
-        self.set_state(EngineState::Parked);
-        self.metrics.parks.fetch_add(1, Ordering::Relaxed);
-        log::info!(
-            "idle for {} s: parked (released the KV cache and compute buffers{}); the next request wakes the engine",
-            self.idle.park_after_s,
-            if self.idle.unload_model {
-                " and the model"
-            } else {
-                ""
-            }
-        );
-    }
-
-    /// A parked engine is serving again; `took` runs from the waking request's arrival.
-    pub fn woke(&self, took: Duration) {
-        self.metrics.wakes.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .last_wake_us
-            .store(took.as_micros() as u64, Ordering::Relaxed);
-        log::info!(
-            "woke up in {:.1} ms (the waking request's TTFT includes it)",
-            took.as_secs_f64() * 1e3
-        );
-    }
-
     pub fn engine_state(&self) -> EngineState {
         self.heartbeat.state()
     }
@@ -101,7 +51,7 @@ impl Ops {
         let gpu = snap.gpu.unwrap_or_default();
         OpsStatus {
             engine: Some(self.engine_state().name()),
-            throttled: Some(self.throttled()),
+            throttled: Some(self.monitor.throttled()),
             temp_c: snap.temp_c,
             gpu_temp_c: gpu.temp_c,
             gpu_vram_used_mb: gpu.vram_used_mb,
@@ -116,10 +66,68 @@ impl Ops {
         self.metrics.render(&Gauges {
             status,
             monitor: self.monitor.snapshot(),
-            throttled: self.throttled(),
+            throttled: self.monitor.throttled(),
             throttle_events: self.monitor.throttle_events.load(Ordering::Relaxed),
             engine_state: self.engine_state().name(),
             connections,
         })
+    }
+}
+
+/// The engine reports through these.
+impl Hooks for Ops {
+    fn beat(&self) {
+        self.heartbeat.beat();
+    }
+
+    fn set_state(&self, state: EngineState) {
+        self.heartbeat.set_state(state);
+    }
+
+    /// True while the engine must not start a step.
+    fn throttled(&self) -> bool {
+        self.monitor.throttled()
+    }
+
+    /// A token was sampled.
+    fn on_token(&self) {
+        self.metrics.tokens.fetch_add(1, Ordering::Relaxed);
+        self.fault.on_token();
+    }
+
+    /// How long the engine may sit idle before parking; `None`: never park.
+    fn park_after(&self) -> Option<Duration> {
+        (self.idle.park_after_s > 0.0).then(|| Duration::from_secs_f64(self.idle.park_after_s))
+    }
+
+    fn unload_on_park(&self) -> bool {
+        self.idle.unload_model
+    }
+
+    /// The engine released its context (and, with `idle.unload_model`, its model).
+    fn parked(&self) {
+        self.set_state(EngineState::Parked);
+        self.metrics.parks.fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "idle for {} s: parked (released the KV cache and compute buffers{}); the next request wakes the engine",
+            self.idle.park_after_s,
+            if self.idle.unload_model {
+                " and the model"
+            } else {
+                ""
+            }
+        );
+    }
+
+    /// A parked engine is serving again; `took` runs from the waking request's arrival.
+    fn woke(&self, took: Duration) {
+        self.metrics.wakes.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .last_wake_us
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        log::info!(
+            "woke up in {:.1} ms (the waking request's TTFT includes it)",
+            took.as_secs_f64() * 1e3
+        );
     }
 }

@@ -73,7 +73,8 @@ impl RequestTable {
         }
     }
 
-    /// Registers a request of `conn`; without an id it gets `req-N`.
+    /// Registers a request of `conn`; without an id it gets `req-N`, one
+    /// that no request of the connection uses.
     pub fn open(&mut self, conn: ConnId, id: Option<&str>) -> Result<Opened, Refused> {
         let ids = self.by_conn.entry(conn).or_default();
         if id.is_some_and(|id| ids.contains_key(id)) {
@@ -84,7 +85,16 @@ impl RequestTable {
         }
         let key = self.next_key;
         self.next_key += 1;
-        let id = id.map_or_else(|| format!("req-{key}"), str::to_owned);
+        let id = match id {
+            Some(id) => id.to_owned(),
+            None => (0..)
+                .map(|n| match n {
+                    0 => format!("req-{key}"),
+                    n => format!("req-{key}-{n}"),
+                })
+                .find(|id| !ids.contains_key(id))
+                .expect("some id is free"),
+        };
         let cancel = Arc::new(AtomicBool::new(false));
         ids.insert(id.clone(), key);
         self.routes.insert(
@@ -197,6 +207,18 @@ mod tests {
         assert!(t.finish(a.key).is_none(), "finished once");
         // The id is free again.
         assert!(t.open(A, Some("r1")).is_ok());
+    }
+
+    #[test]
+    fn a_generated_id_never_takes_a_clients_id() {
+        let mut t = RequestTable::new(8);
+        let client = t.open(A, Some("req-2")).unwrap();
+        let generated = t.open(A, None).unwrap();
+        assert_eq!(generated.key, 2);
+        assert_eq!(generated.id, "req-2-1");
+        assert_eq!(t.in_flight(A), 2);
+        assert_eq!(t.detach(A).len(), 2, "both are reachable");
+        assert!(client.cancel.load(Ordering::Relaxed));
     }
 
     #[test]
