@@ -2,6 +2,8 @@
 //! the server, map failures to exit codes (1: start-up failed, 2: bad flags
 //! or config, 70: the engine stalled).
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use inference_core::config::{Cli, Config};

@@ -55,6 +55,8 @@ pub enum BackendError {
     UnsupportedChatTemplate,
     #[error("no logits for batch row {0}: it was not requested in the last decode")]
     NoLogits(usize),
+    #[error("the sampler chain selected no token")]
+    NothingSampled,
 }
 
 /// A sampled token and the probability the model gave it: the softmax of the
@@ -87,11 +89,12 @@ pub trait Backend {
     /// Appends the bytes of `token` (maybe part of a UTF-8 character).
     fn piece(&self, token: Token, out: &mut Vec<u8>);
 
-    /// Decodes `batch`; `should_abort` is polled while it runs.
+    /// Decodes `batch`; `should_abort` is polled while it runs (by llama.cpp,
+    /// possibly from one of its worker threads).
     fn decode(
         &mut self,
         batch: &[BatchToken],
-        should_abort: &dyn Fn() -> bool,
+        should_abort: &(dyn Fn() -> bool + Sync),
     ) -> Result<(), DecodeError>;
     fn sampler(&self, params: &SamplingParams, seed: u32) -> Self::Sampler;
     /// Samples from batch row `row` of the last decode.

@@ -46,6 +46,8 @@ pub struct State {
 pub struct Fake {
     pub n_ctx: usize,
     pub chat_template: bool,
+    /// The template trims message text, as Gemma's does.
+    pub trims_content: bool,
     /// What every request generates, then EOS.
     pub reply: String,
     pub state: Arc<Mutex<State>>,
@@ -56,6 +58,7 @@ impl Default for Fake {
         Fake {
             n_ctx: 256,
             chat_template: true,
+            trims_content: false,
             reply: "hello world".into(),
             state: Arc::default(),
         }
@@ -158,7 +161,14 @@ impl Backend for FakeBackend {
         }
         let mut out: String = messages
             .iter()
-            .map(|(role, content)| format!("<ctl>{role}\n{content}<ctl>\n"))
+            .map(|(role, content)| {
+                let content = if self.fake.trims_content {
+                    content.trim()
+                } else {
+                    content
+                };
+                format!("<ctl>{role}\n{content}<ctl>\n")
+            })
             .collect();
         out.push_str("<ctl>model\n");
         Ok(out)
@@ -177,7 +187,7 @@ impl Backend for FakeBackend {
     fn decode(
         &mut self,
         batch: &[BatchToken],
-        should_abort: &dyn Fn() -> bool,
+        should_abort: &(dyn Fn() -> bool + Sync),
     ) -> Result<(), DecodeError> {
         self.outputs.clear();
         {

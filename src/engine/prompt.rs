@@ -6,7 +6,9 @@
 //! `<end_of_turn>\n<start_of_turn>model\n` gets those characters, not a forged
 //! turn. The messages go through the template as unique markers; the rendered
 //! text is cut at the markers, the template's own text is tokenized with
-//! control tokens and each message's text without.
+//! control tokens and each message's text without. Templates may change the
+//! text they are given (Gemma's trims it): the real messages are rendered too,
+//! and the message text is shaped the way that reproduces that rendering.
 
 use crate::core::{PromptInput, RequestError};
 use crate::engine::backend::{Backend, BackendError, Token};
@@ -38,20 +40,42 @@ pub fn tokens<B: Backend>(backend: &B, input: &PromptInput) -> Result<Vec<Token>
         .zip(&markers)
         .map(|(m, k)| (m.role.as_str(), k.as_str()))
         .collect();
-    let rendered = backend
-        .render_chat(&turns)
-        .map_err(|e| RequestError::Template(e.to_string()))?;
+    let template_err = |e: BackendError| RequestError::Template(e.to_string());
+    let rendered = backend.render_chat(&turns).map_err(template_err)?;
+    let pieces = split(&rendered, &markers);
+    let real: Vec<(&str, &str)> = messages
+        .iter()
+        .map(|m| (m.role.as_str(), m.content.as_str()))
+        .collect();
+    let expected = backend.render_chat(&real).map_err(template_err)?;
+    let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+    let shapes: [fn(&str) -> &str; 2] = [|s| s, str::trim];
+    let shape = shapes
+        .into_iter()
+        .find(|shape| assemble(&pieces, &contents, *shape) == expected)
+        .unwrap_or(shapes[0]);
     let mut out = Vec::new();
-    for (i, piece) in split(&rendered, &markers).into_iter().enumerate() {
+    for (i, piece) in pieces.into_iter().enumerate() {
         let first = i == 0;
         let toks = match piece {
             Piece::Template(text) if text.is_empty() && !first => continue,
             Piece::Template(text) => backend.tokenize(text, first, true),
-            Piece::Message(m) => backend.tokenize(&messages[m].content, first, false),
+            Piece::Message(m) => backend.tokenize(shape(contents[m]), first, false),
         };
         out.extend(toks.map_err(tokenize_err)?);
     }
     Ok(out)
+}
+
+/// The text the pieces stand for, with each message shaped by `shape`.
+fn assemble(pieces: &[Piece<'_>], contents: &[&str], shape: fn(&str) -> &str) -> String {
+    pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Template(t) => t,
+            Piece::Message(m) => shape(contents[*m]),
+        })
+        .collect()
 }
 
 #[derive(Debug, PartialEq)]
@@ -142,6 +166,21 @@ mod tests {
                 Piece::Template(""),
             ]
         );
+    }
+
+    #[test]
+    fn message_text_is_shaped_as_the_template_shapes_it() {
+        for trims in [false, true] {
+            let fake = Fake {
+                trims_content: trims,
+                ..Fake::default()
+            };
+            let backend = fake.backend();
+            let t = tokens(&backend, &chat("  hi  ")).unwrap();
+            let rendered = backend.render_chat(&[("user", "  hi  ")]).unwrap();
+            let naive = backend.tokenize(&rendered, true, true).unwrap();
+            assert_eq!(t, naive, "trims: {trims}");
+        }
     }
 
     #[test]

@@ -25,9 +25,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
-use crate::core::ErrorCode;
 use crate::server::http::{Response, WS_VERSION};
-use crate::server::protocol::ServerMsg;
 use crate::server::session::Session;
 
 /// Largest HTTP request head we accept before answering 431.
@@ -100,6 +98,9 @@ pub enum Input {
     Opened,
     Text(String),
     Binary,
+    /// A message over the size limit was refused; the connection is failed
+    /// with 1009 once what the session answers is queued.
+    TooLarge(String),
     /// A plain HTTP request (not an upgrade).
     Http {
         method: String,
@@ -138,6 +139,8 @@ pub struct Connection {
     pub last_seen: Instant,
     /// When we pinged a silent client; cleared by any frame from it.
     pub ping_sent: Option<Instant>,
+    /// A close to send at the next `flush`, after what is queued.
+    failing: Option<(CloseCode, String)>,
 }
 
 impl Connection {
@@ -159,6 +162,7 @@ impl Connection {
             echo: false,
             last_seen: Instant::now(),
             ping_sent: None,
+            failing: None,
         }
     }
 
@@ -175,12 +179,12 @@ impl Connection {
             },
             State::Handshaking(_) => self.drive_handshake(inputs),
             State::Open(ws) => {
-                let (live, active) = read_messages(ws, self.echo, inputs);
+                let (read, active) = read_messages(ws, self.echo, inputs);
                 if active {
                     self.last_seen = Instant::now();
                     self.ping_sent = None;
                 }
-                live
+                self.after_read(read)
             }
             State::Responding { stream, .. } => {
                 // Discard anything more the client sends; we are closing.
@@ -199,15 +203,39 @@ impl Connection {
         }
     }
 
+    /// Writes what is queued; a pending close waits for the `flush` that
+    /// follows the handling of this event's inputs.
     pub fn on_writable(&mut self, inputs: &mut Vec<Input>) -> Liveness {
         match &self.state {
             State::Handshaking(_) => self.drive_handshake(inputs),
-            _ => self.flush(),
+            _ => self.write_out(),
         }
     }
 
-    /// Writes queued bytes until done or `WouldBlock` (the rest goes out on WRITABLE).
+    fn after_read(&mut self, read: ReadEnd) -> Liveness {
+        match read {
+            ReadEnd::Alive => Liveness::Alive,
+            ReadEnd::Gone => Liveness::Gone,
+            ReadEnd::Fail(code, why) => {
+                self.failing = Some((code, why));
+                Liveness::Alive
+            }
+        }
+    }
+
+    /// Writes queued bytes until done or `WouldBlock` (the rest goes out on
+    /// WRITABLE), then a pending close.
     pub fn flush(&mut self) -> Liveness {
+        if let Some((code, why)) = self.failing.take() {
+            if let State::Open(ws) = &mut self.state {
+                fail(ws, code, &why);
+            }
+            return Liveness::Gone;
+        }
+        self.write_out()
+    }
+
+    fn write_out(&mut self) -> Liveness {
         match &mut self.state {
             State::Open(ws) => match ws.flush() {
                 Ok(()) => Liveness::Alive,
@@ -384,7 +412,8 @@ impl Connection {
                 let State::Open(ws) = &mut self.state else {
                     unreachable!()
                 };
-                read_messages(ws, self.echo, inputs).0
+                let (read, _) = read_messages(ws, self.echo, inputs);
+                self.after_read(read)
             }
             Err(HandshakeError::Interrupted(mid)) => {
                 self.state = State::Handshaking(Box::new(mid));
@@ -416,7 +445,17 @@ fn read_head(stream: &mut TcpStream, head: &mut Vec<u8>) -> io::Result<bool> {
     }
 }
 
-/// Reads every available message; returns whether the client sent anything.
+/// How a read of the frames ended.
+#[derive(Debug, PartialEq)]
+enum ReadEnd {
+    Alive,
+    Gone,
+    /// Fail the connection with this close once the inputs are answered.
+    Fail(CloseCode, String),
+}
+
+/// Reads every available message; returns how it ended and whether the
+/// client sent anything.
 /// Pings, pongs and the close handshake are answered by tungstenite itself
 /// (queued; the reactor flushes afterwards). On the echo route, text and
 /// binary messages are queued straight back, before a close that may follow
@@ -425,7 +464,7 @@ fn read_messages<S: Read + Write>(
     ws: &mut WebSocket<S>,
     echo: bool,
     inputs: &mut Vec<Input>,
-) -> (Liveness, bool) {
+) -> (ReadEnd, bool) {
     let mut active = false;
     loop {
         let result = ws.read();
@@ -438,18 +477,18 @@ fn read_messages<S: Read + Write>(
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(tungstenite::Error::WriteBufferFull(_)) => {
                     fail(ws, CloseCode::Policy, "reading too slowly");
-                    return (Liveness::Gone, active);
+                    return (ReadEnd::Gone, active);
                 }
-                Err(_) => return (Liveness::Gone, active),
+                Err(_) => return (ReadEnd::Gone, active),
             },
             Ok(Message::Text(t)) => inputs.push(Input::Text(t.as_str().to_owned())),
             Ok(Message::Binary(_)) => inputs.push(Input::Binary),
             Ok(_) => {}
             Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                return (Liveness::Alive, active);
+                return (ReadEnd::Alive, active);
             }
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                return (Liveness::Gone, active);
+                return (ReadEnd::Gone, active);
             }
             Err(e) => {
                 // tungstenite reports protocol violations but leaves the close
@@ -464,13 +503,12 @@ fn read_messages<S: Read + Write>(
                 };
                 log::debug!("closing WebSocket after read error: {e}");
                 if code == CloseCode::Size && !echo {
-                    // Protocol v1 (the only WebSocket protocol) hears why first.
-                    let message = format!("message rejected: {why}");
-                    let error = ServerMsg::error(None, ErrorCode::BadRequest, &message);
-                    let _ = ws.write(Message::text(error));
+                    // The session says why before the close.
+                    inputs.push(Input::TooLarge(why.clone()));
+                    return (ReadEnd::Fail(code, why), active);
                 }
                 fail(ws, code, &why);
-                return (Liveness::Gone, active);
+                return (ReadEnd::Gone, active);
             }
         }
     }
@@ -541,7 +579,14 @@ pub fn feed(bytes: &[u8], config: &WebSocketConfig, echo: bool) -> Fed {
     };
     let mut ws = WebSocket::from_raw_socket(memory, Role::Server, Some(*config));
     let mut inputs = Vec::new();
-    let (liveness, _) = read_messages(&mut ws, echo, &mut inputs);
+    let liveness = match read_messages(&mut ws, echo, &mut inputs).0 {
+        ReadEnd::Alive => Liveness::Alive,
+        ReadEnd::Gone => Liveness::Gone,
+        ReadEnd::Fail(code, why) => {
+            fail(&mut ws, code, &why);
+            Liveness::Gone
+        }
+    };
     let _ = ws.flush();
     Fed {
         inputs,

@@ -282,6 +282,9 @@ impl Reactor {
             Input::Text(text) => self.with_session(slot, |s, host, out| {
                 s.on_message(Message::Text(&text), host, out)
             }),
+            Input::TooLarge(why) => self.with_session(slot, |s, host, out| {
+                s.on_message(Message::TooLarge(&why), host, out)
+            }),
         }
     }
 

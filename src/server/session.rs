@@ -13,6 +13,9 @@ use crate::server::requests::Refused;
 pub enum Message<'a> {
     Text(&'a str),
     Binary(&'a [u8]),
+    /// A message over the size limit, refused unread (`why` says which
+    /// limit); the connection closes right after the answer.
+    TooLarge(&'a str),
 }
 
 /// Messages for the client, in order.

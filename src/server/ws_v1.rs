@@ -47,6 +47,11 @@ impl Session for WsV1 {
                 ));
                 return;
             }
+            Message::TooLarge(why) => {
+                let message = format!("message rejected: {why}");
+                out.push(ServerMsg::error(None, ErrorCode::BadRequest, &message));
+                return;
+            }
         };
         match protocol::parse(text, host.defaults()) {
             Ok(ClientMsg::Infer(req)) => {

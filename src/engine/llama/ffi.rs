@@ -405,15 +405,17 @@ impl<'m> Context<'m> {
     pub fn decode(
         &mut self,
         batch: &Batch,
-        should_abort: &dyn Fn() -> bool,
+        should_abort: &(dyn Fn() -> bool + Sync),
     ) -> Result<(), DecodeError> {
+        type Callback<'a> = &'a (dyn Fn() -> bool + Sync);
         extern "C" fn trampoline(data: *mut c_void) -> bool {
-            // SAFETY: `data` is the `&&dyn Fn` set just below, alive until decode returns.
-            let f = unsafe { &*(data as *const &dyn Fn() -> bool) };
+            // SAFETY: `data` is the `&Callback` set just below, alive until
+            // decode returns; the callback is `Sync`, so any ggml thread may call it.
+            let f = unsafe { &*(data as *const Callback) };
             f()
         }
         self.outputs.clear();
-        let data: *const &dyn Fn() -> bool = &should_abort;
+        let data: *const Callback = &should_abort;
         // SAFETY: the callback and its data stay valid for the whole llama_decode
         // call; they are cleared again before `should_abort` goes out of scope.
         let (rc, errors) = capturing_errors(|| unsafe {
@@ -673,10 +675,9 @@ impl Sampler {
         // SAFETY: `arr` points into `self.candidates`, alive and unaliased for the
         // call; the chain only rewrites/shrinks the array in place.
         unsafe { sys::llama_sampler_apply(self.chain.as_ptr(), &mut arr) };
-        assert!(
-            arr.selected >= 0 && (arr.selected as usize) < arr.size,
-            "sampler selected nothing"
-        );
+        if arr.selected < 0 || arr.selected as usize >= arr.size {
+            return Err(BackendError::NothingSampled);
+        }
         // SAFETY: the chain may have shrunk `size` but `data` still points into our buffer.
         let kept = unsafe { std::slice::from_raw_parts(arr.data, arr.size) };
         let token = kept[arr.selected as usize].id;

@@ -154,7 +154,7 @@ impl Backend for LlamaBackend<'_> {
     fn decode(
         &mut self,
         batch: &[BatchToken],
-        should_abort: &dyn Fn() -> bool,
+        should_abort: &(dyn Fn() -> bool + Sync),
     ) -> Result<(), DecodeError> {
         self.batch.clear();
         for &t in batch {
