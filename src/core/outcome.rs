@@ -1,8 +1,6 @@
 //! How a request ends: a finish reason and its statistics, or an error that
 //! is data (a kind with its numbers), rendered to words only at the edge.
 
-use serde::Serialize;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// The model produced an end-of-generation token.
@@ -104,7 +102,7 @@ impl RequestError {
 }
 
 /// Counts and timings of one request, reported with its end.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
     pub prompt_tokens: usize,
     /// Prompt tokens served from the prefix cache instead of being computed.

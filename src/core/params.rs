@@ -1,7 +1,7 @@
 //! Sampling parameters: one resolved type, one `validate`, used by every path
 //! that sets them (each protocol's request and the config file's `[defaults]`).
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 pub const MAX_STOP_STRINGS: usize = 16;
 /// Longest stop string, in bytes.
@@ -9,7 +9,7 @@ pub const MAX_STOP_LEN: usize = 256;
 
 /// Fully resolved generation parameters. `Default` holds the built-in
 /// defaults, which `[defaults]` in the config file overrides.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SamplingParams {
     /// 0: greedy.

@@ -1,8 +1,6 @@
 //! Snapshots the engine and the operations side publish: slots, queue, KV
 //! pages, engine state, temperatures.
 
-use serde::Serialize;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum EngineState {
@@ -47,40 +45,31 @@ impl EngineState {
 }
 
 /// A snapshot of the engine, answered to a status request.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Status {
     pub slots: usize,
     pub busy_slots: usize,
     pub queued: usize,
     pub kv: KvStatus,
     /// Engine state, temperature, throttle and GPU readings; absent fields are unknown.
-    #[serde(flatten)]
     pub ops: OpsStatus,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct OpsStatus {
     /// idle, busy, parked or waking.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub throttled: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub temp_c: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_temp_c: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_vram_used_mb: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_vram_free_mb: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_power_w: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_util_pct: Option<u32>,
 }
 
 /// KV cache pages: owned by running requests, held by the prefix cache, free.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct KvStatus {
     pub page_size: usize,
     pub pages_total: usize,

@@ -61,7 +61,10 @@ impl Session for WsV1 {
                 }
             }
             Ok(ClientMsg::Abort { id }) => host.abort(id.as_deref()),
-            Ok(ClientMsg::Status) => out.push(ServerMsg::Status(&host.status()).to_json()),
+            Ok(ClientMsg::Status) => {
+                let status = (&host.status()).into();
+                out.push(ServerMsg::Status(&status).to_json())
+            }
             Err(e) => out.push(ServerMsg::error(e.id.as_deref(), e.code, &e.message)),
         }
     }
@@ -82,7 +85,7 @@ impl Session for WsV1 {
             Event::End { reason, stats, .. } => ServerMsg::End {
                 id,
                 reason: reason.as_str(),
-                stats,
+                stats: stats.into(),
             }
             .to_json(),
             Event::Error { error, .. } => {
