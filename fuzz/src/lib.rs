@@ -1,9 +1,9 @@
 //! The server's sans-I/O entry points, from the main crate's library (built
 //! without llama.cpp): `protocol::parse` (one client text frame) and
-//! `connection::feed` (raw client bytes through the WebSocket frame path).
+//! `feed::feed` (raw client bytes through the WebSocket frame path).
 
 use inference_core::core::SamplingParams;
-use inference_core::server::{connection, protocol};
+use inference_core::server::{feed, protocol};
 use tungstenite::protocol::WebSocketConfig;
 
 /// Buffers as the reactor sets them; limits smaller so inputs can reach them.
@@ -26,7 +26,7 @@ pub fn run(data: &[u8]) {
             let _ = protocol::parse(&String::from_utf8_lossy(rest), &SamplingParams::default());
         }
         m => {
-            let fed = connection::feed(rest, &ws_config(), m == 2);
+            let fed = feed::feed(rest, &ws_config(), m == 2);
             assert!(fed.output.len() <= 4 * rest.len() + 1024);
         }
     }

@@ -3,6 +3,7 @@
 //! the request table routes the engine's events back to their clients.
 
 pub mod connection;
+pub mod feed;
 pub mod http;
 pub mod protocol;
 pub mod reactor;
