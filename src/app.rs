@@ -3,12 +3,13 @@
 //! calling thread until shutdown.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 
 use crate::config::Config;
 use crate::engine::llama::{self, LlamaConfig, LlamaLoader};
-use crate::engine::{self, EngineConfig};
+use crate::engine::{self, EngineConfig, StateConfig};
 use crate::ops::{Ops, fault, monitor, vram, watchdog};
 use crate::server::reactor::{self, Parts, Reactor};
 
@@ -46,6 +47,12 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         queue_limit: s.max_queue,
         cache_entries: s.prefix_cache_entries,
         prefill_chunk: s.prefill_chunk.max(1),
+        park_keep_bytes: config.idle.keep_prefixes_mb << 20,
+        state: config.state_dir().map(|dir| StateConfig {
+            dir,
+            max_bytes: config.state.max_mb << 20,
+            save_every: Duration::from_secs_f64(config.state.save_every_s),
+        }),
     };
     let wake = waker.clone();
     let (sink, events) = engine::events(move || {

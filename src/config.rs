@@ -49,6 +49,10 @@ pub struct Cli {
     /// Log level: error, warn, info, debug, trace [default: info]
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Where cached prompt prefixes are saved across restarts
+    /// [default: $INFERENCE_CORE_STATE, else ~/.local/state/inference-core]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Log lines as text, or as one JSON object per line [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -65,6 +69,7 @@ pub struct Config {
     pub monitor: Monitor,
     pub thermal: Thermal,
     pub idle: Idle,
+    pub state: State,
     pub watchdog: Watchdog,
 }
 
@@ -266,6 +271,29 @@ impl Default for Thermal {
     }
 }
 
+/// Cached prompt prefixes saved across restarts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct State {
+    /// Empty: `$INFERENCE_CORE_STATE`, else `$XDG_STATE_HOME/inference-core`,
+    /// else `~/.local/state/inference-core`.
+    pub dir: String,
+    /// MB of prefixes saved (the most recently used first); 0: none saved or loaded.
+    pub max_mb: usize,
+    /// Save when the engine goes idle at most this often (and at shutdown).
+    pub save_every_s: f64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            dir: String::new(),
+            max_mb: 256,
+            save_every_s: 60.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Idle {
@@ -273,6 +301,9 @@ pub struct Idle {
     pub park_after_s: f64,
     /// Release the model's weights too when parking.
     pub unload_model: bool,
+    /// MB of cached prefixes (the most recently used first) kept in memory
+    /// while parked and restored on wake; 0: parking forgets them.
+    pub keep_prefixes_mb: usize,
 }
 
 impl Default for Idle {
@@ -280,6 +311,7 @@ impl Default for Idle {
         Idle {
             park_after_s: 300.0,
             unload_model: false,
+            keep_prefixes_mb: 256,
         }
     }
 }
@@ -371,6 +403,9 @@ impl Config {
         if let Some(l) = &cli.log_level {
             config.log.level = l.clone();
         }
+        if let Some(d) = &cli.state_dir {
+            config.state.dir = d.display().to_string();
+        }
         if let Some(f) = cli.log_format {
             config.log.format = f;
         }
@@ -419,6 +454,9 @@ impl Config {
         if self.thermal.resume_c > self.thermal.limit_c {
             return bad("thermal.resume_c must not exceed thermal.limit_c");
         }
+        if self.state.save_every_s < 0.0 {
+            return bad("state.save_every_s must not be negative");
+        }
         if self.watchdog.stall_s <= 0.0 || self.idle.park_after_s < 0.0 {
             return bad("watchdog.stall_s must be positive and idle.park_after_s not negative");
         }
@@ -442,6 +480,23 @@ impl Config {
             ("", _) => None,
             (t, _) => Some(t.to_owned()),
         }
+    }
+
+    /// The state directory; `None` when saving is off (`state.max_mb = 0`).
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        if self.state.max_mb == 0 {
+            return None;
+        }
+        if !self.state.dir.is_empty() {
+            return Some(PathBuf::from(&self.state.dir));
+        }
+        if let Some(dir) = std::env::var_os("INFERENCE_CORE_STATE") {
+            return Some(PathBuf::from(dir));
+        }
+        let base = std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))?;
+        Some(base.join("inference-core"))
     }
 
     pub fn threads(&self) -> usize {

@@ -60,7 +60,11 @@ pub fn server_bin() -> std::ffi::OsString {
 }
 
 pub fn start_server(args: &[&str]) -> Server {
+    // A fresh state directory: no prefix saved by an earlier run warms this one.
+    let state = std::env::temp_dir().join(format!("ic-bench-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
     let mut child = Command::new(server_bin())
+        .env("INFERENCE_CORE_STATE", &state)
         .args(["--port", "0"])
         .args(args)
         .stderr(Stdio::piped())

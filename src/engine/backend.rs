@@ -57,6 +57,8 @@ pub enum BackendError {
     NoLogits(usize),
     #[error("the sampler chain selected no token")]
     NothingSampled,
+    #[error("sequence state: {0}")]
+    State(String),
 }
 
 /// A sampled token and the probability the model gave it: the softmax of the
@@ -104,6 +106,11 @@ pub trait Backend {
     fn seq_cp(&mut self, src: SeqId, dst: SeqId, len: usize);
     /// Drops `seq`'s cells from position `from` on.
     fn seq_rm(&mut self, seq: SeqId, from: usize);
+    /// The KV state of `seq`'s cells, for `seq_load` into another context
+    /// of the same model and settings.
+    fn seq_save(&self, seq: SeqId) -> Result<Vec<u8>, BackendError>;
+    /// Fills the empty `seq` from a `seq_save` state.
+    fn seq_load(&mut self, seq: SeqId, state: &[u8]) -> Result<(), BackendError>;
 }
 
 /// Loads the weights and opens backends over them.
@@ -120,4 +127,7 @@ pub trait Loader {
     fn model_name(&self) -> String;
     /// One line for the start-up log.
     fn describe(&self, model: &Self::Model) -> String;
+    /// What saved sequence states depend on (model file, build, context
+    /// settings): states saved under another binding are never loaded.
+    fn binding(&self, model: &Self::Model) -> String;
 }

@@ -108,6 +108,10 @@ impl Loader for Fake {
     fn describe(&self, _model: &()) -> String {
         "fake model".into()
     }
+
+    fn binding(&self, _model: &()) -> String {
+        format!("fake n_ctx={}", self.n_ctx)
+    }
 }
 
 pub struct FakeBackend {
@@ -261,5 +265,22 @@ impl Backend for FakeBackend {
     fn seq_rm(&mut self, seq: SeqId, from: usize) {
         let held = self.cells.entry(seq).or_default();
         *held = (*held).min(from);
+    }
+
+    /// `fake` and the number of cells.
+    fn seq_save(&self, seq: SeqId) -> Result<Vec<u8>, BackendError> {
+        let held = self.cells.get(&seq).copied().unwrap_or(0) as u32;
+        Ok([b"fake".as_slice(), &held.to_le_bytes()].concat())
+    }
+
+    fn seq_load(&mut self, seq: SeqId, state: &[u8]) -> Result<(), BackendError> {
+        let cells = state
+            .strip_prefix(b"fake")
+            .and_then(|n| <[u8; 4]>::try_from(n).ok())
+            .map(u32::from_le_bytes)
+            .ok_or_else(|| BackendError::State("not a fake state".into()))?;
+        assert_eq!(self.cells.get(&seq).copied().unwrap_or(0), 0, "load into a used sequence");
+        self.cells.insert(seq, cells as usize);
+        Ok(())
     }
 }

@@ -23,7 +23,9 @@ pub mod planner;
 pub mod prefix;
 mod prompt;
 pub mod scheduler;
+pub mod persist;
 mod sequence;
+pub mod snapshot;
 mod step;
 mod supervisor;
 #[cfg(test)]
@@ -32,5 +34,5 @@ pub mod text;
 
 pub use channel::{Command, EventSink, EventSource, events};
 pub use hooks::Hooks;
-pub use step::EngineConfig;
+pub use step::{EngineConfig, StateConfig};
 pub use supervisor::{EngineHandle, Ready, spawn};

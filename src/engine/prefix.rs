@@ -143,6 +143,13 @@ impl PrefixCache {
         Some(entry)
     }
 
+    /// Every entry, the most recently used first.
+    pub fn by_recency(&self) -> Vec<(SeqId, &Entry)> {
+        let mut all: Vec<(SeqId, &Entry)> = self.entries.iter().map(|(&s, e)| (s, e)).collect();
+        all.sort_by_key(|(_, e)| std::cmp::Reverse(e.last_used));
+        all
+    }
+
     /// The least recently used entry other than `except`.
     pub fn lru(&self, except: Option<SeqId>) -> Option<SeqId> {
         self.entries

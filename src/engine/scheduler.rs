@@ -73,6 +73,8 @@ pub struct Scheduler {
     queue: VecDeque<Waiting>,
     active: HashMap<RequestKey, Active>,
     free_seqs: Vec<SeqId>,
+    /// Counts changes to the prefix cache (to know when to save it again).
+    changes: u64,
 }
 
 impl Scheduler {
@@ -84,6 +86,7 @@ impl Scheduler {
             queue: VecDeque::new(),
             active: HashMap::new(),
             free_seqs: (0..n_seq).rev().collect(),
+            changes: 0,
             cfg,
         }
     }
@@ -244,7 +247,13 @@ impl Scheduler {
         })
     }
 
+    /// How many times the prefix cache has changed so far.
+    pub fn cache_changes(&self) -> u64 {
+        self.changes
+    }
+
     fn evict(&mut self, seq: SeqId) -> MemOp {
+        self.changes += 1;
         let entry = self.cache.remove(seq).expect("evicting a cached entry");
         self.kv.release_cached(&entry.pages);
         self.free_seqs.push(seq);
@@ -274,6 +283,7 @@ impl Scheduler {
             self.kv.retain_cached(&a.pages[..full]);
             self.cache
                 .insert(a.seq, tokens.to_vec(), a.pages[..full].to_vec());
+            self.changes += 1;
             ops.push(MemOp::Remove {
                 seq: a.seq,
                 from: full * p,
@@ -287,6 +297,43 @@ impl Scheduler {
         }
         self.kv.release_active(&a.pages);
         ops
+    }
+
+    /// Cached prefixes, the most recently used first: (sequence, tokens).
+    pub fn cached(&self) -> Vec<(SeqId, &[Token])> {
+        self.cache
+            .by_recency()
+            .into_iter()
+            .map(|(seq, e)| (seq, e.tokens.as_slice()))
+            .collect()
+    }
+
+    /// Takes in a prefix restored from a saved state: a sequence id and whole
+    /// pages for `tokens`, as a cache entry whose cells the engine then loads.
+    /// `None` (nothing changed) when it is not whole pages, is already covered,
+    /// or when no entry, sequence id or page is free: a restored prefix never
+    /// pushes out anything.
+    pub fn adopt(&mut self, tokens: Vec<Token>) -> Option<SeqId> {
+        let p = self.cfg.page_size;
+        if tokens.is_empty()
+            || tokens.len() % p != 0
+            || self.cache.len() >= self.cfg.cache_entries
+            || self.cache.covers(&tokens)
+            || self.free_seqs.is_empty()
+        {
+            return None;
+        }
+        let pages = self.kv.alloc(tokens.len() / p)?;
+        let seq = self.free_seqs.pop().expect("checked above");
+        self.kv.retain_cached(&pages);
+        self.kv.release_active(&pages);
+        self.cache.insert(seq, tokens, pages);
+        Some(seq)
+    }
+
+    /// Drops a cached prefix (a restore that failed).
+    pub fn forget(&mut self, seq: SeqId) -> MemOp {
+        self.evict(seq)
     }
 
     /// Frees the least recently used cached prefix (llama.cpp found no room
@@ -471,6 +518,31 @@ mod tests {
         let (_, a) = s.admit().remove(0);
         assert_eq!(a.ops, vec![MemOp::Remove { seq: 0, from: 0 }]);
         assert_eq!(s.usage().cached, 4);
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn restored_prefixes_are_ordinary_entries_and_push_nothing_out() {
+        let mut s = sched(32, 1, 2); // 8 pages, 2 entries
+        let a = s.adopt(prompt(8, 1)).unwrap();
+        assert_eq!(s.adopt(prompt(8, 1)), None, "already covered");
+        assert_eq!(s.adopt(prompt(6, 2)), None, "not whole pages");
+        let b = s.adopt(prompt(4, 3)).unwrap();
+        assert_eq!(s.adopt(prompt(4, 4)), None, "no entry free");
+        assert_eq!(s.usage().cached, 3);
+        assert_eq!(
+            s.cached().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            [b, a],
+            "most recent first"
+        );
+        s.check().unwrap();
+        // A request with that prefix reuses it.
+        let mut next = prompt(8, 1);
+        next.extend([5, 6]);
+        s.submit(req(1, next, 2)).unwrap();
+        let (_, admitted) = s.admit().remove(0);
+        assert_eq!(admitted.cached_tokens, 8);
+        assert_eq!(s.forget(b), MemOp::Remove { seq: b, from: 0 });
         s.check().unwrap();
     }
 

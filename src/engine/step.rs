@@ -19,6 +19,8 @@ use crate::engine::planner::{self, Budget, Work};
 use crate::engine::prompt;
 use crate::engine::scheduler::{self, Job, MemOp, Scheduler};
 use crate::engine::sequence::{Progress, Seq};
+use crate::engine::persist::Store;
+use crate::engine::snapshot::Prefix;
 use crate::engine::text::Step;
 
 /// Scheduling settings; the model's own (context size, threads...) belong to
@@ -37,6 +39,20 @@ pub struct EngineConfig {
     pub cache_entries: usize,
     /// Prompt tokens a step may carry while other sequences are generating.
     pub prefill_chunk: usize,
+    /// Bytes of cached prefixes kept in memory while parked (most recent first).
+    pub park_keep_bytes: usize,
+    /// Where cached prefixes are saved for the next start; `None`: nowhere.
+    pub state: Option<StateConfig>,
+}
+
+/// Saving cached prefixes to disk.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub dir: std::path::PathBuf,
+    pub max_bytes: usize,
+    /// Save at most this often, when the engine goes idle and the cache
+    /// changed; and always at shutdown.
+    pub save_every: Duration,
 }
 
 /// What the step loop shares with the supervisor and the server.
@@ -74,12 +90,15 @@ pub struct Engine<'a, B: Backend> {
     waiting: HashMap<RequestKey, Request>,
     batch: Vec<BatchToken>,
     stopping: bool,
+    store: Option<&'a Store>,
+    /// `scheduler.cache_changes()` at the last save, and when it was.
+    saved: (u64, Instant),
 }
 
 impl<'a, B: Backend> Engine<'a, B> {
     /// A fresh engine over a fresh context: its KV bookkeeping and prefix
     /// cache describe that context, which starts empty.
-    pub fn new(backend: B, cfg: &'a EngineConfig, io: &'a Io) -> Self {
+    pub fn new(backend: B, cfg: &'a EngineConfig, io: &'a Io, store: Option<&'a Store>) -> Self {
         let scheduler = Scheduler::new(scheduler::Config {
             n_ctx: backend.n_ctx(),
             page_size: cfg.page_size,
@@ -96,6 +115,8 @@ impl<'a, B: Backend> Engine<'a, B> {
             waiting: HashMap::new(),
             batch: Vec::with_capacity(cfg.n_batch),
             stopping: false,
+            store,
+            saved: (0, Instant::now()),
         };
         engine.publish();
         engine
@@ -108,6 +129,9 @@ impl<'a, B: Backend> Engine<'a, B> {
                 // Whatever was sent (a refusal, the last end) must reach the
                 // server before the engine sleeps.
                 self.io.sink.wake();
+                if self.cfg.state.as_ref().is_some_and(|s| self.saved.1.elapsed() >= s.save_every) {
+                    self.persist();
+                }
                 hooks.set_state(EngineState::Idle);
                 let command = match hooks.park_after() {
                     Some(after) => match self.io.commands.recv_timeout(after) {
@@ -189,6 +213,74 @@ impl<'a, B: Backend> Engine<'a, B> {
     fn publish(&self) {
         let snapshot = self.scheduler.status();
         *self.io.status.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
+    }
+
+    /// The cached prefixes' states, the most recently used first, while
+    /// they fit in `budget` bytes.
+    pub fn save_prefixes(&self, budget: usize) -> Vec<Prefix> {
+        let mut out = Vec::new();
+        let mut used = 0;
+        for (seq, tokens) in self.scheduler.cached() {
+            match self.backend.seq_save(seq) {
+                Ok(state) => {
+                    let prefix = Prefix {
+                        tokens: tokens.to_vec(),
+                        state,
+                    };
+                    if used + prefix.bytes() > budget {
+                        break;
+                    }
+                    used += prefix.bytes();
+                    out.push(prefix);
+                }
+                Err(e) => log::warn!("cannot save a cached prefix: {e}"),
+            }
+        }
+        out
+    }
+
+    /// Saves the cached prefixes to the state directory, if they changed.
+    pub fn persist(&mut self) {
+        let Some(store) = self.store else {
+            return;
+        };
+        let changes = self.scheduler.cache_changes();
+        if changes == self.saved.0 {
+            return;
+        }
+        let t0 = Instant::now();
+        let prefixes = self.save_prefixes(store.max_bytes());
+        let bytes: usize = prefixes.iter().map(Prefix::bytes).sum();
+        let written = store.save(&prefixes);
+        log::info!(
+            "saved {written} cached prefixes ({:.1} MB) to {} in {:.1} ms",
+            bytes as f64 / 1e6,
+            store.dir().display(),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        self.saved = (changes, Instant::now());
+    }
+
+    /// Takes saved prefixes back into the prefix cache, the most recent
+    /// first, while entries and pages are free; returns how many.
+    pub fn restore_prefixes(&mut self, prefixes: Vec<Prefix>) -> usize {
+        let mut restored = 0;
+        // Oldest first, so the most recent ends up the most recently used.
+        for prefix in prefixes.into_iter().rev() {
+            let Some(seq) = self.scheduler.adopt(prefix.tokens) else {
+                continue;
+            };
+            match self.backend.seq_load(seq, &prefix.state) {
+                Ok(()) => restored += 1,
+                Err(e) => {
+                    log::warn!("cannot restore a cached prefix: {e}");
+                    let op = self.scheduler.forget(seq);
+                    self.apply(&[op]);
+                }
+            }
+        }
+        self.publish();
+        restored
     }
 
     /// Tokenizes a request and queues it with the scheduler.

@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
@@ -12,6 +13,8 @@ use crate::core::{EngineState, Event, Request, RequestError, Status};
 use crate::engine::backend::{Backend, BackendError, Loader};
 use crate::engine::channel::{Command, EventSink};
 use crate::engine::hooks::Hooks;
+use crate::engine::persist::Store;
+use crate::engine::snapshot::Prefix;
 use crate::engine::step::{Engine, EngineConfig, Exit, Io};
 
 /// What the server needs to know once the model is loaded.
@@ -122,8 +125,21 @@ fn supervise<L: Loader>(
     let mut model: Option<L::Model> = None;
     // The request that woke a parked engine.
     let mut waking: Option<Box<Request>> = None;
+    // Cached prefixes kept while parked.
+    let mut kept: Vec<Prefix> = Vec::new();
+    // The state directory, once the model's binding is known.
+    let mut store: Option<Store> = None;
     loop {
-        let opened = serve_once(loader, config, io, &mut model, &mut ready, waking.take());
+        let opened = serve_once(
+            loader,
+            config,
+            io,
+            &mut model,
+            &mut ready,
+            &mut kept,
+            &mut store,
+            waking.take(),
+        );
         match opened {
             Ok(Exit::Stopped) => break,
             Ok(Exit::Park) => hooks.parked(),
@@ -169,6 +185,8 @@ fn serve_once<L: Loader>(
     io: &Io,
     model: &mut Option<L::Model>,
     ready: &mut Option<Sender<Result<Ready, BackendError>>>,
+    kept: &mut Vec<Prefix>,
+    store: &mut Option<Store>,
     waking: Option<Box<Request>>,
 ) -> Result<Exit, (BackendError, Option<Box<Request>>)> {
     if model.is_none() {
@@ -198,11 +216,43 @@ fn serve_once<L: Loader>(
             chat: backend.has_chat_template(),
         }));
     }
-    let mut engine = Engine::new(backend, config, io);
+    if store.is_none()
+        && let Some(s) = &config.state
+    {
+        // The first start: what the last run saved comes back like a park's.
+        let binding = format!("{}; page {}", loader.binding(m), config.page_size);
+        let saved = Store::new(s.dir.clone(), binding, s.max_bytes);
+        *kept = saved.load();
+        log::info!("{} saved prefixes found in {}", kept.len(), s.dir.display());
+        *store = Some(saved);
+    }
+    let mut engine = Engine::new(backend, config, io, store.as_ref());
+    if !kept.is_empty() {
+        let (count, t0) = (kept.len(), Instant::now());
+        let restored = engine.restore_prefixes(std::mem::take(kept));
+        log::info!(
+            "restored {restored} of {count} cached prefixes in {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
     if let Some(req) = waking {
         io.hooks.woke(req.received.elapsed());
         io.hooks.set_state(EngineState::Busy);
         engine.submit(*req);
     }
-    Ok(engine.serve())
+    let exit = engine.serve();
+    if exit == Exit::Stopped {
+        engine.persist();
+    }
+    if exit == Exit::Park && config.park_keep_bytes > 0 {
+        let t0 = Instant::now();
+        *kept = engine.save_prefixes(config.park_keep_bytes);
+        log::info!(
+            "kept {} cached prefixes ({:.1} MB) in memory while parked, saved in {:.1} ms",
+            kept.len(),
+            kept.iter().map(Prefix::bytes).sum::<usize>() as f64 / 1e6,
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    Ok(exit)
 }

@@ -24,6 +24,8 @@ fn config(slots: usize) -> EngineConfig {
         queue_limit: 4,
         cache_entries: 4,
         prefill_chunk: 8,
+        park_keep_bytes: 1 << 20,
+        state: None,
     }
 }
 
@@ -444,6 +446,37 @@ fn the_idle_engine_parks_and_the_next_request_wakes_it() {
     );
     assert_eq!(h.hooks.wakes.load(Ordering::Relaxed), 1);
     assert_eq!(h.hooks.tokens.load(Ordering::Relaxed), 22);
+}
+
+#[test]
+fn cached_prefixes_survive_a_park_with_and_without_the_model() {
+    for unload in [false, true] {
+        let mut h = Harness::start(Fake::default(), config(1), parking(0.02, unload));
+        let system = "A long system prompt that stays. ";
+        let (a, _) = h.submit(&format!("{system}One"));
+        assert_eq!(h.finish(a).end().1.cached_tokens, 0);
+        h.wait_until("parked", |h| h.hooks.state() == EngineState::Parked);
+        assert_eq!(h.engine.status().kv.prefix_entries, 1, "published before parking");
+        let (b, _) = h.submit(&format!("{system}Two"));
+        let cached = h.finish(b).end().1.cached_tokens;
+        assert!(cached >= 32, "unload {unload}: {cached} cached after the wake");
+        assert_eq!(h.fake.state().opens, 2);
+    }
+}
+
+#[test]
+fn nothing_is_kept_when_the_budget_is_zero() {
+    let cfg = EngineConfig {
+        park_keep_bytes: 0,
+        ..config(1)
+    };
+    let mut h = Harness::start(Fake::default(), cfg, parking(0.02, false));
+    let system = "A long system prompt that stays. ";
+    let (a, _) = h.submit(&format!("{system}One"));
+    h.finish(a);
+    h.wait_until("parked", |h| h.hooks.state() == EngineState::Parked);
+    let (b, _) = h.submit(&format!("{system}Two"));
+    assert_eq!(h.finish(b).end().1.cached_tokens, 0);
 }
 
 #[test]

@@ -50,6 +50,9 @@ impl Server {
         let mut child = Command::new(BIN)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(args)
+            // Every server starts with its own, empty state directory (saved
+            // prefixes); a test that restarts on the same one passes --state-dir.
+            .env("INFERENCE_CORE_STATE", fresh_dir("state"))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -160,6 +163,18 @@ impl Server {
         let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
         (status, body)
     }
+}
+
+/// A new, empty directory under target/tmp.
+pub fn fresh_dir(name: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// Writes `text` to target/tmp/`name`.toml and returns its path.

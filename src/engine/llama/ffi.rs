@@ -478,6 +478,40 @@ impl<'m> Context<'m> {
         }
     }
 
+    /// The state (KV cells) of sequence `seq`, as llama.cpp serialises it.
+    pub fn seq_state(&self, seq: i32) -> Result<Vec<u8>, BackendError> {
+        // SAFETY: the context is valid; this only measures the sequence.
+        let size = unsafe { sys::llama_state_seq_get_size(self.ptr.as_ptr(), seq) };
+        let mut buf = vec![0u8; size];
+        // SAFETY: `buf` is writable for `size` bytes, the size llama.cpp asked for.
+        let n = unsafe {
+            sys::llama_state_seq_get_data(self.ptr.as_ptr(), buf.as_mut_ptr(), buf.len(), seq)
+        };
+        if n == 0 || n > size {
+            return Err(BackendError::State(format!(
+                "llama.cpp wrote {n} of {size} bytes for sequence {seq}"
+            )));
+        }
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Loads a `seq_state` into the empty sequence `seq`.
+    pub fn set_seq_state(&mut self, seq: i32, state: &[u8]) -> Result<(), BackendError> {
+        // SAFETY: the context is valid and `state` is readable for its length;
+        // llama.cpp checks the data and returns 0 if it cannot use it.
+        let n = unsafe {
+            sys::llama_state_seq_set_data(self.ptr.as_ptr(), state.as_ptr(), state.len(), seq)
+        };
+        if n == 0 {
+            return Err(BackendError::State(
+                "llama.cpp could not load the saved state (another model, build or settings?)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Drops sequence `seq`'s cells from position `from` on.
     pub fn seq_rm(&mut self, seq: i32, from: usize) {
         // SAFETY: as above; removing from a position to the end always succeeds.

@@ -95,6 +95,24 @@ impl Loader for LlamaLoader {
             .unwrap_or_default()
     }
 
+    fn binding(&self, model: &Model) -> String {
+        let c = &self.config;
+        let file = model_fingerprint(&c.model_path)
+            .unwrap_or_else(|e| format!("unreadable ({e})"));
+        let template = c
+            .chat_template
+            .clone()
+            .or_else(|| model.chat_template())
+            .map_or(0, |t| crc32fast::hash(t.as_bytes()));
+        format!(
+            "model {file}; llama.cpp {} ({}); n_ctx {}; n_batch {}; template {template:08x}",
+            env!("CARGO_PKG_VERSION"),
+            system_info(),
+            c.n_ctx,
+            c.n_batch
+        )
+    }
+
     fn describe(&self, model: &Model) -> String {
         format!(
             "model {} ({}, trained context {}), {} threads",
@@ -104,6 +122,25 @@ impl Loader for LlamaLoader {
             self.config.threads
         )
     }
+}
+
+/// The model file's size and CRC-32 (read through the page cache: llama.cpp
+/// has just mapped it).
+fn model_fingerprint(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(format!("{size} bytes crc32 {:08x}", hasher.finalize()))
 }
 
 pub struct LlamaBackend<'m> {
@@ -178,5 +215,13 @@ impl Backend for LlamaBackend<'_> {
 
     fn seq_rm(&mut self, seq: SeqId, from: usize) {
         self.ctx.seq_rm(seq, from)
+    }
+
+    fn seq_save(&self, seq: SeqId) -> Result<Vec<u8>, BackendError> {
+        self.ctx.seq_state(seq)
+    }
+
+    fn seq_load(&mut self, seq: SeqId, state: &[u8]) -> Result<(), BackendError> {
+        self.ctx.set_seq_state(seq, state)
     }
 }

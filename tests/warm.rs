@@ -1,0 +1,109 @@
+//! Warm after every sleep and every restart: cached prompt prefixes survive
+//! a park (kept in memory) and a restart (saved in the state directory), and
+//! saved files that do not fit are skipped without harm.
+
+mod util;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use util::{Client, Server, fresh_dir};
+
+/// About 1,000 tokens.
+fn system_prompt() -> String {
+    "You are the guide of a lighthouse museum on a windy northern coast. ".repeat(70)
+}
+
+/// A request with the system prompt; returns its `end` stats.
+fn ask(c: &mut Client, id: &str, question: &str) -> Value {
+    let out = c.infer(
+        id,
+        &format!("{}\nQuestion: {question}\nAnswer:", system_prompt()),
+        json!({"temp":0,"max_tokens":4}),
+    );
+    assert_eq!(out.op(), "end", "{}", out.last);
+    out.last["stats"].clone()
+}
+
+fn tokens(stats: &Value, field: &str) -> u64 {
+    stats[field].as_u64().unwrap()
+}
+
+#[test]
+fn a_restart_finds_the_system_prompt_warm() {
+    let dir = fresh_dir("warm-restart");
+    let state = dir.to_str().unwrap();
+    let mut first = Server::start(&["--state-dir", state]);
+    let cold = ask(&mut first.connect(), "q1", "when was it built?");
+    assert_eq!(tokens(&cold, "cached_tokens"), 0);
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    assert!(first.log_text().contains("saved 1 cached prefixes"), "{}", first.log_text());
+
+    let second = Server::start(&["--state-dir", state]);
+    second.wait_log("restored 1 of 1 cached prefixes");
+    let warm = ask(&mut second.connect(), "q2", "who lived there?");
+    let prompt = tokens(&cold, "prompt_tokens");
+    let cached = tokens(&warm, "cached_tokens");
+    assert!(
+        cached * 10 >= (prompt - 12) * 9,
+        "{cached} of a ~{prompt}-token prompt came from the saved prefix"
+    );
+    eprintln!(
+        "restart: {prompt}-token prompt, cold TTFT {:.0} ms; after a restart {cached} cached, TTFT {:.0} ms",
+        cold["ttft_ms"].as_f64().unwrap(),
+        warm["ttft_ms"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn a_park_and_wake_keep_the_system_prompt_warm() {
+    let server = Server::start_with_config(
+        "warm-park",
+        "[idle]\npark_after_s = 0.3\n[state]\nmax_mb = 0\n",
+        &[],
+    );
+    let mut c = server.connect();
+    let cold = ask(&mut c, "q1", "when was it built?");
+    server.wait_log("parked");
+    assert!(server.log_text().contains("kept 1 cached prefixes"));
+    let warm = ask(&mut c, "q2", "who lived there?");
+    server.wait_log("woke up in");
+    let prompt = tokens(&cold, "prompt_tokens");
+    let cached = tokens(&warm, "cached_tokens");
+    assert!(cached * 10 >= (prompt - 12) * 9, "{cached} of ~{prompt}");
+    eprintln!(
+        "park: cold TTFT {:.0} ms; after a wake {cached} cached, TTFT {:.0} ms (wake-up included)",
+        cold["ttft_ms"].as_f64().unwrap(),
+        warm["ttft_ms"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn saved_files_that_do_not_fit_are_skipped_and_the_server_serves() {
+    let dir = fresh_dir("warm-skip");
+    let state = dir.to_str().unwrap();
+    let mut first = Server::start(&["--state-dir", state]);
+    ask(&mut first.connect(), "q1", "when was it built?");
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    let saved: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let bytes = std::fs::read(&saved[0]).unwrap();
+    std::fs::write(dir.join("truncated.icp"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(dir.join("noise.icp"), b"\x00\x01 random bytes").unwrap();
+
+    // Another context size: the saved prefix does not fit this context.
+    let other = Server::start(&["--state-dir", state, "-c", "2048"]);
+    other.wait_log("0 saved prefixes found in");
+    let log = other.log_text();
+    assert_eq!(log.matches("skipping saved prefix").count(), 3, "{log}");
+    assert!(log.contains("another model, build or settings"), "{log}");
+    assert!(log.contains("truncated or corrupt") || log.contains("header is damaged"));
+    assert!(log.contains("not a prefix snapshot"));
+    let out = ask(&mut other.connect(), "q2", "who lived there?");
+    assert_eq!(tokens(&out, "cached_tokens"), 0);
+}
