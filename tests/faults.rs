@@ -66,6 +66,33 @@ fn sigterm_under_load_gives_every_request_a_final_event_within_the_bound() {
 }
 
 #[test]
+fn requests_sent_just_before_sigterm_still_get_their_final_event() {
+    // The signal and the requests race: whichever the loop sees first, every
+    // request the server received is answered before the close frame.
+    for round in 0..5 {
+        let mut server = Server::start(&[]);
+        let mut c = server.connect();
+        let ids: Vec<String> = (0..3).map(|j| format!("r{round}-{j}")).collect();
+        for id in &ids {
+            c.send(json!({"op":"infer","id":id,"prompt":"Tell a long story:",
+                "params":{"max_tokens":500,"ignore_eos":true}}));
+        }
+        server.signal("TERM");
+        let mut open: HashSet<String> = ids.into_iter().collect();
+        while !open.is_empty() {
+            let ev = c.recv();
+            match ev["op"].as_str().unwrap() {
+                "token" | "queued" => {}
+                "end" | "error" => assert!(open.remove(ev["id"].as_str().unwrap()), "{ev}"),
+                _ => panic!("unexpected {ev}"),
+            }
+        }
+        c.expect_close(1001);
+        assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    }
+}
+
+#[test]
 fn sigkill_then_a_restart_on_the_same_port_is_healthy() {
     let mut server = Server::start(&[]);
     let port = server.port;

@@ -550,8 +550,16 @@ impl Reactor {
         self.engine.stop();
         self.fail_all(RequestError::ShuttingDown);
         let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
+        // What clients already sent (a starved loop may not have read it yet)
+        // is answered `shutting_down` before the close frame, after which
+        // nothing more may be sent.
+        for &slot in &slots {
+            self.on_socket(slot, true, false);
+        }
         for slot in slots {
-            let conn = &mut self.conns[slot];
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue; // gone while reading
+            };
             if conn.is_open() {
                 conn.close(CloseCode::Away, "server shutting down", deadline);
                 self.dirty.push(slot);
