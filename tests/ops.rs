@@ -304,6 +304,19 @@ fn park_with_unload_and_wake_give_the_same_greedy_output() {
 fn systemd_unit_passes_systemd_analyze_verify() {
     let unit = include_str!("../systemd/inference-core.service");
     assert!(unit.contains("ExecStart=/usr/local/bin/inference-core "));
+    // Saved prefixes go where the sandbox lets the service write.
+    let setting = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the unit"))
+    };
+    let state = setting("Environment=INFERENCE_CORE_STATE=");
+    assert!(
+        setting("ReadWritePaths=")
+            .split_whitespace()
+            .any(|p| state.starts_with(p)),
+        "{state} is not writable under ProtectSystem=strict"
+    );
     // verify checks that ExecStart exists: point it at the binary under test.
     let dir = std::env::temp_dir().join(format!("ic-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

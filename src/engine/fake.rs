@@ -279,7 +279,11 @@ impl Backend for FakeBackend {
             .and_then(|n| <[u8; 4]>::try_from(n).ok())
             .map(u32::from_le_bytes)
             .ok_or_else(|| BackendError::State("not a fake state".into()))?;
-        assert_eq!(self.cells.get(&seq).copied().unwrap_or(0), 0, "load into a used sequence");
+        assert_eq!(
+            self.cells.get(&seq).copied().unwrap_or(0),
+            0,
+            "load into a used sequence"
+        );
         self.cells.insert(seq, cells as usize);
         Ok(())
     }

@@ -19,11 +19,11 @@ mod hooks;
 pub mod kv;
 #[cfg(feature = "llama")]
 pub mod llama;
+pub mod persist;
 pub mod planner;
 pub mod prefix;
 mod prompt;
 pub mod scheduler;
-pub mod persist;
 mod sequence;
 pub mod snapshot;
 mod step;

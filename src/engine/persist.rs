@@ -83,12 +83,15 @@ impl Store {
                 continue;
             }
             let modified = fs::metadata(&path).and_then(|m| m.modified()).ok();
-            match fs::read(&path).map_err(Skip::from).and_then(|b| decode(&b, &self.binding)) {
+            match fs::read(&path)
+                .map_err(Skip::from)
+                .and_then(|b| decode(&b, &self.binding))
+            {
                 Ok(prefix) => found.push((modified, prefix)),
                 Err(why) => log::warn!("skipping saved prefix {}: {why}", path.display()),
             }
         }
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
         found.into_iter().map(|(_, p)| p).collect()
     }
 
@@ -96,7 +99,10 @@ impl Store {
     /// while they fit in the budget). Failures are logged, never fatal.
     pub fn save(&self, prefixes: &[Prefix]) -> usize {
         if let Err(e) = fs::create_dir_all(&self.dir) {
-            log::warn!("cannot create the state directory {}: {e}", self.dir.display());
+            log::warn!(
+                "cannot create the state directory {}: {e}",
+                self.dir.display()
+            );
             return 0;
         }
         let mut keep = Vec::new();
@@ -106,7 +112,10 @@ impl Store {
             if used + bytes.len() > self.max_bytes {
                 break;
             }
-            let name = format!("prefix-{:08x}.{EXT}", crc32fast::hash(&token_bytes(&prefix.tokens)));
+            let name = format!(
+                "prefix-{:08x}.{EXT}",
+                crc32fast::hash(&token_bytes(&prefix.tokens))
+            );
             match write_atomic(&self.dir.join(&name), &bytes) {
                 Ok(()) => {
                     used += bytes.len();
@@ -254,7 +263,10 @@ mod tests {
         assert!(other.load().is_empty());
         assert!(matches!(decode(&bytes, "model=b"), Err(Skip::Binding)));
         assert!(matches!(decode(&flipped, "model=a"), Err(Skip::Corrupt)));
-        assert!(matches!(decode(b"ICPREFIX\xff\xff\xff\xff", "model=a"), Err(Skip::Header)));
+        assert!(matches!(
+            decode(b"ICPREFIX\xff\xff\xff\xff", "model=a"),
+            Err(Skip::Header)
+        ));
         fs::remove_dir_all(d).unwrap();
     }
 

@@ -316,7 +316,7 @@ impl Scheduler {
     pub fn adopt(&mut self, tokens: Vec<Token>) -> Option<SeqId> {
         let p = self.cfg.page_size;
         if tokens.is_empty()
-            || tokens.len() % p != 0
+            || !tokens.len().is_multiple_of(p)
             || self.cache.len() >= self.cfg.cache_entries
             || self.cache.covers(&tokens)
             || self.free_seqs.is_empty()

@@ -15,11 +15,11 @@ use crate::core::{EngineState, Event, FinishReason, Request, RequestError, Reque
 use crate::engine::backend::{Backend, BatchToken, DecodeError};
 use crate::engine::channel::{Command, EventSink};
 use crate::engine::hooks::Hooks;
+use crate::engine::persist::Store;
 use crate::engine::planner::{self, Budget, Work};
 use crate::engine::prompt;
 use crate::engine::scheduler::{self, Job, MemOp, Scheduler};
 use crate::engine::sequence::{Progress, Seq};
-use crate::engine::persist::Store;
 use crate::engine::snapshot::Prefix;
 use crate::engine::text::Step;
 
@@ -129,7 +129,12 @@ impl<'a, B: Backend> Engine<'a, B> {
                 // Whatever was sent (a refusal, the last end) must reach the
                 // server before the engine sleeps.
                 self.io.sink.wake();
-                if self.cfg.state.as_ref().is_some_and(|s| self.saved.1.elapsed() >= s.save_every) {
+                if self
+                    .cfg
+                    .state
+                    .as_ref()
+                    .is_some_and(|s| self.saved.1.elapsed() >= s.save_every)
+                {
                     self.persist();
                 }
                 hooks.set_state(EngineState::Idle);

@@ -120,30 +120,19 @@ fn supervise<L: Loader>(
     ready: Sender<Result<Ready, BackendError>>,
 ) {
     let hooks = &io.hooks;
-    // Sent once, at start-up; later (re)loads happen when waking from idle.
-    let mut ready = Some(ready);
-    let mut model: Option<L::Model> = None;
+    let mut held = Held {
+        ready: Some(ready),
+        model: None,
+        kept: Vec::new(),
+        store: None,
+    };
     // The request that woke a parked engine.
     let mut waking: Option<Box<Request>> = None;
-    // Cached prefixes kept while parked.
-    let mut kept: Vec<Prefix> = Vec::new();
-    // The state directory, once the model's binding is known.
-    let mut store: Option<Store> = None;
     loop {
-        let opened = serve_once(
-            loader,
-            config,
-            io,
-            &mut model,
-            &mut ready,
-            &mut kept,
-            &mut store,
-            waking.take(),
-        );
-        match opened {
+        match serve_once(loader, config, io, &mut held, waking.take()) {
             Ok(Exit::Stopped) => break,
             Ok(Exit::Park) => hooks.parked(),
-            Err((e, waking)) => match (ready.take(), waking) {
+            Err((e, waking)) => match (held.ready.take(), waking) {
                 (Some(tx), _) => {
                     let _ = tx.send(Err(e));
                     return;
@@ -160,7 +149,7 @@ fn supervise<L: Loader>(
             },
         }
         if hooks.unload_on_park() {
-            model = None;
+            held.model = None;
         }
         // Parked (or a wake-up failed): the next request wakes the engine.
         hooks.set_state(EngineState::Parked);
@@ -179,16 +168,30 @@ fn supervise<L: Loader>(
 
 /// Loads the model if needed, opens a backend and serves until it parks or
 /// stops. On failure the waking request comes back with the error.
+/// What the supervisor keeps from one opening of the backend to the next.
+struct Held<L: Loader> {
+    /// Answered once, at start-up; later (re)loads happen when waking from idle.
+    ready: Option<Sender<Result<Ready, BackendError>>>,
+    model: Option<L::Model>,
+    /// Cached prefixes kept while parked (or loaded at start-up).
+    kept: Vec<Prefix>,
+    /// The state directory, once the model's binding is known.
+    store: Option<Store>,
+}
+
 fn serve_once<L: Loader>(
     loader: &L,
     config: &EngineConfig,
     io: &Io,
-    model: &mut Option<L::Model>,
-    ready: &mut Option<Sender<Result<Ready, BackendError>>>,
-    kept: &mut Vec<Prefix>,
-    store: &mut Option<Store>,
+    held: &mut Held<L>,
     waking: Option<Box<Request>>,
 ) -> Result<Exit, (BackendError, Option<Box<Request>>)> {
+    let Held {
+        ready,
+        model,
+        kept,
+        store,
+    } = held;
     if model.is_none() {
         match loader.load() {
             Ok(m) => {

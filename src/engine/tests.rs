@@ -456,10 +456,17 @@ fn cached_prefixes_survive_a_park_with_and_without_the_model() {
         let (a, _) = h.submit(&format!("{system}One"));
         assert_eq!(h.finish(a).end().1.cached_tokens, 0);
         h.wait_until("parked", |h| h.hooks.state() == EngineState::Parked);
-        assert_eq!(h.engine.status().kv.prefix_entries, 1, "published before parking");
+        assert_eq!(
+            h.engine.status().kv.prefix_entries,
+            1,
+            "published before parking"
+        );
         let (b, _) = h.submit(&format!("{system}Two"));
         let cached = h.finish(b).end().1.cached_tokens;
-        assert!(cached >= 32, "unload {unload}: {cached} cached after the wake");
+        assert!(
+            cached >= 32,
+            "unload {unload}: {cached} cached after the wake"
+        );
         assert_eq!(h.fake.state().opens, 2);
     }
 }

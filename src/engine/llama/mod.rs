@@ -97,8 +97,7 @@ impl Loader for LlamaLoader {
 
     fn binding(&self, model: &Model) -> String {
         let c = &self.config;
-        let file = model_fingerprint(&c.model_path)
-            .unwrap_or_else(|e| format!("unreadable ({e})"));
+        let file = model_fingerprint(&c.model_path).unwrap_or_else(|e| format!("unreadable ({e})"));
         let template = c
             .chat_template
             .clone()
