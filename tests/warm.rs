@@ -105,7 +105,10 @@ fn saved_files_that_do_not_fit_are_skipped_and_the_server_serves() {
     second.wait_log("restored 1 of 1 cached prefixes");
     let log = second.log_text();
     assert_eq!(log.matches("skipping saved prefix").count(), 2, "{log}");
-    assert!(log.contains("truncated.icp: it is truncated or corrupt"), "{log}");
+    assert!(
+        log.contains("truncated.icp: it is truncated or corrupt"),
+        "{log}"
+    );
     assert!(log.contains("noise.icp: not a prefix snapshot"), "{log}");
     let warm = ask(&mut second.connect(), "q2", "who lived there?");
     assert!(tokens(&warm, "cached_tokens") > 900, "{warm}");
@@ -116,7 +119,94 @@ fn saved_files_that_do_not_fit_are_skipped_and_the_server_serves() {
     let other = Server::start(&["--state-dir", state, "-c", "2048"]);
     other.wait_log("0 saved prefixes found in");
     let log = other.log_text();
-    assert!(log.contains("saved for another model, build or settings"), "{log}");
+    assert!(
+        log.contains("saved for another model, build or settings"),
+        "{log}"
+    );
     let cold = ask(&mut other.connect(), "q3", "who lived there?");
     assert_eq!(tokens(&cold, "cached_tokens"), 0);
+}
+
+fn count(c: &mut Client, id: &str, input: Value) -> u64 {
+    let mut msg = json!({"op":"tokenize","id":id});
+    msg.as_object_mut()
+        .unwrap()
+        .extend(input.as_object().unwrap().clone());
+    c.send(msg);
+    loop {
+        let ev = c.recv();
+        if ev["id"] == id {
+            assert_eq!(ev["op"], "tokens", "{ev}");
+            return ev["count"].as_u64().unwrap();
+        }
+    }
+}
+
+#[test]
+fn tokenize_counts_what_a_request_would_use() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    let messages = json!([
+        {"role":"system","content":"Answer in one word."},
+        {"role":"user","content":"What colour is the sky?"}]);
+    for (i, input) in [
+        json!({"prompt":"The capital of France is"}),
+        json!({"messages":messages}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let counted = count(&mut c, &format!("t{i}"), input.clone());
+        let mut infer = json!({"op":"infer","id":format!("i{i}"),"params":{"max_tokens":1}});
+        infer
+            .as_object_mut()
+            .unwrap()
+            .extend(input.as_object().unwrap().clone());
+        c.send(infer);
+        let out = c.collect(&format!("i{i}"));
+        assert_eq!(out.last["stats"]["prompt_tokens"], counted, "{input}");
+    }
+    // Bad input to tokenize is refused like any request.
+    c.send(json!({"op":"tokenize","id":"bad"}));
+    let ev = c.recv();
+    assert_eq!(
+        (&ev["op"], &ev["code"]),
+        (&json!("error"), &json!("bad_request"))
+    );
+}
+
+#[test]
+fn truncate_left_keeps_the_system_message_and_the_latest_turn() {
+    let server = Server::start(&["-c", "256"]);
+    let mut c = server.connect();
+    let system = json!({"role":"system","content":"You are a terse assistant."});
+    let last = json!({"role":"user","content":"And the last question?"});
+    let mut history = vec![system.clone()];
+    for i in 0..12 {
+        history.push(json!({"role":"user","content":format!("Question number {i} about the lighthouse keepers?")}));
+        history.push(json!({"role":"assistant","content":format!("Answer number {i}: they kept the light burning all night.")}));
+    }
+    history.push(last.clone());
+    let params = json!({"temp":0,"max_tokens":16});
+    c.send(json!({"op":"infer","id":"plain","messages":history,"params":params}));
+    let refused = c.collect("plain");
+    assert_eq!(refused.last["code"], "context_overflow", "{}", refused.last);
+    c.send(json!({"op":"infer","id":"cut","messages":history,"params":params,"truncate":"left"}));
+    let out = c.collect("cut");
+    assert_eq!(out.op(), "end", "{}", out.last);
+    let stats = &out.last["stats"];
+    let prompt = stats["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt <= 256 - 16, "{stats}");
+    assert!(stats["truncated_tokens"].as_u64().unwrap() > 0, "{stats}");
+    // The kept prompt is the system message and the latest turns: its size
+    // is that of [system, the last k messages] for some k.
+    let turns = &history[1..];
+    let sizes: Vec<u64> = (1..=turns.len())
+        .map(|k| {
+            let mut kept = vec![system.clone()];
+            kept.extend_from_slice(&turns[turns.len() - k..]);
+            count(&mut c, &format!("k{k}"), json!({"messages":kept}))
+        })
+        .collect();
+    assert!(sizes.contains(&prompt), "{prompt} is none of {sizes:?}");
 }

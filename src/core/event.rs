@@ -19,6 +19,8 @@ pub enum Event {
         reason: FinishReason,
         stats: Stats,
     },
+    /// The prompt's token count, the answer to `RequestKind::CountTokens`.
+    Tokens { key: RequestKey, count: usize },
     /// The request failed; nothing more comes for it.
     Error {
         key: RequestKey,
@@ -31,6 +33,9 @@ pub enum Event {
 impl Event {
     /// Whether this is the last event of its request.
     pub fn is_final(&self) -> bool {
-        matches!(self, Event::End { .. } | Event::Error { .. })
+        matches!(
+            self,
+            Event::End { .. } | Event::Error { .. } | Event::Tokens { .. }
+        )
     }
 }

@@ -12,5 +12,7 @@ mod status;
 pub use event::Event;
 pub use outcome::{ErrorCode, FinishReason, RequestError, Stats};
 pub use params::{InvalidParam, MAX_STOP_LEN, MAX_STOP_STRINGS, SamplingParams};
-pub use request::{ChatMessage, PromptInput, Request, RequestKey, Role};
+pub use request::{
+    ChatMessage, PromptInput, Request, RequestKey, RequestKind, RequestSpec, Role, Truncate,
+};
 pub use status::{EngineState, KvStatus, OpsStatus, Status};

@@ -107,6 +107,8 @@ pub struct Stats {
     pub prompt_tokens: usize,
     /// Prompt tokens served from the prefix cache instead of being computed.
     pub cached_tokens: usize,
+    /// Prompt tokens dropped to fit the context (`Truncate::Left`).
+    pub truncated_tokens: usize,
     pub completion_tokens: usize,
     /// Receipt to first sampled token.
     pub ttft_ms: f64,

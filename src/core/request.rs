@@ -15,6 +15,8 @@ pub struct Request {
     pub id: String,
     pub input: PromptInput,
     pub params: SamplingParams,
+    pub kind: RequestKind,
+    pub truncate: Truncate,
     /// Set by the server on abort or disconnect; the engine checks it before
     /// every step and from llama.cpp's abort callback.
     pub cancel: Arc<AtomicBool>,
@@ -27,6 +29,36 @@ impl Request {
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }
+}
+
+/// What is asked of the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// Generate a reply.
+    Generate,
+    /// Only count the prompt's tokens (after the chat template).
+    CountTokens,
+}
+
+/// What to do with a prompt too long for the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Truncate {
+    /// Refuse it (`context_overflow`).
+    #[default]
+    None,
+    /// Drop from the start: the oldest turns of a conversation (its system
+    /// messages and its last message stay), the oldest tokens of a raw
+    /// prompt, until it leaves room for `max_tokens` (at most half the context).
+    Left,
+}
+
+/// A request as a protocol asks for it, before the server gives it a key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestSpec {
+    pub input: PromptInput,
+    pub params: SamplingParams,
+    pub kind: RequestKind,
+    pub truncate: Truncate,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -11,7 +11,8 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::core::{Event, Request};
 
 pub enum Command {
-    Infer(Box<Request>),
+    /// A request to serve (generate, or count tokens).
+    Submit(Box<Request>),
     Shutdown,
 }
 

@@ -10,7 +10,7 @@
 //! text they are given (Gemma's trims it): the real messages are rendered too,
 //! and the message text is shaped the way that reproduces that rendering.
 
-use crate::core::{PromptInput, RequestError};
+use crate::core::{ChatMessage, PromptInput, RequestError, Role, Truncate};
 use crate::engine::backend::{Backend, BackendError, Token};
 
 /// Marks message `i` inside the rendered template (private-use characters,
@@ -82,6 +82,54 @@ fn assemble(pieces: &[Piece<'_>], contents: &[&str], shape: fn(&str) -> &str) ->
 enum Piece<'a> {
     Template(&'a str),
     Message(usize),
+}
+
+/// The prompt's tokens; when there are more than `limit` and `truncate`
+/// asks for it, cut from the left to at most `target`: the oldest turns of a
+/// conversation (its system messages and its last message stay), the oldest
+/// tokens of a raw prompt (its start-of-text tokens stay). Returns the tokens
+/// and how many were dropped; a prompt that cannot be cut enough comes back
+/// whole, for the caller to refuse.
+pub fn fit<B: Backend>(
+    backend: &B,
+    input: &PromptInput,
+    truncate: Truncate,
+    limit: usize,
+    target: usize,
+) -> Result<(Vec<Token>, usize), RequestError> {
+    let full = tokens(backend, input)?;
+    if full.len() <= limit || truncate == Truncate::None {
+        return Ok((full, 0));
+    }
+    match input {
+        PromptInput::Text(_) => {
+            let head = backend
+                .tokenize("", true, false)
+                .map_err(|e| RequestError::Tokenize(e.to_string()))?
+                .len();
+            if target <= head {
+                return Ok((full, 0));
+            }
+            let mut cut = full[..head].to_vec();
+            cut.extend_from_slice(&full[full.len() - (target - head)..]);
+            Ok((cut, full.len() - target))
+        }
+        PromptInput::Messages(messages) => {
+            let mut kept: Vec<ChatMessage> = messages.clone();
+            loop {
+                let last = kept.len() - 1;
+                let Some(oldest) = kept[..last].iter().position(|m| m.role != Role::System) else {
+                    return Ok((full, 0));
+                };
+                kept.remove(oldest);
+                let cut = tokens(backend, &PromptInput::Messages(kept.clone()))?;
+                if cut.len() <= target {
+                    let dropped = full.len().saturating_sub(cut.len());
+                    return Ok((cut, dropped));
+                }
+            }
+        }
+    }
 }
 
 /// Cuts `rendered` at every occurrence of a marker.
@@ -181,6 +229,60 @@ mod tests {
             let naive = backend.tokenize(&rendered, true, true).unwrap();
             assert_eq!(t, naive, "trims: {trims}");
         }
+    }
+
+    #[test]
+    fn a_long_raw_prompt_keeps_its_start_token_and_its_end() {
+        let fake = Fake::default();
+        let b = fake.backend();
+        let input = PromptInput::Text("abcdefghij".into());
+        let (t, dropped) = fit(&b, &input, Truncate::Left, 8, 5).unwrap();
+        assert_eq!(
+            t,
+            [
+                fake::BOS,
+                'g' as Token,
+                'h' as Token,
+                'i' as Token,
+                'j' as Token
+            ]
+        );
+        assert_eq!(dropped, 6);
+        let (t, dropped) = fit(&b, &input, Truncate::None, 8, 5).unwrap();
+        assert_eq!(
+            (t.len(), dropped),
+            (11, 0),
+            "refused by the caller, not cut"
+        );
+        let (t, dropped) = fit(&b, &input, Truncate::Left, 20, 5).unwrap();
+        assert_eq!((t.len(), dropped), (11, 0), "it fits: nothing is cut");
+    }
+
+    #[test]
+    fn a_long_conversation_keeps_its_system_message_and_latest_turns() {
+        let fake = Fake::default();
+        let b = fake.backend();
+        let msg = |role, content: &str| ChatMessage {
+            role,
+            content: content.into(),
+        };
+        let input = PromptInput::Messages(vec![
+            msg(Role::System, "be brief"),
+            msg(Role::User, &"old question ".repeat(10)),
+            msg(Role::Assistant, &"old answer ".repeat(10)),
+            msg(Role::User, "new question"),
+        ]);
+        let full = tokens(&b, &input).unwrap().len();
+        let (t, dropped) = fit(&b, &input, Truncate::Left, 100, 100).unwrap();
+        let kept = PromptInput::Messages(vec![
+            msg(Role::System, "be brief"),
+            msg(Role::User, "new question"),
+        ]);
+        assert_eq!(t, tokens(&b, &kept).unwrap());
+        assert_eq!(dropped, full - t.len());
+        // Nothing left to drop: the whole prompt comes back, to be refused.
+        let (t, dropped) = fit(&b, &kept, Truncate::Left, 10, 10).unwrap();
+        assert_eq!((t.len(), dropped), (tokens(&b, &kept).unwrap().len(), 0));
     }
 
     #[test]

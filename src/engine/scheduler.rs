@@ -125,7 +125,7 @@ impl Scheduler {
     }
 
     /// Cells a single request may use: the whole pool, in whole pages.
-    fn capacity(&self) -> usize {
+    pub fn capacity(&self) -> usize {
         self.kv.total() * self.cfg.page_size
     }
 

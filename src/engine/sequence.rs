@@ -55,6 +55,7 @@ pub struct Progress {
     pub first_token: Option<Instant>,
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
+    pub truncated_tokens: usize,
     pub completion_tokens: usize,
     /// Time spent choosing tokens (logged at debug level with each request).
     pub sampling: Duration,
@@ -67,6 +68,7 @@ impl Progress {
             first_token: None,
             prompt_tokens: 0,
             cached_tokens: 0,
+            truncated_tokens: 0,
             completion_tokens: 0,
             sampling: Duration::ZERO,
         }
@@ -90,6 +92,7 @@ impl Progress {
         Stats {
             prompt_tokens: self.prompt_tokens,
             cached_tokens: self.cached_tokens,
+            truncated_tokens: self.truncated_tokens,
             completion_tokens: self.completion_tokens,
             ttft_ms,
             ms: ms(now - self.received),

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
-use crate::core::{EngineState, Event, FinishReason, Request, RequestError, RequestKey, Status};
+use crate::core::{
+    EngineState, Event, FinishReason, Request, RequestError, RequestKey, RequestKind, Status,
+};
 use crate::engine::backend::{Backend, BatchToken, DecodeError};
 use crate::engine::channel::{Command, EventSink};
 use crate::engine::hooks::Hooks;
@@ -87,7 +89,8 @@ pub struct Engine<'a, B: Backend> {
     /// Admitted sequences, in admission order (prefill goes first-come first-served).
     active: Vec<Seq<B::Sampler>>,
     /// Requests the scheduler holds in its queue.
-    waiting: HashMap<RequestKey, Request>,
+    /// Requests the scheduler holds in its queue, with what is known of them.
+    waiting: HashMap<RequestKey, (Request, Progress)>,
     batch: Vec<BatchToken>,
     stopping: bool,
     store: Option<&'a Store>,
@@ -172,7 +175,7 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Acts on one command; `None` means the server is gone.
     fn take(&mut self, command: Option<Command>) {
         match command {
-            Some(Command::Infer(req)) => self.submit(*req),
+            Some(Command::Submit(req)) => self.submit(*req),
             Some(Command::Shutdown) | None => {
                 self.stopping = true;
                 self.io.shutdown.store(true, Ordering::Relaxed);
@@ -291,11 +294,34 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Tokenizes a request and queues it with the scheduler.
     pub fn submit(&mut self, req: Request) {
         let mut progress = Progress::new(req.received);
-        let tokens = match prompt::tokens(&self.backend, &req.input) {
+        // A prompt over `limit` is refused, or cut to leave room for the reply.
+        let capacity = self.scheduler.capacity();
+        let limit = match req.max_prompt_tokens {
+            0 => capacity.saturating_sub(1),
+            n => n.min(capacity.saturating_sub(1)),
+        };
+        let reply = (req.params.max_tokens as usize).min(capacity / 2);
+        let target = limit.min(capacity - reply);
+        let fitted = match req.kind {
+            RequestKind::CountTokens => prompt::tokens(&self.backend, &req.input).map(|t| (t, 0)),
+            RequestKind::Generate => {
+                prompt::fit(&self.backend, &req.input, req.truncate, limit, target)
+            }
+        };
+        let (tokens, truncated) = match fitted {
             Ok(t) => t,
             Err(e) => return self.report(&req, Outcome::Error(e), &progress),
         };
+        if req.kind == RequestKind::CountTokens {
+            log::debug!(request = req.id.as_str(); "request {}: {} prompt tokens", req.id, tokens.len());
+            let count = tokens.len();
+            return self.io.sink.send(Event::Tokens {
+                key: req.key,
+                count,
+            });
+        }
         progress.prompt_tokens = tokens.len();
+        progress.truncated_tokens = truncated;
         if req.max_prompt_tokens > 0 && tokens.len() > req.max_prompt_tokens {
             let e = RequestError::PromptTooLong {
                 prompt_tokens: tokens.len(),
@@ -310,7 +336,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         };
         match self.scheduler.submit(job) {
             Ok(_) => {
-                self.waiting.insert(req.key, req);
+                self.waiting.insert(req.key, (req, progress));
             }
             Err(e) => self.report(&req, Outcome::Error(e), &progress),
         }
@@ -321,13 +347,12 @@ impl<'a, B: Backend> Engine<'a, B> {
         let cancelled: Vec<RequestKey> = self
             .waiting
             .values()
-            .filter(|r| r.cancelled())
-            .map(|r| r.key)
+            .filter(|(r, _)| r.cancelled())
+            .map(|(r, _)| r.key)
             .collect();
         for key in cancelled {
             self.scheduler.cancel_queued(key);
-            let req = self.waiting.remove(&key).expect("listed above");
-            let progress = Progress::new(req.received);
+            let (req, progress) = self.waiting.remove(&key).expect("listed above");
             self.report(&req, Outcome::End(FinishReason::Abort), &progress);
         }
         let mut i = 0;
@@ -343,14 +368,12 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Starts every request the scheduler admits and tells the others their place.
     fn admit(&mut self) {
         for (job, admitted) in self.scheduler.admit() {
-            let req = self
+            let (req, mut progress) = self
                 .waiting
                 .remove(&job.key)
                 .expect("admitted requests are waiting");
             self.apply(&admitted.ops);
             let seed = req.params.seed.unwrap_or_else(random_seed);
-            let mut progress = Progress::new(req.received);
-            progress.prompt_tokens = job.tokens.len();
             progress.cached_tokens = admitted.cached_tokens;
             self.active.push(Seq {
                 sampler: self.backend.sampler(&req.params, seed),
@@ -552,9 +575,8 @@ impl<'a, B: Backend> Engine<'a, B> {
         while !self.active.is_empty() {
             self.finish(0, Outcome::Error(error.clone()));
         }
-        for (key, req) in std::mem::take(&mut self.waiting) {
+        for (key, (req, progress)) in std::mem::take(&mut self.waiting) {
             self.scheduler.cancel_queued(key);
-            let progress = Progress::new(req.received);
             self.report(&req, Outcome::Error(error.clone()), &progress);
         }
     }
@@ -567,6 +589,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let s = progress.stats();
                 log::info!(
                     request = id, reason = reason.as_str(), prompt_tokens = s.prompt_tokens,
+                    truncated_tokens = s.truncated_tokens,
                     cached_tokens = s.cached_tokens, completion_tokens = s.completion_tokens,
                     ttft_ms = s.ttft_ms, tps = s.tps, ms = s.ms;
                     "request {id} ended ({}): prompt {} tokens ({} cached), completion {} tokens, ttft {:.1} ms, {:.1} tok/s, total {:.1} ms",

@@ -38,9 +38,9 @@ impl EngineHandle {
     /// Hands a request to the engine; gives it back if the engine is gone.
     pub fn submit(&self, req: Request) -> Result<(), Box<Request>> {
         self.commands
-            .send(Command::Infer(Box::new(req)))
+            .send(Command::Submit(Box::new(req)))
             .map_err(|e| match e.0 {
-                Command::Infer(req) => req,
+                Command::Submit(req) => req,
                 Command::Shutdown => unreachable!(),
             })
     }
@@ -154,7 +154,7 @@ fn supervise<L: Loader>(
         // Parked (or a wake-up failed): the next request wakes the engine.
         hooks.set_state(EngineState::Parked);
         match io.commands.recv() {
-            Ok(Command::Infer(req)) => {
+            Ok(Command::Submit(req)) => {
                 hooks.set_state(EngineState::Waking);
                 waking = Some(req);
             }

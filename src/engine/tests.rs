@@ -11,7 +11,7 @@ use super::fake::Fake;
 use super::*;
 use crate::core::{
     ChatMessage, EngineState, ErrorCode, Event, FinishReason, PromptInput, Request, RequestError,
-    Role, SamplingParams, Stats,
+    RequestKind, Role, SamplingParams, Stats, Truncate,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -156,6 +156,8 @@ impl Harness {
             id: format!("r{key}"),
             input,
             params,
+            kind: RequestKind::Generate,
+            truncate: Truncate::None,
             cancel: cancel.clone(),
             received: Instant::now(),
             max_prompt_tokens: 0,
@@ -196,7 +198,11 @@ impl Harness {
                     key: k, text: t, ..
                 } if *k == key => text.push_str(t),
                 Event::Queued { key: k, position } if *k == key => queued.push(*position),
-                Event::End { key: k, .. } | Event::Error { key: k, .. } if *k == key => {
+                Event::End { key: k, .. }
+                | Event::Error { key: k, .. }
+                | Event::Tokens { key: k, .. }
+                    if *k == key =>
+                {
                     others.extend(self.buffered.drain(..));
                     self.buffered = others;
                     return Done {
@@ -538,4 +544,69 @@ fn shutdown_fails_running_and_queued_requests_then_stops() {
     }
     assert!(matches!(h.next(), Event::Stopped));
     h.wait_until("the thread ends", |h| h.engine.is_finished());
+}
+
+#[test]
+fn count_tokens_answers_the_prompts_length_and_generates_nothing() {
+    let mut h = Harness::new(1);
+    let mut spec = |kind| {
+        let key = h.next_key;
+        h.next_key += 1;
+        let req = Request {
+            key,
+            id: format!("r{key}"),
+            input: PromptInput::Text("abc".into()),
+            params: greedy(4),
+            kind,
+            truncate: Truncate::None,
+            cancel: Arc::new(AtomicBool::new(false)),
+            received: Instant::now(),
+            max_prompt_tokens: 0,
+        };
+        h.engine.submit(req).map_err(|_| "gone").unwrap();
+        key
+    };
+    let count = spec(RequestKind::CountTokens);
+    let generate = spec(RequestKind::Generate);
+    assert!(matches!(
+        h.finish(count).last,
+        Event::Tokens { count: 4, .. }
+    ));
+    assert_eq!(h.finish(generate).end().1.prompt_tokens, 4);
+    assert_eq!(
+        h.fake.state().batches.len(),
+        4,
+        "a prefill and 3 decodes, none for the count"
+    );
+}
+
+#[test]
+fn a_prompt_too_long_is_cut_from_the_left_when_asked() {
+    let fake = Fake {
+        n_ctx: 64,
+        ..Fake::default()
+    };
+    let mut h = Harness::start(fake, config(1), TestHooks::default());
+    let long = "x".repeat(100);
+    let (a, _) = h.submit_input(PromptInput::Text(long.clone()), greedy(8));
+    assert_eq!(h.finish(a).error().code(), ErrorCode::ContextOverflow);
+    let key = h.next_key;
+    h.next_key += 1;
+    let req = Request {
+        key,
+        id: "cut".into(),
+        input: PromptInput::Text(long),
+        params: greedy(8),
+        kind: RequestKind::Generate,
+        truncate: Truncate::Left,
+        cancel: Arc::new(AtomicBool::new(false)),
+        received: Instant::now(),
+        max_prompt_tokens: 0,
+    };
+    h.engine.submit(req).map_err(|_| "gone").unwrap();
+    let done = h.finish(key);
+    let (reason, stats) = done.end();
+    assert_eq!(reason, FinishReason::Length);
+    assert_eq!(stats.prompt_tokens, 64 - 8, "room left for max_tokens");
+    assert_eq!(stats.truncated_tokens, 101 - 56);
 }

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::core::{
     ChatMessage, ErrorCode, InvalidParam, PromptInput, Role, SamplingParams, Stats, Status,
+    Truncate,
 };
 
 /// The protocol version `hello` announces.
@@ -44,6 +45,11 @@ pub enum ClientMsg {
     },
     /// Asks for a `status` snapshot.
     Status,
+    /// Counts the tokens of a prompt or of messages (after the template).
+    Tokenize {
+        id: Option<String>,
+        input: PromptInput,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +58,14 @@ pub struct InferRequest {
     pub input: PromptInput,
     /// `params` laid over the server's defaults, validated.
     pub params: SamplingParams,
+    pub truncate: Truncate,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum WireTruncate {
+    None,
+    Left,
 }
 
 #[derive(Deserialize)]
@@ -153,6 +167,38 @@ struct InferWire {
     messages: Option<Vec<WireMessage>>,
     #[serde(default)]
     params: Params,
+    truncate: Option<WireTruncate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeWire {
+    #[allow(dead_code)]
+    op: String,
+    id: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<WireMessage>>,
+}
+
+/// Exactly one of `prompt` and `messages`, not empty.
+fn input(
+    id: Option<&str>,
+    prompt: Option<String>,
+    messages: Option<Vec<WireMessage>>,
+) -> Result<PromptInput, ProtoError> {
+    match (prompt, messages) {
+        (Some(_), Some(_)) => Err(ProtoError::bad(
+            id,
+            "send either \"prompt\" or \"messages\", not both",
+        )),
+        (None, None) => Err(ProtoError::bad(id, "missing \"prompt\" (or \"messages\")")),
+        (Some(p), None) if p.is_empty() => Err(ProtoError::bad(id, "\"prompt\" is empty")),
+        (Some(p), None) => Ok(PromptInput::Text(p)),
+        (None, Some(m)) if m.is_empty() => Err(ProtoError::bad(id, "\"messages\" is empty")),
+        (None, Some(m)) => Ok(PromptInput::Messages(
+            m.into_iter().map(Into::into).collect(),
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -193,7 +239,7 @@ pub fn parse(text: &str, defaults: &SamplingParams) -> Result<ClientMsg, ProtoEr
         None => {
             return Err(ProtoError::bad(
                 id,
-                "missing \"op\" (one of: infer, abort, status)",
+                "missing \"op\" (one of: infer, abort, status, tokenize)",
             ));
         }
     };
@@ -202,34 +248,26 @@ pub fn parse(text: &str, defaults: &SamplingParams) -> Result<ClientMsg, ProtoEr
     match op {
         "infer" => {
             let wire = InferWire::deserialize(&value).map_err(field_err)?;
-            let input = match (wire.prompt, wire.messages) {
-                (Some(_), Some(_)) => {
-                    return Err(ProtoError::bad(
-                        id,
-                        "send either \"prompt\" or \"messages\", not both",
-                    ));
-                }
-                (None, None) => {
-                    return Err(ProtoError::bad(id, "missing \"prompt\" (or \"messages\")"));
-                }
-                (Some(p), None) if p.is_empty() => {
-                    return Err(ProtoError::bad(id, "\"prompt\" is empty"));
-                }
-                (Some(p), None) => PromptInput::Text(p),
-                (None, Some(m)) if m.is_empty() => {
-                    return Err(ProtoError::bad(id, "\"messages\" is empty"));
-                }
-                (None, Some(m)) => PromptInput::Messages(m.into_iter().map(Into::into).collect()),
-            };
+            let input = input(id, wire.prompt, wire.messages)?;
             let params = wire
                 .params
                 .resolve(defaults)
                 .map_err(|m| ProtoError::bad(id, m))?;
+            let truncate = match wire.truncate {
+                None | Some(WireTruncate::None) => Truncate::None,
+                Some(WireTruncate::Left) => Truncate::Left,
+            };
             Ok(ClientMsg::Infer(InferRequest {
                 id: wire.id,
                 input,
                 params,
+                truncate,
             }))
+        }
+        "tokenize" => {
+            let wire = TokenizeWire::deserialize(&value).map_err(field_err)?;
+            let input = input(id, wire.prompt, wire.messages)?;
+            Ok(ClientMsg::Tokenize { id: wire.id, input })
         }
         "abort" => {
             let wire = AbortWire::deserialize(&value).map_err(field_err)?;
@@ -241,7 +279,7 @@ pub fn parse(text: &str, defaults: &SamplingParams) -> Result<ClientMsg, ProtoEr
         }
         other => Err(ProtoError::bad(
             id,
-            format!("unknown op {other:?} (expected infer, abort or status)"),
+            format!("unknown op {other:?} (expected infer, abort, status or tokenize)"),
         )),
     }
 }
@@ -280,6 +318,7 @@ pub struct Limits {
 pub struct WireStats {
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
+    pub truncated_tokens: usize,
     pub completion_tokens: usize,
     pub ttft_ms: f64,
     pub ms: f64,
@@ -291,6 +330,7 @@ impl From<&Stats> for WireStats {
         WireStats {
             prompt_tokens: s.prompt_tokens,
             cached_tokens: s.cached_tokens,
+            truncated_tokens: s.truncated_tokens,
             completion_tokens: s.completion_tokens,
             ttft_ms: s.ttft_ms,
             ms: s.ms,
@@ -381,6 +421,11 @@ pub enum ServerMsg<'a> {
         id: &'a str,
         reason: &'a str,
         stats: WireStats,
+    },
+    /// The answer to `tokenize`.
+    Tokens {
+        id: &'a str,
+        count: usize,
     },
     Error {
         id: Option<&'a str>,
@@ -526,6 +571,41 @@ mod tests {
     }
 
     #[test]
+    fn tokenize_and_truncate() {
+        assert_eq!(
+            parse(r#"{"op":"tokenize","id":"t","prompt":"Hi"}"#).unwrap(),
+            ClientMsg::Tokenize {
+                id: Some("t".into()),
+                input: PromptInput::Text("Hi".into())
+            }
+        );
+        assert!(
+            err(r#"{"op":"tokenize","id":"t"}"#)
+                .message
+                .contains("missing \"prompt\"")
+        );
+        assert!(
+            err(r#"{"op":"tokenize","prompt":"x","params":{}}"#)
+                .message
+                .contains("unknown field")
+        );
+        let Ok(ClientMsg::Infer(req)) = parse(r#"{"op":"infer","prompt":"x","truncate":"left"}"#)
+        else {
+            panic!()
+        };
+        assert_eq!(req.truncate, Truncate::Left);
+        assert!(
+            err(r#"{"op":"infer","prompt":"x","truncate":"middle"}"#)
+                .message
+                .contains("unknown variant")
+        );
+        assert_eq!(
+            ServerMsg::Tokens { id: "t", count: 7 }.to_json(),
+            r#"{"op":"tokens","id":"t","count":7}"#
+        );
+    }
+
+    #[test]
     fn malformed_json() {
         let e = err("{not json");
         assert_eq!(e.code, ErrorCode::BadRequest);
@@ -653,6 +733,7 @@ mod tests {
         let stats = Stats {
             prompt_tokens: 3,
             cached_tokens: 0,
+            truncated_tokens: 0,
             completion_tokens: 2,
             ttft_ms: 1.5,
             ms: 3.0,
@@ -674,7 +755,7 @@ mod tests {
                 stats: (&stats).into()
             }
             .to_json(),
-            r#"{"op":"end","id":"r1","reason":"eos","stats":{"prompt_tokens":3,"cached_tokens":0,"completion_tokens":2,"ttft_ms":1.5,"ms":3.0,"tps":100.0}}"#
+            r#"{"op":"end","id":"r1","reason":"eos","stats":{"prompt_tokens":3,"cached_tokens":0,"truncated_tokens":0,"completion_tokens":2,"ttft_ms":1.5,"ms":3.0,"tps":100.0}}"#
         );
         assert_eq!(
             ServerMsg::error(None, ErrorCode::ContextOverflow, "m"),

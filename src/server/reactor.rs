@@ -23,7 +23,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::config;
-use crate::core::{Event, PromptInput, Request, RequestError, RequestKey, SamplingParams, Status};
+use crate::core::{Event, Request, RequestError, RequestKey, RequestSpec, SamplingParams, Status};
 use crate::engine::{EngineHandle, EventSource, Ready};
 use crate::ops::Ops;
 use crate::ops::watchdog;
@@ -352,6 +352,7 @@ impl Reactor {
                 Event::Queued { key, .. }
                 | Event::Token { key, .. }
                 | Event::End { key, .. }
+                | Event::Tokens { key, .. }
                 | Event::Error { key, .. } => *key,
             };
             self.on_engine_event(key, &event);
@@ -385,7 +386,7 @@ impl Reactor {
                 }
             }
             Event::Error { error, .. } => m.request_done(error.code().as_str()),
-            Event::Queued { .. } | Event::Stopped => {}
+            Event::Queued { .. } | Event::Tokens { .. } | Event::Stopped => {}
         }
         let (conn, id) = if event.is_final() {
             let route = self.table.finish(key).expect("looked up above");
@@ -619,12 +620,7 @@ impl Host for ConnHost<'_> {
         self.defaults
     }
 
-    fn submit(
-        &mut self,
-        id: Option<&str>,
-        input: PromptInput,
-        params: SamplingParams,
-    ) -> Result<String, SubmitError> {
+    fn submit(&mut self, id: Option<&str>, spec: RequestSpec) -> Result<String, SubmitError> {
         if self.draining {
             return Err(SubmitError::ShuttingDown);
         }
@@ -632,8 +628,10 @@ impl Host for ConnHost<'_> {
         let req = Request {
             key: opened.key,
             id: opened.id.clone(),
-            input,
-            params,
+            input: spec.input,
+            params: spec.params,
+            kind: spec.kind,
+            truncate: spec.truncate,
             cancel: opened.cancel,
             received: Instant::now(),
             max_prompt_tokens: self.server.max_prompt_tokens,

@@ -5,7 +5,7 @@
 //! connection speaks; sessions never touch a socket, so they are tested with
 //! a fake host.
 
-use crate::core::{Event, PromptInput, SamplingParams, Status};
+use crate::core::{Event, RequestSpec, SamplingParams, Status};
 use crate::server::requests::Refused;
 
 /// What a client sent.
@@ -52,12 +52,7 @@ pub trait Host {
     fn info(&self) -> ServerInfo;
     fn defaults(&self) -> &SamplingParams;
     /// Starts a request; returns the id it goes by (a given one, or `req-N`).
-    fn submit(
-        &mut self,
-        id: Option<&str>,
-        input: PromptInput,
-        params: SamplingParams,
-    ) -> Result<String, SubmitError>;
+    fn submit(&mut self, id: Option<&str>, spec: RequestSpec) -> Result<String, SubmitError>;
     /// Aborts this connection's request `id`, or all of them; unknown ids are ignored.
     fn abort(&mut self, id: Option<&str>);
     fn status(&self) -> Status;

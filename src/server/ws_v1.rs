@@ -2,7 +2,7 @@
 //! `status`), events out (`hello`, `queued`, `token`, `end`, `error`,
 //! `status`). See docs/protocol.md.
 
-use crate::core::{ErrorCode, Event};
+use crate::core::{ErrorCode, Event, RequestKind, RequestSpec, Truncate};
 use crate::server::protocol::{self, ClientMsg, Hello, Limits, ServerMsg};
 use crate::server::requests::Refused;
 use crate::server::session::{Host, Message, Outbox, Session, SubmitError};
@@ -55,8 +55,24 @@ impl Session for WsV1 {
         };
         match protocol::parse(text, host.defaults()) {
             Ok(ClientMsg::Infer(req)) => {
-                let id = req.id.clone();
-                if let Err(e) = host.submit(req.id.as_deref(), req.input, req.params) {
+                let spec = RequestSpec {
+                    input: req.input,
+                    params: req.params,
+                    kind: RequestKind::Generate,
+                    truncate: req.truncate,
+                };
+                if let Err(e) = host.submit(req.id.as_deref(), spec) {
+                    out.push(refusal(req.id.as_deref(), e));
+                }
+            }
+            Ok(ClientMsg::Tokenize { id, input }) => {
+                let spec = RequestSpec {
+                    input,
+                    params: host.defaults().clone(),
+                    kind: RequestKind::CountTokens,
+                    truncate: Truncate::None,
+                };
+                if let Err(e) = host.submit(id.as_deref(), spec) {
                     out.push(refusal(id.as_deref(), e));
                 }
             }
@@ -88,6 +104,7 @@ impl Session for WsV1 {
                 stats: stats.into(),
             }
             .to_json(),
+            Event::Tokens { count, .. } => ServerMsg::Tokens { id, count: *count }.to_json(),
             Event::Error { error, .. } => {
                 ServerMsg::error(Some(id), error.code(), &error.to_string())
             }
@@ -128,7 +145,7 @@ mod tests {
     #[derive(Default)]
     struct FakeHost {
         defaults: SamplingParams,
-        submitted: Vec<(Option<String>, PromptInput, SamplingParams)>,
+        submitted: Vec<(Option<String>, RequestSpec)>,
         aborted: Vec<Option<String>>,
         refuse: Option<SubmitError>,
     }
@@ -149,16 +166,11 @@ mod tests {
         fn defaults(&self) -> &SamplingParams {
             &self.defaults
         }
-        fn submit(
-            &mut self,
-            id: Option<&str>,
-            input: PromptInput,
-            params: SamplingParams,
-        ) -> Result<String, SubmitError> {
+        fn submit(&mut self, id: Option<&str>, spec: RequestSpec) -> Result<String, SubmitError> {
             if let Some(e) = self.refuse {
                 return Err(e);
             }
-            self.submitted.push((id.map(Into::into), input, params));
+            self.submitted.push((id.map(Into::into), spec));
             Ok(id.unwrap_or("req-1").into())
         }
         fn abort(&mut self, id: Option<&str>) {
@@ -202,11 +214,25 @@ mod tests {
             json!({"op":"infer","id":"a","prompt":"Hi","params":{"temperature":0}}),
         );
         assert!(out.is_empty(), "{out:?}");
-        let (id, input, params) = &host.submitted[0];
+        let (id, spec) = &host.submitted[0];
         assert_eq!(id.as_deref(), Some("a"));
-        assert_eq!(input, &PromptInput::Text("Hi".into()));
-        assert_eq!(params.temp, 0.0);
-        assert_eq!(params.max_tokens, SamplingParams::default().max_tokens);
+        assert_eq!(spec.input, PromptInput::Text("Hi".into()));
+        assert_eq!(spec.params.temp, 0.0);
+        assert_eq!(spec.params.max_tokens, SamplingParams::default().max_tokens);
+        assert_eq!(
+            (spec.kind, spec.truncate),
+            (RequestKind::Generate, Truncate::None)
+        );
+    }
+
+    #[test]
+    fn tokenize_is_a_request_whose_answer_is_a_count() {
+        let mut host = FakeHost::default();
+        assert!(send(&mut host, json!({"op":"tokenize","id":"t","prompt":"Hi"})).is_empty());
+        assert_eq!(host.submitted[0].1.kind, RequestKind::CountTokens);
+        let mut out = Vec::new();
+        WsV1.on_event("t", &Event::Tokens { key: 1, count: 3 }, &mut out);
+        assert_eq!(out, [r#"{"op":"tokens","id":"t","count":3}"#]);
     }
 
     #[test]
