@@ -210,3 +210,47 @@ fn truncate_left_keeps_the_system_message_and_the_latest_turn() {
         .collect();
     assert!(sizes.contains(&prompt), "{prompt} is none of {sizes:?}");
 }
+
+#[test]
+fn parks_and_restarts_leak_neither_pages_nor_files() {
+    let dir = fresh_dir("warm-soak");
+    let state = dir.to_str().unwrap();
+    let config = "[idle]\npark_after_s = 0.2\n[scheduler]\nprefix_cache_entries = 4\n[state]\nmax_mb = 64\n";
+    let prefixes: Vec<String> = (0..6)
+        .map(|i| format!("Rotating system prompt number {i}. ").repeat(8))
+        .collect();
+    let mut rss = Vec::new();
+    for round in 0..3 {
+        let mut server = Server::start_with_config("warm-soak", config, &["--state-dir", state]);
+        let mut c = server.connect();
+        for cycle in 0..3 {
+            for (j, p) in prefixes.iter().enumerate().skip(cycle).take(3) {
+                let id = format!("r{round}-{cycle}-{j}");
+                let out = c.infer(&id, &format!("{p}Question?"), json!({"temp":0,"max_tokens":4}));
+                assert_eq!(out.op(), "end", "{}", out.last);
+            }
+            let before = server.log_text().matches("kept ").count();
+            while server.log_text().matches("kept ").count() == before {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Parked: every page is free or held by the cache, none owned.
+            let kv = &server.status()["kv"];
+            assert_eq!(kv["pages_owned"], 0, "{kv}");
+            let (free, cached) = (kv["pages_free"].as_u64().unwrap(), kv["pages_cached"].as_u64().unwrap());
+            assert_eq!(free + cached, kv["pages_total"].as_u64().unwrap(), "{kv}");
+            assert!(kv["prefix_entries"].as_u64().unwrap() <= 4, "{kv}");
+        }
+        rss.push(server.rss_kib());
+        server.signal("TERM");
+        assert_eq!(server.wait_exit(Duration::from_secs(20)).code(), Some(0));
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap()).collect();
+        assert!(files.len() <= 4, "{} files for 4 cache entries", files.len());
+        let bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+        assert!(bytes <= 64 << 20, "{bytes} bytes over the 64 MB budget");
+        assert!(
+            files.iter().all(|f| !f.file_name().to_string_lossy().ends_with(".tmp")),
+            "a temporary file was left behind"
+        );
+    }
+    eprintln!("RSS after each round (KiB): {rss:?}");
+}
