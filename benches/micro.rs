@@ -32,7 +32,7 @@ use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use inference_core::core::Event;
 use inference_core::engine::{self, kv, prefix, scheduler};
 use inference_core::server::protocol::ServerMsg;
-use inference_core::server::session::Session;
+use inference_core::server::session::{Out, Outbox, Session};
 use inference_core::server::ws_v1::WsV1;
 
 fn token_json() -> String {
@@ -118,7 +118,7 @@ fn reactor_run(n: u64, flush_each: bool) -> Duration {
     let (sink, source) = engine::events(move || engine_waker.wake().unwrap());
     let mut ws = server_ws(tcp_pair());
     let mut session = WsV1;
-    let mut out = Vec::new();
+    let mut out = Outbox::default();
     let start = Instant::now();
     let engine = std::thread::spawn(move || {
         for i in 0..n {
@@ -140,7 +140,8 @@ fn reactor_run(n: u64, flush_each: bool) -> Duration {
             }
             for e in source.drain() {
                 session.on_event("r1", &e, &mut out);
-                for json in out.drain(..) {
+                for item in out.drain() {
+                    let Out::Text(json) = item else { continue };
                     ws.write(Message::text(json)).unwrap();
                     if flush_each {
                         ws.flush().unwrap();

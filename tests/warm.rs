@@ -215,7 +215,8 @@ fn truncate_left_keeps_the_system_message_and_the_latest_turn() {
 fn parks_and_restarts_leak_neither_pages_nor_files() {
     let dir = fresh_dir("warm-soak");
     let state = dir.to_str().unwrap();
-    let config = "[idle]\npark_after_s = 0.2\n[scheduler]\nprefix_cache_entries = 4\n[state]\nmax_mb = 64\n";
+    let config =
+        "[idle]\npark_after_s = 0.2\n[scheduler]\nprefix_cache_entries = 4\n[state]\nmax_mb = 64\n";
     let prefixes: Vec<String> = (0..6)
         .map(|i| format!("Rotating system prompt number {i}. ").repeat(8))
         .collect();
@@ -226,7 +227,11 @@ fn parks_and_restarts_leak_neither_pages_nor_files() {
         for cycle in 0..3 {
             for (j, p) in prefixes.iter().enumerate().skip(cycle).take(3) {
                 let id = format!("r{round}-{cycle}-{j}");
-                let out = c.infer(&id, &format!("{p}Question?"), json!({"temp":0,"max_tokens":4}));
+                let out = c.infer(
+                    &id,
+                    &format!("{p}Question?"),
+                    json!({"temp":0,"max_tokens":4}),
+                );
                 assert_eq!(out.op(), "end", "{}", out.last);
             }
             let before = server.log_text().matches("kept ").count();
@@ -236,21 +241,102 @@ fn parks_and_restarts_leak_neither_pages_nor_files() {
             // Parked: every page is free or held by the cache, none owned.
             let kv = &server.status()["kv"];
             assert_eq!(kv["pages_owned"], 0, "{kv}");
-            let (free, cached) = (kv["pages_free"].as_u64().unwrap(), kv["pages_cached"].as_u64().unwrap());
+            let (free, cached) = (
+                kv["pages_free"].as_u64().unwrap(),
+                kv["pages_cached"].as_u64().unwrap(),
+            );
             assert_eq!(free + cached, kv["pages_total"].as_u64().unwrap(), "{kv}");
             assert!(kv["prefix_entries"].as_u64().unwrap() <= 4, "{kv}");
         }
         rss.push(server.rss_kib());
         server.signal("TERM");
         assert_eq!(server.wait_exit(Duration::from_secs(20)).code(), Some(0));
-        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap()).collect();
-        assert!(files.len() <= 4, "{} files for 4 cache entries", files.len());
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
+        assert!(
+            files.len() <= 4,
+            "{} files for 4 cache entries",
+            files.len()
+        );
         let bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
         assert!(bytes <= 64 << 20, "{bytes} bytes over the 64 MB budget");
         assert!(
-            files.iter().all(|f| !f.file_name().to_string_lossy().ends_with(".tmp")),
+            files
+                .iter()
+                .all(|f| !f.file_name().to_string_lossy().ends_with(".tmp")),
             "a temporary file was left behind"
         );
     }
     eprintln!("RSS after each round (KiB): {rss:?}");
+}
+
+/// `curl` with `args`, returning (HTTP status, body).
+fn curl(port: u16, args: &[&str]) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "30"])
+        .args(args)
+        .arg(format!("http://127.0.0.1:{port}/tokenize"))
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.trim().parse().unwrap(), body.to_owned())
+}
+
+#[test]
+fn post_tokenize_answers_http_clients() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    let body = json!({"messages":[{"role":"user","content":"What colour is the sky?"}]});
+    let (status, answer) = curl(server.port, &["-X", "POST", "-d", &body.to_string()]);
+    assert_eq!(status, 200, "{answer}");
+    let counted: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(counted["count"], count(&mut c, "ws", body.clone()));
+    c.send(json!({"op":"infer","id":"i","messages":body["messages"],"params":{"max_tokens":1}}));
+    assert_eq!(
+        c.collect("i").last["stats"]["prompt_tokens"],
+        counted["count"]
+    );
+
+    let (status, answer) = curl(server.port, &["-X", "POST", "-d", "{oops"]);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains(r#""code":"bad_request""#), "{answer}");
+    let (status, _) = curl(
+        server.port,
+        &["-X", "POST", "-d", r#"{"prompt":"x","n":1}"#],
+    );
+    assert_eq!(status, 400);
+    let huge = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(2 << 20));
+    let file = util::config_file("huge-body", &huge);
+    let (status, _) = curl(
+        server.port,
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    );
+    assert_eq!(status, 413);
+    let (status, _) = curl(
+        server.port,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-d",
+            r#"{"prompt":"x"}"#,
+        ],
+    );
+    assert_eq!(status, 411);
+    let (status, _) = curl(server.port, &[]);
+    assert_eq!(status, 405, "GET /tokenize");
+    // And the WebSocket client was not disturbed.
+    assert_eq!(
+        c.infer("after", "Hello", json!({"max_tokens":2})).op(),
+        "end"
+    );
 }

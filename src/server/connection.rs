@@ -29,6 +29,8 @@ use crate::server::session::Session;
 
 /// Largest HTTP request head we accept before answering 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Largest plain-HTTP request body (`POST /tokenize`) before answering 413.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// What every connection is configured with.
 pub struct Settings {
@@ -73,10 +75,12 @@ impl Write for Prefixed {
 type Handshake = MidHandshake<ServerHandshake<Prefixed, NoCallback>>;
 
 enum State {
-    /// Reading the HTTP request head.
+    /// Reading the HTTP request head, then its body (`need`: head and body
+    /// length, once the head said it).
     Http {
         stream: TcpStream,
         head: Vec<u8>,
+        need: Option<usize>,
     },
     /// tungstenite is answering the upgrade; may take several readiness events.
     Handshaking(Box<Handshake>),
@@ -100,10 +104,11 @@ pub enum Input {
     /// A message over the size limit was refused; the connection is failed
     /// with 1009 once what the session answers is queued.
     TooLarge(String),
-    /// A plain HTTP request (not an upgrade).
+    /// A plain HTTP request (not an upgrade), with its body.
     Http {
         method: String,
         path: String,
+        body: Vec<u8>,
     },
 }
 
@@ -153,6 +158,7 @@ impl Connection {
             state: State::Http {
                 stream,
                 head: Vec::new(),
+                need: None,
             },
             deadline: Some(deadline),
             session: None,
@@ -171,7 +177,7 @@ impl Connection {
 
     pub fn on_readable(&mut self, settings: &Settings, inputs: &mut Vec<Input>) -> Liveness {
         match &mut self.state {
-            State::Http { stream, head } => match read_head(stream, head) {
+            State::Http { stream, head, need } => match read_request(stream, head, *need) {
                 Ok(true) => self.route_head(settings, inputs),
                 Ok(false) => Liveness::Alive,
                 Err(_) => Liveness::Gone,
@@ -325,7 +331,9 @@ impl Connection {
         let State::Http { head, .. } = &self.state else {
             unreachable!()
         };
-        if head.len() > MAX_HEAD_BYTES {
+        // The head must end within the limit; a body may follow it.
+        let head_end = head.windows(4).position(|w| w == b"\r\n\r\n");
+        if head_end.is_none_or(|end| end > MAX_HEAD_BYTES) {
             self.respond(&Response::new(
                 431,
                 "text/plain",
@@ -335,14 +343,17 @@ impl Connection {
         }
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
-        if req.parse(head).is_err() {
-            self.respond(&Response::new(
-                400,
-                "text/plain",
-                "malformed HTTP request\n",
-            ));
-            return self.flush();
-        }
+        let head_len = match req.parse(head) {
+            Ok(httparse::Status::Complete(n)) => n,
+            _ => {
+                self.respond(&Response::new(
+                    400,
+                    "text/plain",
+                    "malformed HTTP request\n",
+                ));
+                return self.flush();
+            }
+        };
         let header = |name: &str| {
             req.headers
                 .iter()
@@ -358,7 +369,40 @@ impl Connection {
             return self.flush();
         }
         if !upgrade {
-            inputs.push(Input::Http { method, path });
+            if header("transfer-encoding").is_some() {
+                self.respond(&Response::new(
+                    411,
+                    "text/plain",
+                    "send the body with Content-Length (chunked bodies are not supported)\n",
+                ));
+                return self.flush();
+            }
+            let length = match header("content-length").map(|v| v.parse::<usize>()) {
+                None => 0,
+                Some(Ok(n)) if n <= MAX_BODY_BYTES => n,
+                Some(Ok(_)) => {
+                    self.respond(&Response::new(
+                        413,
+                        "text/plain",
+                        format!("the body is over {MAX_BODY_BYTES} bytes\n"),
+                    ));
+                    return self.flush();
+                }
+                Some(Err(_)) => {
+                    self.respond(&Response::new(400, "text/plain", "bad Content-Length\n"));
+                    return self.flush();
+                }
+            };
+            let State::Http { head, need, .. } = &mut self.state else {
+                unreachable!()
+            };
+            if head.len() < head_len + length {
+                // The rest of the body comes on the next reads.
+                *need = Some(head_len + length);
+                return Liveness::Alive;
+            }
+            let body = head[head_len..head_len + length].to_vec();
+            inputs.push(Input::Http { method, path, body });
             return Liveness::Alive;
         }
         if version.as_deref() != Some(WS_VERSION) {
@@ -373,7 +417,8 @@ impl Connection {
             .echo_path
             .as_deref()
             .is_some_and(|p| path.split('?').next() == Some(p));
-        let State::Http { stream, head } = std::mem::replace(&mut self.state, State::Closed) else {
+        let State::Http { stream, head, .. } = std::mem::replace(&mut self.state, State::Closed)
+        else {
             unreachable!()
         };
         let replay = Prefixed {
@@ -426,17 +471,26 @@ impl Connection {
     }
 }
 
-/// Reads into `head` until the request head is complete (`\r\n\r\n`), the
-/// socket would block, or the head is too large.
-fn read_head(stream: &mut TcpStream, head: &mut Vec<u8>) -> io::Result<bool> {
-    let mut buf = [0u8; 4096];
+/// Reads into `buf` until the request head is complete (`\r\n\r\n`), or
+/// with `need` until it holds that many bytes (head and body), the socket
+/// would block, or the head is too large.
+fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    need: Option<usize>,
+) -> io::Result<bool> {
+    let mut chunk = [0u8; 4096];
     loop {
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.len() > MAX_HEAD_BYTES {
+        let done = match need {
+            Some(n) => buf.len() >= n,
+            None => buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() > MAX_HEAD_BYTES,
+        };
+        if done {
             return Ok(true);
         }
-        match stream.read(&mut buf) {
+        match stream.read(&mut chunk) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),

@@ -25,7 +25,7 @@ impl Response {
         }
     }
 
-    fn json(status: u16, body: &str) -> Response {
+    pub fn json(status: u16, body: &str) -> Response {
         Response::new(status, "application/json", format!("{body}\n"))
     }
 
@@ -50,8 +50,12 @@ impl Response {
             400 => "Bad Request",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            411 => "Length Required",
+            413 => "Payload Too Large",
             426 => "Upgrade Required",
+            429 => "Too Many Requests",
             431 => "Request Header Fields Too Large",
+            500 => "Internal Server Error",
             503 => "Service Unavailable",
             _ => "Error",
         };
@@ -99,6 +103,8 @@ pub fn route(
             Response::new(200, "text/plain; version=0.0.4; charset=utf-8", metrics())
         }
         ("GET", "/") => Response::new(200, "text/html; charset=utf-8", PAGE),
+        // POST /tokenize is served by its session; other methods are not.
+        (_, "/tokenize") => Response::json(405, r#"{"error":"use POST for /tokenize"}"#),
         ("GET", _) => Response::json(404, r#"{"error":"not found"}"#),
         _ => Response::json(405, r#"{"error":"method not allowed"}"#),
     }
@@ -133,6 +139,7 @@ mod tests {
         );
         assert_eq!(route("GET", "/nope", Health::Ready, none).status, 404);
         assert_eq!(route("POST", "/", Health::Ready, none).status, 405);
+        assert_eq!(route("GET", "/tokenize", Health::Ready, none).status, 405);
     }
 
     #[test]

@@ -209,6 +209,20 @@ struct AbortWire {
     id: Option<String>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeBody {
+    prompt: Option<String>,
+    messages: Option<Vec<WireMessage>>,
+}
+
+/// The body of `POST /tokenize`: `prompt` or `messages`, as in `tokenize`.
+pub fn parse_tokenize_body(body: &[u8]) -> Result<PromptInput, String> {
+    let wire: TokenizeBody =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
+    input(None, wire.prompt, wire.messages).map_err(|e| e.message)
+}
+
 /// Parses one client text frame; request parameters are laid over `defaults`.
 pub fn parse(text: &str, defaults: &SamplingParams) -> Result<ClientMsg, ProtoError> {
     let value: Value = serde_json::from_str(text)

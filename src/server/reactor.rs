@@ -29,8 +29,9 @@ use crate::ops::Ops;
 use crate::ops::watchdog;
 use crate::server::connection::{Connection, Input, Liveness, SendError, Settings};
 use crate::server::http::{self, Health, Response};
+use crate::server::http_tokenize::Tokenize;
 use crate::server::requests::{ConnId, RequestTable};
-use crate::server::session::{Host, Message, Outbox, ServerInfo, Session, SubmitError};
+use crate::server::session::{Host, Message, Out, Outbox, ServerInfo, Session, SubmitError};
 use crate::server::ws_v1::WsV1;
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
@@ -275,7 +276,7 @@ impl Reactor {
                 }
                 self.with_session(slot, |s, host, out| s.opened(host, out));
             }
-            Input::Http { method, path } => self.serve_http(slot, &method, &path),
+            Input::Http { method, path, body } => self.serve_http(slot, &method, &path, body),
             Input::Binary => self.with_session(slot, |s, host, out| {
                 s.on_message(Message::Binary(&[]), host, out)
             }),
@@ -314,10 +315,23 @@ impl Reactor {
             defaults: &self.defaults,
             draining: self.shutdown_deadline.is_some(),
         };
-        let mut out = Vec::new();
+        let mut out = Outbox::default();
         f(session.as_mut(), &mut host, &mut out);
-        for text in out {
-            self.send(slot, text);
+        self.emit(slot, out);
+    }
+
+    /// Sends what a session wrote: WebSocket messages, or an HTTP response.
+    fn emit(&mut self, slot: usize, mut out: Outbox) {
+        for item in out.drain() {
+            match item {
+                Out::Text(text) => self.send(slot, text),
+                Out::Http(response) => {
+                    if let Some(conn) = self.conns.get_mut(slot) {
+                        conn.respond(&response);
+                        self.dirty.push(slot);
+                    }
+                }
+            }
         }
     }
 
@@ -331,7 +345,14 @@ impl Reactor {
         }
     }
 
-    fn serve_http(&mut self, slot: usize, method: &str, path: &str) {
+    fn serve_http(&mut self, slot: usize, method: &str, path: &str, body: Vec<u8>) {
+        if (method, path.split('?').next()) == ("POST", Some("/tokenize")) {
+            // Answered once the engine has counted.
+            if let Some(conn) = self.conns.get_mut(slot) {
+                conn.session = Some(Box::new(Tokenize::new(body)));
+            }
+            return self.with_session(slot, |s, host, out| s.opened(host, out));
+        }
         let response = http::route(method, path, self.health(), || {
             self.ops
                 .render_metrics(self.engine.status(), self.conns.len())
@@ -410,11 +431,9 @@ impl Reactor {
         let Some(session) = c.session.as_mut() else {
             return;
         };
-        let mut out = Vec::new();
+        let mut out = Outbox::default();
         session.on_event(id, event, &mut out);
-        for text in out {
-            self.send(conn.slot, text);
-        }
+        self.emit(conn.slot, out);
     }
 
     /// Queues a message; the connection is flushed once the current batch is done.

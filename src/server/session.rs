@@ -6,6 +6,7 @@
 //! a fake host.
 
 use crate::core::{Event, RequestSpec, SamplingParams, Status};
+use crate::server::http::Response;
 use crate::server::requests::Refused;
 
 /// What a client sent.
@@ -18,8 +19,49 @@ pub enum Message<'a> {
     TooLarge(&'a str),
 }
 
-/// Messages for the client, in order.
-pub type Outbox = Vec<String>;
+/// One thing for the client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    /// A WebSocket text message.
+    Text(String),
+    /// The HTTP response to a plain request; the connection closes after it.
+    Http(Response),
+}
+
+/// What a session has for the client, in order.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    items: Vec<Out>,
+}
+
+impl Outbox {
+    pub fn push(&mut self, text: String) {
+        self.items.push(Out::Text(text));
+    }
+
+    pub fn respond(&mut self, response: Response) {
+        self.items.push(Out::Http(response));
+    }
+
+    pub fn drain(&mut self) -> std::vec::Drain<'_, Out> {
+        self.items.drain(..)
+    }
+
+    /// The text messages (for tests).
+    pub fn texts(&self) -> Vec<&str> {
+        self.items
+            .iter()
+            .filter_map(|o| match o {
+                Out::Text(t) => Some(t.as_str()),
+                Out::Http(_) => None,
+            })
+            .collect()
+    }
+
+    pub fn items(&self) -> &[Out] {
+        &self.items
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {

@@ -185,18 +185,19 @@ mod tests {
     }
 
     fn send(host: &mut FakeHost, msg: Value) -> Vec<Value> {
-        let mut out = Vec::new();
+        let mut out = Outbox::default();
         WsV1.on_message(Message::Text(&msg.to_string()), host, &mut out);
-        out.iter()
+        out.texts()
+            .iter()
             .map(|s| serde_json::from_str(s).unwrap())
             .collect()
     }
 
     #[test]
     fn hello_says_what_the_server_can_do() {
-        let mut out = Vec::new();
+        let mut out = Outbox::default();
         WsV1.opened(&mut FakeHost::default(), &mut out);
-        let hello: Value = serde_json::from_str(&out[0]).unwrap();
+        let hello: Value = serde_json::from_str(out.texts()[0]).unwrap();
         assert_eq!(hello["op"], "hello");
         assert_eq!(hello["protocol"], 1);
         assert_eq!(hello["status"], "parked");
@@ -230,9 +231,9 @@ mod tests {
         let mut host = FakeHost::default();
         assert!(send(&mut host, json!({"op":"tokenize","id":"t","prompt":"Hi"})).is_empty());
         assert_eq!(host.submitted[0].1.kind, RequestKind::CountTokens);
-        let mut out = Vec::new();
+        let mut out = Outbox::default();
         WsV1.on_event("t", &Event::Tokens { key: 1, count: 3 }, &mut out);
-        assert_eq!(out, [r#"{"op":"tokens","id":"t","count":3}"#]);
+        assert_eq!(out.texts(), [r#"{"op":"tokens","id":"t","count":3}"#]);
     }
 
     #[test]
@@ -269,9 +270,9 @@ mod tests {
             (&out[0]["id"], &out[0]["code"]),
             (&json!("q"), &json!("bad_request"))
         );
-        let mut out = Vec::new();
+        let mut out = Outbox::default();
         WsV1.on_message(Message::Binary(b"x"), &mut host, &mut out);
-        assert!(out[0].contains("binary frames"));
+        assert!(out.texts()[0].contains("binary frames"));
         let out = send(&mut host, json!({"op":"status"}));
         assert_eq!(out[0]["slots"], 4);
         assert!(host.submitted.is_empty());
@@ -279,7 +280,7 @@ mod tests {
 
     #[test]
     fn engine_events_become_v1_messages() {
-        let mut out = Vec::new();
+        let mut out = Outbox::default();
         let mut s = WsV1;
         s.on_event(
             "r",
@@ -316,6 +317,7 @@ mod tests {
             &mut out,
         );
         let v: Vec<Value> = out
+            .texts()
             .iter()
             .map(|s| serde_json::from_str(s).unwrap())
             .collect();
