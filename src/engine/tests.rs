@@ -143,10 +143,12 @@ impl Harness {
         Harness::start(Fake::default(), config(slots), TestHooks::default())
     }
 
-    fn submit_input(
+    fn submit_request(
         &mut self,
         input: PromptInput,
         params: SamplingParams,
+        kind: RequestKind,
+        truncate: Truncate,
     ) -> (u64, Arc<AtomicBool>) {
         let key = self.next_key;
         self.next_key += 1;
@@ -156,14 +158,22 @@ impl Harness {
             id: format!("r{key}"),
             input,
             params,
-            kind: RequestKind::Generate,
-            truncate: Truncate::None,
+            kind,
+            truncate,
             cancel: cancel.clone(),
             received: Instant::now(),
             max_prompt_tokens: 0,
         };
         self.engine.submit(req).map_err(|_| "engine gone").unwrap();
         (key, cancel)
+    }
+
+    fn submit_input(
+        &mut self,
+        input: PromptInput,
+        params: SamplingParams,
+    ) -> (u64, Arc<AtomicBool>) {
+        self.submit_request(input, params, RequestKind::Generate, Truncate::None)
     }
 
     fn submit(&mut self, prompt: &str) -> (u64, Arc<AtomicBool>) {
@@ -549,25 +559,9 @@ fn shutdown_fails_running_and_queued_requests_then_stops() {
 #[test]
 fn count_tokens_answers_the_prompts_length_and_generates_nothing() {
     let mut h = Harness::new(1);
-    let mut spec = |kind| {
-        let key = h.next_key;
-        h.next_key += 1;
-        let req = Request {
-            key,
-            id: format!("r{key}"),
-            input: PromptInput::Text("abc".into()),
-            params: greedy(4),
-            kind,
-            truncate: Truncate::None,
-            cancel: Arc::new(AtomicBool::new(false)),
-            received: Instant::now(),
-            max_prompt_tokens: 0,
-        };
-        h.engine.submit(req).map_err(|_| "gone").unwrap();
-        key
-    };
-    let count = spec(RequestKind::CountTokens);
-    let generate = spec(RequestKind::Generate);
+    let abc = || PromptInput::Text("abc".into());
+    let (count, _) = h.submit_request(abc(), greedy(4), RequestKind::CountTokens, Truncate::None);
+    let (generate, _) = h.submit_input(abc(), greedy(4));
     assert!(matches!(
         h.finish(count).last,
         Event::Tokens { count: 4, .. }
@@ -587,24 +581,11 @@ fn a_prompt_too_long_is_cut_from_the_left_when_asked() {
         ..Fake::default()
     };
     let mut h = Harness::start(fake, config(1), TestHooks::default());
-    let long = "x".repeat(100);
-    let (a, _) = h.submit_input(PromptInput::Text(long.clone()), greedy(8));
+    let long = || PromptInput::Text("x".repeat(100));
+    let (a, _) = h.submit_input(long(), greedy(8));
     assert_eq!(h.finish(a).error().code(), ErrorCode::ContextOverflow);
-    let key = h.next_key;
-    h.next_key += 1;
-    let req = Request {
-        key,
-        id: "cut".into(),
-        input: PromptInput::Text(long),
-        params: greedy(8),
-        kind: RequestKind::Generate,
-        truncate: Truncate::Left,
-        cancel: Arc::new(AtomicBool::new(false)),
-        received: Instant::now(),
-        max_prompt_tokens: 0,
-    };
-    h.engine.submit(req).map_err(|_| "gone").unwrap();
-    let done = h.finish(key);
+    let (b, _) = h.submit_request(long(), greedy(8), RequestKind::Generate, Truncate::Left);
+    let done = h.finish(b);
     let (reason, stats) = done.end();
     assert_eq!(reason, FinishReason::Length);
     assert_eq!(stats.prompt_tokens, 64 - 8, "room left for max_tokens");
