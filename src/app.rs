@@ -39,7 +39,11 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         repack: config.model.weight_repack,
         chat_template: config.chat_template(),
     });
-    log::info!("llama.cpp system info: {}", llama::system_info());
+    log::info!(
+        "llama.cpp {}, system info: {}",
+        llama::version(),
+        llama::system_info()
+    );
     let engine_config = EngineConfig {
         n_batch: config.model.batch_size as usize,
         slots: s.slots,

@@ -43,6 +43,14 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// llama.cpp's version (its build number and commit).
+pub fn version() -> String {
+    // SAFETY: returns a pointer to a static, NUL-terminated string owned by llama.cpp.
+    unsafe { CStr::from_ptr(sys::llama_version()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// llama.cpp's description of the CPU features ggml was built with
 /// (e.g. "CPU : SSE3 = 1 | AVX2 = 1 | FMA = 1 ...").
 pub fn system_info() -> String {

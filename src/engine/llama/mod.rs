@@ -14,7 +14,7 @@ use crate::engine::backend::{
     Backend, BackendError, BatchToken, DecodeError, Loader, Sampled, SeqId, Token,
 };
 
-pub use ffi::{exit_now, system_info};
+pub use ffi::{exit_now, system_info, version};
 
 /// Everything needed to load the model and open contexts over it.
 #[derive(Debug, Clone)]
@@ -104,8 +104,9 @@ impl Loader for LlamaLoader {
             .or_else(|| model.chat_template())
             .map_or(0, |t| crc32fast::hash(t.as_bytes()));
         format!(
-            "model {file}; llama.cpp {} ({}); n_ctx {}; n_batch {}; template {template:08x}",
+            "model {file}; inference-core {}; llama.cpp {} ({}); n_ctx {}; n_batch {}; template {template:08x}",
             env!("CARGO_PKG_VERSION"),
+            version(),
             system_info(),
             c.n_ctx,
             c.n_batch
