@@ -1,7 +1,7 @@
 //! Thousands of idle WebSocket connections held open while streams run:
 //! nothing errors, every stream completes with exactly the text it produces
 //! alone, and every idle connection is still open at the end, having been
-//! sent its greeting and nothing else. The streams' token cadence with and without the idle
+//! sent its greeting and nothing else; each costs the server at most 10 KiB. The streams' token cadence with and without the idle
 //! connections is printed (a figure for docs/hardening.md, not an assertion:
 //! timings on a shared CI machine are too noisy to gate on).
 
@@ -98,6 +98,7 @@ fn thousands_of_idle_connections_do_not_disturb_streams() {
 
     let (mut alone, alone_texts) = run_streams(&server);
 
+    let rss_before = server.rss_kib();
     let start = Instant::now();
     let url = format!("ws://127.0.0.1:{}/", server.port);
     let mut idle = Vec::with_capacity(idle_count);
@@ -107,6 +108,14 @@ fn thousands_of_idle_connections_do_not_disturb_streams() {
         idle.push(ws);
     }
     let opened_in = start.elapsed();
+    // Each idle connection's cost to the server (its socket buffers are the
+    // kernel's, not in RSS).
+    let per_connection_kib =
+        (server.rss_kib().saturating_sub(rss_before)) as f64 / idle_count as f64;
+    assert!(
+        per_connection_kib <= 10.0,
+        "an idle connection costs the server {per_connection_kib:.1} KiB"
+    );
 
     let (mut crowded, crowded_texts) = run_streams(&server);
     // Greedy streams are not disturbed: the same text, token for token.
@@ -137,7 +146,7 @@ fn thousands_of_idle_connections_do_not_disturb_streams() {
         );
     }
     eprintln!(
-        "idle connections: {idle_count} opened in {:.1} s; {STREAMS} streams of {TOKENS} tokens, inter-token gap alone: {}; with {idle_count} idle: {}",
+        "idle connections: {idle_count} opened in {:.1} s, {per_connection_kib:.1} KiB of server RSS each; {STREAMS} streams of {TOKENS} tokens, inter-token gap alone: {}; with {idle_count} idle: {}",
         opened_in.as_secs_f64(),
         summary(&mut alone),
         summary(&mut crowded)
