@@ -1,7 +1,7 @@
 //! Criterion micro-benches of the server's own work per streamed token, with
 //! no model: what inference-core adds on top of llama.cpp.
 //!
-//! - `token_event/*`: one `token` event, serialised by `protocol::ServerMsg`
+//! - `token_event/*`: one `token` event, serialised by `server::messages::ServerMsg`
 //!   (the server's own code), framed by tungstenite as the reactor does
 //!   (`write` + `flush`), into memory and into a real localhost TCP socket.
 //! - `reactor_hop/*`: the whole path of a token through a stub of the
@@ -31,7 +31,7 @@ use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 
 use inference_core::core::Event;
 use inference_core::engine::{self, kv, prefix, scheduler};
-use inference_core::server::protocol::ServerMsg;
+use inference_core::server::messages::ServerMsg;
 use inference_core::server::session::{Out, Outbox, Session};
 use inference_core::server::ws_v1::WsV1;
 

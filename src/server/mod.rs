@@ -6,6 +6,7 @@ pub mod connection;
 pub mod feed;
 pub mod http;
 pub mod http_tokenize;
+pub mod messages;
 pub mod protocol;
 pub mod reactor;
 pub mod requests;

@@ -1,17 +1,16 @@
-//! Protocol v1: the JSON messages exchanged over WebSocket text frames, as a
-//! pure mapping to and from the core's types.
+//! Protocol v1, the client's side: the JSON messages clients send over
+//! WebSocket text frames, parsed into the core's types.
 //!
 //! Sans-I/O: `parse` turns one client text frame into a typed, validated
-//! message (or a `ProtoError` saying exactly what was wrong), and `ServerMsg`
-//! serialises what the server sends. No sockets, no model: everything here is
+//! message (or a `ProtoError` saying exactly what was wrong); what the server
+//! sends is in `messages`. No sockets, no model: everything here is
 //! unit-tested in memory. See docs/protocol.md for the user-facing description.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::core::{
-    ChatMessage, ErrorCode, InvalidParam, PromptInput, Role, SamplingParams, Stats, Status,
-    Truncate,
+    ChatMessage, ErrorCode, InvalidParam, PromptInput, Role, SamplingParams, Truncate,
 };
 
 /// The protocol version `hello` announces.
@@ -298,174 +297,11 @@ pub fn parse(text: &str, defaults: &SamplingParams) -> Result<ClientMsg, ProtoEr
     }
 }
 
-/// What `hello` tells a new client about the server.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Hello<'a> {
-    pub protocol: u32,
-    /// The engine's state: `ready`, or `parked` (the first request wakes it).
-    pub status: &'a str,
-    pub model: &'a str,
-    pub n_ctx: usize,
-    pub version: &'a str,
-    /// Whether `messages` can be sent (the model has a chat template).
-    pub chat: bool,
-    pub limits: Limits,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Limits {
-    /// Requests in flight on one connection.
-    pub max_inflight: usize,
-    /// Longest prompt, in tokens.
-    pub max_prompt_tokens: usize,
-    /// Most tokens one request can generate (the context's share left after a prompt).
-    pub max_tokens: usize,
-    /// `max_tokens` when a request does not say.
-    pub default_max_tokens: u32,
-    pub max_stop_strings: usize,
-    pub max_stop_bytes: usize,
-    pub max_message_bytes: usize,
-}
-
-/// `end`'s statistics, as v1 names them.
-#[derive(Debug, Serialize)]
-pub struct WireStats {
-    pub prompt_tokens: usize,
-    pub cached_tokens: usize,
-    pub truncated_tokens: usize,
-    pub completion_tokens: usize,
-    pub ttft_ms: f64,
-    pub ms: f64,
-    pub tps: f64,
-}
-
-impl From<&Stats> for WireStats {
-    fn from(s: &Stats) -> WireStats {
-        WireStats {
-            prompt_tokens: s.prompt_tokens,
-            cached_tokens: s.cached_tokens,
-            truncated_tokens: s.truncated_tokens,
-            completion_tokens: s.completion_tokens,
-            ttft_ms: s.ttft_ms,
-            ms: s.ms,
-            tps: s.tps,
-        }
-    }
-}
-
-/// The `status` snapshot as v1 shows it: the engine's counts, its KV pages,
-/// and the operational readings that are known, side by side.
-#[derive(Debug, Serialize)]
-pub struct WireStatus {
-    pub slots: usize,
-    pub busy_slots: usize,
-    pub queued: usize,
-    pub kv: WireKv,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub engine: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub throttled: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub temp_c: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_temp_c: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_vram_used_mb: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_vram_free_mb: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_power_w: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_util_pct: Option<u32>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct WireKv {
-    pub page_size: usize,
-    pub pages_total: usize,
-    pub pages_owned: usize,
-    pub pages_cached: usize,
-    pub pages_free: usize,
-    pub prefix_entries: usize,
-}
-
-impl From<&Status> for WireStatus {
-    fn from(s: &Status) -> WireStatus {
-        let (kv, ops) = (&s.kv, &s.ops);
-        WireStatus {
-            slots: s.slots,
-            busy_slots: s.busy_slots,
-            queued: s.queued,
-            kv: WireKv {
-                page_size: kv.page_size,
-                pages_total: kv.pages_total,
-                pages_owned: kv.pages_owned,
-                pages_cached: kv.pages_cached,
-                pages_free: kv.pages_free,
-                prefix_entries: kv.prefix_entries,
-            },
-            engine: ops.engine,
-            throttled: ops.throttled,
-            temp_c: ops.temp_c,
-            gpu_temp_c: ops.gpu_temp_c,
-            gpu_vram_used_mb: ops.gpu_vram_used_mb,
-            gpu_vram_free_mb: ops.gpu_vram_free_mb,
-            gpu_power_w: ops.gpu_power_w,
-            gpu_util_pct: ops.gpu_util_pct,
-        }
-    }
-}
-
-/// Everything the server sends, serialised with `to_json`.
-#[derive(Debug, Serialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-pub enum ServerMsg<'a> {
-    Queued {
-        id: &'a str,
-        position: usize,
-    },
-    Status(&'a WireStatus),
-    Hello(&'a Hello<'a>),
-    Token {
-        id: &'a str,
-        content: &'a str,
-        prob: f32,
-    },
-    End {
-        id: &'a str,
-        reason: &'a str,
-        stats: WireStats,
-    },
-    /// The answer to `tokenize`.
-    Tokens {
-        id: &'a str,
-        count: usize,
-    },
-    Error {
-        id: Option<&'a str>,
-        code: &'a str,
-        message: &'a str,
-    },
-}
-
-impl ServerMsg<'_> {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("server messages always serialise")
-    }
-
-    pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> String {
-        ServerMsg::Error {
-            id,
-            code: code.as_str(),
-            message,
-        }
-        .to_json()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::Status;
+    use crate::server::messages::ServerMsg;
 
     fn parse(text: &str) -> Result<ClientMsg, ProtoError> {
         super::parse(text, &SamplingParams::default())
@@ -565,22 +401,6 @@ mod tests {
                 r#"{"op":"status","slots":0,"busy_slots":0,"queued":0,"kv":{"page_size":0"#
             ),
             "{json}"
-        );
-    }
-
-    #[test]
-    fn the_status_snapshot_has_v1_names_and_leaves_out_the_unknown() {
-        let mut status = Status {
-            slots: 4,
-            busy_slots: 1,
-            ..Status::default()
-        };
-        status.kv.pages_total = 256;
-        status.ops.engine = Some("busy");
-        status.ops.throttled = Some(false);
-        assert_eq!(
-            ServerMsg::Status(&(&status).into()).to_json(),
-            r#"{"op":"status","slots":4,"busy_slots":1,"queued":0,"kv":{"page_size":0,"pages_total":256,"pages_owned":0,"pages_cached":0,"pages_free":0,"prefix_entries":0},"engine":"busy","throttled":false}"#
         );
     }
 
@@ -739,41 +559,6 @@ mod tests {
                 "é".repeat(MAX_ID_LEN)
             ))
             .is_ok()
-        );
-    }
-
-    #[test]
-    fn server_messages_serialise() {
-        let stats = Stats {
-            prompt_tokens: 3,
-            cached_tokens: 0,
-            truncated_tokens: 0,
-            completion_tokens: 2,
-            ttft_ms: 1.5,
-            ms: 3.0,
-            tps: 100.0,
-        };
-        assert_eq!(
-            ServerMsg::Token {
-                id: "r1",
-                content: " The",
-                prob: 0.5
-            }
-            .to_json(),
-            r#"{"op":"token","id":"r1","content":" The","prob":0.5}"#
-        );
-        assert_eq!(
-            ServerMsg::End {
-                id: "r1",
-                reason: "eos",
-                stats: (&stats).into()
-            }
-            .to_json(),
-            r#"{"op":"end","id":"r1","reason":"eos","stats":{"prompt_tokens":3,"cached_tokens":0,"truncated_tokens":0,"completion_tokens":2,"ttft_ms":1.5,"ms":3.0,"tps":100.0}}"#
-        );
-        assert_eq!(
-            ServerMsg::error(None, ErrorCode::ContextOverflow, "m"),
-            r#"{"op":"error","id":null,"code":"context_overflow","message":"m"}"#
         );
     }
 

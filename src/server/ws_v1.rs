@@ -3,7 +3,8 @@
 //! `status`). See docs/protocol.md.
 
 use crate::core::{ErrorCode, Event, RequestKind, RequestSpec, Truncate};
-use crate::server::protocol::{self, ClientMsg, Hello, Limits, ServerMsg};
+use crate::server::messages::{Hello, Limits, ServerMsg};
+use crate::server::protocol::{self, ClientMsg};
 use crate::server::requests::Refused;
 use crate::server::session::{Host, Message, Outbox, Session, SubmitError};
 
