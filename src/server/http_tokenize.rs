@@ -6,8 +6,7 @@
 use crate::core::{ErrorCode, Event, RequestKind, RequestSpec, Truncate};
 use crate::server::http::Response;
 use crate::server::protocol;
-use crate::server::requests::Refused;
-use crate::server::session::{Host, Message, Outbox, Session, SubmitError};
+use crate::server::session::{Host, Message, Outbox, Session};
 
 pub struct Tokenize {
     body: Vec<u8>,
@@ -44,13 +43,7 @@ impl Session for Tokenize {
             truncate: Truncate::None,
         };
         if let Err(e) = host.submit(None, spec) {
-            let code = match e {
-                SubmitError::Refused(Refused::TooMany(_)) => ErrorCode::Overloaded,
-                SubmitError::Refused(Refused::Duplicate) => ErrorCode::BadRequest,
-                SubmitError::ShuttingDown => ErrorCode::ShuttingDown,
-                SubmitError::EngineGone => ErrorCode::Internal,
-            };
-            out.respond(error(code, &e.to_string()));
+            out.respond(error(e.code(), &e.to_string()));
         }
     }
 
@@ -71,7 +64,7 @@ impl Session for Tokenize {
 mod tests {
     use super::*;
     use crate::core::{PromptInput, RequestError, SamplingParams, Status};
-    use crate::server::session::{Out, ServerInfo};
+    use crate::server::session::{Out, ServerInfo, SubmitError};
 
     #[derive(Default)]
     struct Host1 {

@@ -5,7 +5,7 @@
 //! connection speaks; sessions never touch a socket, so they are tested with
 //! a fake host.
 
-use crate::core::{Event, RequestSpec, SamplingParams, Status};
+use crate::core::{ErrorCode, Event, RequestSpec, SamplingParams, Status};
 use crate::server::http::Response;
 use crate::server::requests::Refused;
 
@@ -71,6 +71,18 @@ pub enum SubmitError {
     ShuttingDown,
     #[error("the engine is not running")]
     EngineGone,
+}
+
+impl SubmitError {
+    /// The class of the refusal, as every protocol reports it.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SubmitError::Refused(Refused::Duplicate) => ErrorCode::BadRequest,
+            SubmitError::Refused(Refused::TooMany(_)) => ErrorCode::Overloaded,
+            SubmitError::ShuttingDown => ErrorCode::ShuttingDown,
+            SubmitError::EngineGone => ErrorCode::Internal,
+        }
+    }
 }
 
 /// What a new client is told about the server.

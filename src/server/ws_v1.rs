@@ -124,13 +124,9 @@ fn refusal(id: Option<&str>, e: SubmitError) -> String {
                 "a request with id {:?} is already in flight on this connection: this one is refused, that one goes on",
                 id.unwrap_or_default()
             );
-            ServerMsg::error(None, ErrorCode::BadRequest, &message)
+            ServerMsg::error(None, e.code(), &message)
         }
-        SubmitError::Refused(Refused::TooMany(_)) => {
-            ServerMsg::error(id, ErrorCode::Overloaded, &e.to_string())
-        }
-        SubmitError::ShuttingDown => ServerMsg::error(id, ErrorCode::ShuttingDown, &e.to_string()),
-        SubmitError::EngineGone => ServerMsg::error(id, ErrorCode::Internal, &e.to_string()),
+        _ => ServerMsg::error(id, e.code(), &e.to_string()),
     }
 }
 
