@@ -82,11 +82,10 @@ fn messages_use_the_chat_template() {
 
 /// Prompt tokens of a one-message chat, and of a raw prompt.
 fn prompt_tokens(c: &mut Client, id: &str, input: Value) -> u64 {
-    let mut msg = json!({"op":"infer","id":id,"params":{"temp":0,"max_tokens":1}});
-    msg.as_object_mut()
-        .unwrap()
-        .extend(input.as_object().unwrap().clone());
-    c.send(msg);
+    c.send(util::with(
+        json!({"op":"infer","id":id,"params":{"temp":0,"max_tokens":1}}),
+        &input,
+    ));
     let out = c.collect(id);
     assert_eq!(out.op(), "end", "{}", out.last);
     out.last["stats"]["prompt_tokens"].as_u64().unwrap()

@@ -128,11 +128,7 @@ fn saved_files_that_do_not_fit_are_skipped_and_the_server_serves() {
 }
 
 fn count(c: &mut Client, id: &str, input: Value) -> u64 {
-    let mut msg = json!({"op":"tokenize","id":id});
-    msg.as_object_mut()
-        .unwrap()
-        .extend(input.as_object().unwrap().clone());
-    c.send(msg);
+    c.send(util::with(json!({"op":"tokenize","id":id}), &input));
     loop {
         let ev = c.recv();
         if ev["id"] == id {
@@ -157,12 +153,10 @@ fn tokenize_counts_what_a_request_would_use() {
     .enumerate()
     {
         let counted = count(&mut c, &format!("t{i}"), input.clone());
-        let mut infer = json!({"op":"infer","id":format!("i{i}"),"params":{"max_tokens":1}});
-        infer
-            .as_object_mut()
-            .unwrap()
-            .extend(input.as_object().unwrap().clone());
-        c.send(infer);
+        c.send(util::with(
+            json!({"op":"infer","id":format!("i{i}"),"params":{"max_tokens":1}}),
+            &input,
+        ));
         let out = c.collect(&format!("i{i}"));
         assert_eq!(out.last["stats"]["prompt_tokens"], counted, "{input}");
     }

@@ -165,6 +165,15 @@ impl Server {
     }
 }
 
+/// `base` (a JSON object) with the fields of `extra` added: a message and its
+/// input (`prompt` or `messages`).
+pub fn with(mut base: Value, extra: &Value) -> Value {
+    base.as_object_mut()
+        .expect("an object")
+        .extend(extra.as_object().expect("an object").clone());
+    base
+}
+
 /// A new, empty directory under target/tmp.
 pub fn fresh_dir(name: &str) -> std::path::PathBuf {
     use std::sync::atomic::{AtomicUsize, Ordering};
