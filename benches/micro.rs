@@ -4,6 +4,11 @@
 //! - `token_event/*`: one `token` event, serialised by `server::messages::ServerMsg`
 //!   (the server's own code), framed by tungstenite as the reactor does
 //!   (`write` + `flush`), into memory and into a real localhost TCP socket.
+//! - `token_event/sse_chunk+tcp_write`: the same token as the OpenAI API
+//!   streams it: a `chat.completion.chunk` server-sent event
+//!   (`server::openai::Reply::chunk`), framed as an HTTP/1.1 chunk
+//!   (`server::http1::chunk_bytes`) and written to a TCP socket: the HTTP/SSE
+//!   path's cost per token next to the WebSocket one.
 //! - `reactor_hop/*`: the whole path of a token through a stub of the
 //!   reactor: an engine-like thread sends token events through the engine's
 //!   own event channel (`engine::events`: crossbeam plus one `mio::Waker`
@@ -31,7 +36,9 @@ use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 
 use inference_core::core::Event;
 use inference_core::engine::{self, kv, prefix, scheduler};
+use inference_core::server::http1;
 use inference_core::server::messages::ServerMsg;
+use inference_core::server::openai::{Endpoint, Reply};
 use inference_core::server::session::{Out, Outbox, Session};
 use inference_core::server::ws_v1::WsV1;
 
@@ -100,6 +107,24 @@ fn token_event(c: &mut Criterion) {
             ws.flush().unwrap();
         })
     });
+    let reply = Reply {
+        endpoint: Endpoint::Chat,
+        id: "chatcmpl-6b0580-req-12".into(),
+        created: 1_795_522_626,
+        model: "gemma-3-270m-q4_k_m".into(),
+    };
+    g.bench_function("sse_chunk", |b| {
+        b.iter(|| black_box(reply.chunk(black_box(" Paris"), &[], false)))
+    });
+    let mut tcp = tcp_pair();
+    let mut out = Vec::new();
+    g.bench_function("sse_chunk+tcp_write", |b| {
+        b.iter(|| {
+            out.clear();
+            http1::chunk_bytes(reply.chunk(" Paris", &[], false).as_bytes(), &mut out);
+            tcp.write_all(&out).unwrap();
+        })
+    });
     g.finish();
 }
 
@@ -126,6 +151,7 @@ fn reactor_run(n: u64, flush_each: bool) -> Duration {
                 key: 1,
                 text: if i % 2 == 0 { " the" } else { " sea" }.to_owned(),
                 prob: 0.5,
+                logprobs: None,
             });
             sink.wake();
         }

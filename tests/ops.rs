@@ -95,7 +95,7 @@ fn health_and_metrics_are_served_as_json_and_prometheus_text() {
     assert_eq!(code, 200);
     let m = parse_prometheus(&text);
     assert_eq!(
-        m["inference_core_requests_total{outcome=\"length\"}"], 1.0,
+        m["inference_core_requests_total{api=\"ws\",outcome=\"length\"}"], 1.0,
         "{text}"
     );
     assert_eq!(m["inference_core_tokens_generated_total"], 6.0);

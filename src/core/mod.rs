@@ -1,6 +1,6 @@
 //! The domain: what a request is, how it is sampled, how it ends, and what the
 //! engine reports. No I/O, no wire format, no llama.cpp: the engine consumes
-//! these types, and each protocol (WebSocket v1 today) is a thin mapping to
+//! these types, and each protocol (WebSocket v1, the OpenAI API) is a thin mapping to
 //! and from them.
 
 mod event;
@@ -9,9 +9,9 @@ mod params;
 mod request;
 mod status;
 
-pub use event::Event;
+pub use event::{Candidate, Event, TokenLogprobs};
 pub use outcome::{ErrorCode, FinishReason, RequestError, Stats};
-pub use params::{InvalidParam, MAX_STOP_LEN, MAX_STOP_STRINGS, SamplingParams};
+pub use params::{InvalidParam, MAX_STOP_LEN, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams};
 pub use request::{
     ChatMessage, PromptInput, Request, RequestKey, RequestKind, RequestSpec, Role, Truncate,
 };

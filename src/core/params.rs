@@ -6,6 +6,8 @@ use serde::Deserialize;
 pub const MAX_STOP_STRINGS: usize = 16;
 /// Longest stop string, in bytes.
 pub const MAX_STOP_LEN: usize = 256;
+/// Most alternatives reported per token (`logprobs`).
+pub const MAX_TOP_LOGPROBS: u8 = 20;
 
 /// Fully resolved generation parameters. `Default` holds the built-in
 /// defaults, which `[defaults]` in the config file overrides.
@@ -20,14 +22,22 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// 1: off.
     pub repeat_penalty: f32,
-    /// Tokens the repeat penalty looks back over; -1: the whole context.
+    /// Tokens the repeat, presence and frequency penalties look back over;
+    /// -1: the whole context.
     pub repeat_last_n: i32,
+    /// Subtracted from a token's logit once if it was generated before (0: off).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit per time it was generated (0: off).
+    pub frequency_penalty: f32,
     /// `None`: a fresh random seed per request.
     pub seed: Option<u32>,
     pub max_tokens: u32,
     pub stop: Vec<String>,
     /// Never end on an end-of-generation token (benchmarks).
     pub ignore_eos: bool,
+    /// Report each sampled token's log-probability and this many of the
+    /// most likely alternatives; `None`: off.
+    pub logprobs: Option<u8>,
 }
 
 impl Default for SamplingParams {
@@ -39,10 +49,13 @@ impl Default for SamplingParams {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: None,
             max_tokens: 512,
             stop: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -103,7 +116,22 @@ impl SamplingParams {
             p.repeat_last_n >= -1,
             "-1 (whole context) or more",
         )?;
+        check(
+            "presence_penalty",
+            p.presence_penalty,
+            (-2.0..=2.0).contains(&p.presence_penalty),
+            "-2 to 2 (0 = off)",
+        )?;
+        check(
+            "frequency_penalty",
+            p.frequency_penalty,
+            (-2.0..=2.0).contains(&p.frequency_penalty),
+            "-2 to 2 (0 = off)",
+        )?;
         check("max_tokens", p.max_tokens, p.max_tokens >= 1, "1 or more")?;
+        if let Some(k) = p.logprobs {
+            check("logprobs", k, k <= MAX_TOP_LOGPROBS, "0 to 20 alternatives")?;
+        }
         check(
             "stop",
             format!("{} strings", p.stop.len()),
@@ -133,8 +161,11 @@ mod tests {
     #[test]
     fn out_of_range_values_are_named() {
         type Set = fn(&mut SamplingParams);
-        let cases: [(&str, Set); 8] = [
+        let cases: [(&str, Set); 11] = [
             ("temp", |p| p.temp = -1.0),
+            ("presence_penalty", |p| p.presence_penalty = 2.5),
+            ("frequency_penalty", |p| p.frequency_penalty = -3.0),
+            ("logprobs", |p| p.logprobs = Some(21)),
             ("top_k", |p| p.top_k = -3),
             ("top_p", |p| p.top_p = 0.0),
             ("min_p", |p| p.min_p = 1.5),

@@ -63,10 +63,13 @@ pub enum BackendError {
 
 /// A sampled token and the probability the model gave it: the softmax of the
 /// raw logits (temperature 1, before any truncation), on every path.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: Token,
     pub prob: f32,
+    /// With `logprobs` asked for: the most likely tokens and their
+    /// log-probabilities, most likely first.
+    pub top: Option<Vec<(Token, f32)>>,
 }
 
 pub trait Backend {

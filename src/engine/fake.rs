@@ -123,6 +123,7 @@ pub struct FakeBackend {
 
 pub struct FakeSampler {
     next: usize,
+    top: Option<u8>,
 }
 
 impl Backend for FakeBackend {
@@ -230,8 +231,11 @@ impl Backend for FakeBackend {
         Ok(())
     }
 
-    fn sampler(&self, _params: &SamplingParams, _seed: u32) -> FakeSampler {
-        FakeSampler { next: 0 }
+    fn sampler(&self, params: &SamplingParams, _seed: u32) -> FakeSampler {
+        FakeSampler {
+            next: 0,
+            top: params.logprobs,
+        }
     }
 
     fn sample(&mut self, sampler: &mut FakeSampler, row: usize) -> Result<Sampled, BackendError> {
@@ -245,7 +249,18 @@ impl Backend for FakeBackend {
             .nth(sampler.next)
             .map_or(EOS, |c| c as Token);
         sampler.next += 1;
-        Ok(Sampled { token, prob: 0.5 })
+        // The reply's character is the likelier of two; the other is 'x'.
+        let top = sampler.top.map(|k| {
+            [(token, 0.5f32.ln()), ('x' as Token, 0.25f32.ln())]
+                .into_iter()
+                .take(k.into())
+                .collect()
+        });
+        Ok(Sampled {
+            token,
+            prob: 0.5,
+            top,
+        })
     }
 
     fn seq_cp(&mut self, src: SeqId, dst: SeqId, len: usize) {

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
 use crate::core::{
-    EngineState, Event, FinishReason, Request, RequestError, RequestKey, RequestKind, Status,
+    Candidate, EngineState, Event, FinishReason, Request, RequestError, RequestKey, RequestKind,
+    Status, TokenLogprobs,
 };
-use crate::engine::backend::{Backend, BatchToken, DecodeError};
+use crate::engine::backend::{Backend, BatchToken, DecodeError, Token};
 use crate::engine::channel::{Command, EventSink};
 use crate::engine::hooks::Hooks;
 use crate::engine::persist::Store;
@@ -517,9 +518,13 @@ impl<'a, B: Backend> Engine<'a, B> {
         let (key, prob) = (s.req.key, sampled.prob);
         if self.backend.is_eog(sampled.token) {
             let text = s.stream.finish();
-            self.send_text(key, text, prob);
+            self.send_text(key, text, prob, None);
             return Some(Outcome::End(FinishReason::Eos));
         }
+        let logprobs = sampled
+            .top
+            .map(|top| self.logprobs(sampled.token, prob, &top));
+        let s = &mut self.active[i];
         s.progress.completion_tokens += 1;
         self.io.hooks.on_token();
         let mut bytes = Vec::with_capacity(16);
@@ -536,7 +541,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             String::new()
         };
         s.pending = Some(sampled.token);
-        self.send_text(key, text + &tail, prob);
+        self.send_text(key, text + &tail, prob, logprobs);
         if stopped {
             Some(Outcome::End(FinishReason::Stop))
         } else if done {
@@ -546,10 +551,40 @@ impl<'a, B: Backend> Engine<'a, B> {
         }
     }
 
-    fn send_text(&self, key: RequestKey, text: String, prob: f32) {
-        if !text.is_empty() {
-            self.io.sink.send(Event::Token { key, text, prob });
+    /// Sends text; a token with log-probabilities goes out even when its
+    /// text is held back, so each token's are reported.
+    fn send_text(
+        &self,
+        key: RequestKey,
+        text: String,
+        prob: f32,
+        logprobs: Option<Box<TokenLogprobs>>,
+    ) {
+        if !text.is_empty() || logprobs.is_some() {
+            self.io.sink.send(Event::Token {
+                key,
+                text,
+                prob,
+                logprobs,
+            });
         }
+    }
+
+    /// The sampled token and the most likely ones, with their bytes.
+    fn logprobs(&self, token: Token, prob: f32, top: &[(Token, f32)]) -> Box<TokenLogprobs> {
+        let candidate = |token: Token, logprob: f32| {
+            let mut bytes = Vec::new();
+            self.backend.piece(token, &mut bytes);
+            Candidate {
+                token,
+                bytes,
+                logprob,
+            }
+        };
+        Box::new(TokenLogprobs {
+            chosen: candidate(token, prob.ln().max(-9999.0)),
+            top: top.iter().map(|&(t, lp)| candidate(t, lp)).collect(),
+        })
     }
 
     /// Ends active sequence `i`: its KV pages go back to the scheduler (whole

@@ -68,7 +68,8 @@ impl Histogram {
 
 pub struct Metrics {
     /// Finished requests by outcome: an `end` reason or an `error` code.
-    requests: Mutex<BTreeMap<String, u64>>,
+    /// Finished requests by (API, outcome).
+    requests: Mutex<BTreeMap<(&'static str, String), u64>>,
     pub tokens: AtomicU64,
     pub prefix_hits: AtomicU64,
     pub cached_tokens: AtomicU64,
@@ -115,13 +116,14 @@ pub struct Gauges {
 }
 
 impl Metrics {
-    /// Counts a finished request; `outcome` is its `end` reason or `error` code.
-    pub fn request_done(&self, outcome: &str) {
+    /// Counts a finished request of `api` (`ws`, `openai`, `http`);
+    /// `outcome` is its `end` reason or `error` code.
+    pub fn request_done(&self, api: &'static str, outcome: &str) {
         *self
             .requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(outcome.to_owned())
+            .entry((api, outcome.to_owned()))
             .or_default() += 1;
     }
 
@@ -142,10 +144,13 @@ impl Metrics {
                 o,
                 "requests_total",
                 "counter",
-                "Finished requests by outcome (end reason or error code).",
+                "Finished requests by API and outcome (end reason or error code).",
             );
-            for (outcome, n) in requests.iter() {
-                let _ = writeln!(o, "{PREFIX}_requests_total{{outcome=\"{outcome}\"}} {n}");
+            for ((api, outcome), n) in requests.iter() {
+                let _ = writeln!(
+                    o,
+                    "{PREFIX}_requests_total{{api=\"{api}\",outcome=\"{outcome}\"}} {n}"
+                );
             }
         }
         counter(
@@ -398,9 +403,9 @@ mod tests {
     #[test]
     fn renders_counters_gauges_and_optional_gpu_readings() {
         let m = Metrics::default();
-        m.request_done("length");
-        m.request_done("length");
-        m.request_done("internal");
+        m.request_done("ws", "length");
+        m.request_done("ws", "length");
+        m.request_done("ws", "internal");
         m.tokens.fetch_add(7, Ordering::Relaxed);
         let mut g = Gauges {
             engine_state: "parked",
@@ -409,9 +414,12 @@ mod tests {
         };
         g.status.kv.pages_free = 12;
         let p = parse(&m.render(&g));
-        assert_eq!(p["inference_core_requests_total{outcome=\"length\"}"], 2.0);
         assert_eq!(
-            p["inference_core_requests_total{outcome=\"internal\"}"],
+            p["inference_core_requests_total{api=\"ws\",outcome=\"length\"}"],
+            2.0
+        );
+        assert_eq!(
+            p["inference_core_requests_total{api=\"ws\",outcome=\"internal\"}"],
             1.0
         );
         assert_eq!(p["inference_core_tokens_generated_total"], 7.0);

@@ -14,29 +14,36 @@
 //! stream, so `feed` (in `feed.rs`) can drive it from a byte slice.
 
 use std::io::{self, Read, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
-use tungstenite::handshake::server::{NoCallback, ServerHandshake};
+use tungstenite::handshake::server::{self, Callback, ErrorResponse, ServerHandshake};
 use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+use crate::server::auth::ApiKeys;
 use crate::server::http::{Response, WS_VERSION};
+use crate::server::http1::{self, BodyReader, Head, Limits};
 use crate::server::session::Session;
-
-/// Largest HTTP request head we accept before answering 431.
-const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// Largest plain-HTTP request body (`POST /tokenize`) before answering 413.
-pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// What every connection is configured with.
 pub struct Settings {
     pub ws: WebSocketConfig,
     /// Path of the test-only echo route (`server.echo_path`); `None`: off.
     pub echo_path: Option<String>,
+    pub limits: Limits,
+    pub keys: ApiKeys,
+    /// Origins allowed to call from a browser (CORS); `*`: any.
+    pub cors_origins: Vec<String>,
+    /// Time for a request's head and body (or the WebSocket handshake) to arrive.
+    pub request_timeout: Duration,
+    /// How long a kept-alive HTTP connection may sit idle between requests.
+    pub keep_alive_timeout: Duration,
+    /// Most bytes queued for a client that reads too slowly.
+    pub max_queued: usize,
 }
 
 /// A socket whose first bytes were already read (the HTTP request head we
@@ -72,26 +79,66 @@ impl Write for Prefixed {
     }
 }
 
-type Handshake = MidHandshake<ServerHandshake<Prefixed, NoCallback>>;
+/// Adds the subprotocol the client authenticated with to the handshake's answer.
+pub struct Answer {
+    protocol: Option<String>,
+}
+
+impl Callback for Answer {
+    fn on_request(
+        self,
+        _request: &server::Request,
+        mut response: server::Response,
+    ) -> Result<server::Response, ErrorResponse> {
+        if let Some(value) = self.protocol.and_then(|p| p.parse().ok()) {
+            response
+                .headers_mut()
+                .insert("Sec-WebSocket-Protocol", value);
+        }
+        Ok(response)
+    }
+}
+
+type Handshake = MidHandshake<ServerHandshake<Prefixed, Answer>>;
 
 enum State {
-    /// Reading the HTTP request head, then its body (`need`: head and body
-    /// length, once the head said it).
-    Http {
-        stream: TcpStream,
-        head: Vec<u8>,
-        need: Option<usize>,
-    },
+    /// Plain HTTP/1.1: requests read one at a time (pipelined ones wait in
+    /// the buffer), each answered before the next is parsed.
+    Http(Box<Http>),
     /// tungstenite is answering the upgrade; may take several readiness events.
     Handshaking(Box<Handshake>),
     Open(Box<WebSocket<Prefixed>>),
-    /// Writing a plain HTTP response, then closing.
-    Responding {
-        stream: TcpStream,
-        out: Vec<u8>,
-        written: usize,
-    },
     Closed,
+}
+
+struct Http {
+    stream: TcpStream,
+    inbuf: Vec<u8>,
+    reading: Reading,
+    out: Vec<u8>,
+    written: usize,
+    /// Close once `out` is written.
+    close_after: bool,
+    /// The client closed its side: nothing more to read.
+    eof: bool,
+}
+
+enum Reading {
+    Head,
+    Body {
+        head: Head,
+        body: BodyReader,
+    },
+    /// A request is being answered.
+    Exchange(Exchange),
+}
+
+/// The request being answered: how its response goes out.
+struct Exchange {
+    keep_alive: bool,
+    /// The `Access-Control-Allow-Origin` to answer with.
+    cors: Option<String>,
+    streaming: bool,
 }
 
 /// What a client sent, for the reactor to act on.
@@ -104,10 +151,10 @@ pub enum Input {
     /// A message over the size limit was refused; the connection is failed
     /// with 1009 once what the session answers is queued.
     TooLarge(String),
-    /// A plain HTTP request (not an upgrade), with its body.
+    /// A plain HTTP request (not an upgrade), with its body. The next one is
+    /// read once this one is answered (`respond` or `end_stream`).
     Http {
-        method: String,
-        path: String,
+        head: Head,
         body: Vec<u8>,
     },
 }
@@ -130,9 +177,9 @@ pub struct Connection {
     /// Distinguishes this connection from earlier ones that used the same slab slot.
     pub generation: u64,
     state: State,
-    /// Handshake or close deadline; past it the reactor drops the connection.
+    /// Request, handshake, idle or close deadline; past it the reactor drops the connection.
     pub deadline: Option<Instant>,
-    /// The protocol spoken once the WebSocket is open.
+    /// The protocol spoken: the WebSocket's, or the current HTTP request's.
     pub session: Option<Box<dyn Session>>,
     pub peer: String,
     /// Accepted over `max_connections`: its request is read, then answered 503.
@@ -155,11 +202,15 @@ impl Connection {
             .unwrap_or_default();
         Connection {
             generation,
-            state: State::Http {
+            state: State::Http(Box::new(Http {
                 stream,
-                head: Vec::new(),
-                need: None,
-            },
+                inbuf: Vec::new(),
+                reading: Reading::Head,
+                out: Vec::new(),
+                written: 0,
+                close_after: false,
+                eof: false,
+            })),
             deadline: Some(deadline),
             session: None,
             peer,
@@ -177,11 +228,34 @@ impl Connection {
 
     pub fn on_readable(&mut self, settings: &Settings, inputs: &mut Vec<Input>) -> Liveness {
         match &mut self.state {
-            State::Http { stream, head, need } => match read_request(stream, head, *need) {
-                Ok(true) => self.route_head(settings, inputs),
-                Ok(false) => Liveness::Alive,
-                Err(_) => Liveness::Gone,
-            },
+            State::Http(http) => {
+                let was_idle = http.inbuf.is_empty() && matches!(http.reading, Reading::Head);
+                let cap = settings.limits.max_head + settings.limits.max_body;
+                let answering = matches!(http.reading, Reading::Exchange(_));
+                if !http.eof {
+                    match read_some(&mut http.stream, &mut http.inbuf, cap) {
+                        Ok(Got::More) => {}
+                        // The client went away while being answered: what it
+                        // asked is aborted.
+                        Ok(Got::Eof) if answering => return Liveness::Gone,
+                        // It sent its last request and closed its side: answer it.
+                        Ok(Got::Eof) => http.eof = true,
+                        Err(_) => return Liveness::Gone,
+                    }
+                }
+                if was_idle && !http.inbuf.is_empty() {
+                    self.deadline = Some(Instant::now() + settings.request_timeout);
+                }
+                let live = self.advance(settings, inputs);
+                match &mut self.state {
+                    // Closed with no request to answer: done once written.
+                    State::Http(h) if h.eof && !matches!(h.reading, Reading::Exchange(_)) => {
+                        h.close_after = true;
+                        self.write_out()
+                    }
+                    _ => live,
+                }
+            }
             State::Handshaking(_) => self.drive_handshake(inputs),
             State::Open(ws) => {
                 let (read, active) = read_messages(ws, self.echo, inputs);
@@ -190,19 +264,6 @@ impl Connection {
                     self.ping_sent = None;
                 }
                 self.after_read(read)
-            }
-            State::Responding { stream, .. } => {
-                // Discard anything more the client sends; we are closing.
-                let mut sink = [0u8; 4096];
-                loop {
-                    match stream.read(&mut sink) {
-                        Ok(0) => return Liveness::Gone,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Liveness::Alive,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => return Liveness::Gone,
-                    }
-                }
             }
             State::Closed => Liveness::Gone,
         }
@@ -249,24 +310,25 @@ impl Connection {
                 }
                 Err(_) => Liveness::Gone,
             },
-            State::Responding {
-                stream,
-                out,
-                written,
-            } => {
-                while *written < out.len() {
-                    match stream.write(&out[*written..]) {
+            State::Http(http) => {
+                while http.written < http.out.len() {
+                    match http.stream.write(&http.out[http.written..]) {
                         Ok(0) => return Liveness::Gone,
-                        Ok(n) => *written += n,
+                        Ok(n) => http.written += n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Liveness::Alive,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(_) => return Liveness::Gone,
                     }
                 }
-                let _ = stream.shutdown(std::net::Shutdown::Write);
-                Liveness::Gone
+                http.out.clear();
+                http.written = 0;
+                if http.close_after {
+                    let _ = http.stream.shutdown(std::net::Shutdown::Write);
+                    return Liveness::Gone;
+                }
+                Liveness::Alive
             }
-            State::Http { .. } | State::Handshaking(_) => Liveness::Alive,
+            State::Handshaking(_) => Liveness::Alive,
             State::Closed => Liveness::Gone,
         }
     }
@@ -284,20 +346,101 @@ impl Connection {
         }
     }
 
-    /// Answers a plain HTTP request and closes the connection once written.
-    pub fn respond(&mut self, response: &Response) {
-        let State::Http { .. } = self.state else {
+    /// Answers the current HTTP request (or a request that could not be
+    /// read, closing after). Returns whether the connection may go on to
+    /// the next request (the reactor then parses what is buffered).
+    pub fn respond(&mut self, response: &Response, settings: &Settings) -> bool {
+        let State::Http(http) = &mut self.state else {
+            return false;
+        };
+        let (keep_alive, cors) = match &http.reading {
+            Reading::Exchange(x) if !x.streaming => (x.keep_alive, x.cors.clone()),
+            Reading::Exchange(_) => return false,
+            _ => (false, None),
+        };
+        let keep_alive = keep_alive && !http.close_after && !http.eof;
+        http.out
+            .extend_from_slice(&response.to_bytes(keep_alive, cors.as_deref()));
+        self.end_exchange(keep_alive, settings)
+    }
+
+    /// Starts a streamed response (chunked) to the current request.
+    pub fn start_stream(&mut self, response: &Response) {
+        let State::Http(http) = &mut self.state else {
             return;
         };
-        let State::Http { stream, .. } = std::mem::replace(&mut self.state, State::Closed) else {
-            unreachable!()
+        let Reading::Exchange(x) = &mut http.reading else {
+            return;
         };
-        let out = response.to_bytes();
-        self.state = State::Responding {
-            stream,
-            out,
-            written: 0,
+        if x.streaming {
+            return;
+        }
+        x.streaming = true;
+        let keep_alive = x.keep_alive && !http.close_after && !http.eof;
+        x.keep_alive = keep_alive;
+        http.out
+            .extend_from_slice(&response.head_bytes(None, keep_alive, x.cors.as_deref()));
+    }
+
+    /// Queues a chunk of the streamed response.
+    pub fn stream_data(&mut self, data: &[u8], settings: &Settings) -> Result<(), SendError> {
+        let State::Http(http) = &mut self.state else {
+            return Err(SendError::Closed);
         };
+        if !matches!(&http.reading, Reading::Exchange(x) if x.streaming) {
+            return Err(SendError::Closed);
+        }
+        if http.out.len() - http.written > settings.max_queued {
+            return Err(SendError::SlowReader);
+        }
+        if !data.is_empty() {
+            http1::chunk_bytes(data, &mut http.out);
+        }
+        Ok(())
+    }
+
+    /// Ends the streamed response; returns whether the next request may be read.
+    pub fn end_stream(&mut self, settings: &Settings) -> bool {
+        let State::Http(http) = &mut self.state else {
+            return false;
+        };
+        let Reading::Exchange(x) = &http.reading else {
+            return false;
+        };
+        if !x.streaming {
+            return false;
+        }
+        let keep_alive = x.keep_alive;
+        http.out.extend_from_slice(http1::LAST_CHUNK);
+        self.end_exchange(keep_alive, settings)
+    }
+
+    fn end_exchange(&mut self, keep_alive: bool, settings: &Settings) -> bool {
+        let State::Http(http) = &mut self.state else {
+            return false;
+        };
+        self.session = None;
+        if !keep_alive || http.eof {
+            http.close_after = true;
+            http.reading = Reading::Head;
+            self.deadline = Some(Instant::now() + settings.request_timeout);
+            return false;
+        }
+        http.reading = Reading::Head;
+        self.deadline = Some(
+            Instant::now()
+                + if http.inbuf.is_empty() {
+                    settings.keep_alive_timeout
+                } else {
+                    settings.request_timeout
+                },
+        );
+        true
+    }
+
+    /// Whether an HTTP request is being answered with a stream.
+    pub fn is_streaming(&self) -> bool {
+        matches!(&self.state, State::Http(h) if matches!(&h.reading, Reading::Exchange(x) if x.streaming))
     }
 
     /// Starts the WebSocket closing handshake; the client has until `deadline` to answer.
@@ -327,107 +470,133 @@ impl Connection {
         }
     }
 
-    fn route_head(&mut self, settings: &Settings, inputs: &mut Vec<Input>) -> Liveness {
-        let State::Http { head, .. } = &self.state else {
-            unreachable!()
-        };
-        // The head must end within the limit; a body may follow it.
-        let head_end = head.windows(4).position(|w| w == b"\r\n\r\n");
-        if head_end.is_none_or(|end| end > MAX_HEAD_BYTES) {
-            self.respond(&Response::new(
-                431,
-                "text/plain",
-                "request header too large\n",
-            ));
-            return self.flush();
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        let head_len = match req.parse(head) {
-            Ok(httparse::Status::Complete(n)) => n,
-            _ => {
-                self.respond(&Response::new(
-                    400,
-                    "text/plain",
-                    "malformed HTTP request\n",
-                ));
-                return self.flush();
-            }
-        };
-        let header = |name: &str| {
-            req.headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
-        };
-        let upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-        let version = header("sec-websocket-version");
-        let method = req.method.unwrap_or("").to_owned();
-        let path = req.path.unwrap_or("").to_owned();
-        if self.refused {
-            self.respond(&Response::too_many_connections());
-            return self.flush();
-        }
-        if !upgrade {
-            if header("transfer-encoding").is_some() {
-                self.respond(&Response::new(
-                    411,
-                    "text/plain",
-                    "send the body with Content-Length (chunked bodies are not supported)\n",
-                ));
-                return self.flush();
-            }
-            let length = match header("content-length").map(|v| v.parse::<usize>()) {
-                None => 0,
-                Some(Ok(n)) if n <= MAX_BODY_BYTES => n,
-                Some(Ok(_)) => {
-                    self.respond(&Response::new(
-                        413,
-                        "text/plain",
-                        format!("the body is over {MAX_BODY_BYTES} bytes\n"),
-                    ));
-                    return self.flush();
-                }
-                Some(Err(_)) => {
-                    self.respond(&Response::new(400, "text/plain", "bad Content-Length\n"));
-                    return self.flush();
-                }
+    /// Parses what is buffered: request heads and bodies, one request at a
+    /// time, until a request is complete or more bytes are needed.
+    fn advance(&mut self, settings: &Settings, inputs: &mut Vec<Input>) -> Liveness {
+        loop {
+            let State::Http(http) = &mut self.state else {
+                return Liveness::Alive;
             };
-            let State::Http { head, need, .. } = &mut self.state else {
-                unreachable!()
-            };
-            if head.len() < head_len + length {
-                // The rest of the body comes on the next reads.
-                *need = Some(head_len + length);
+            if http.close_after {
                 return Liveness::Alive;
             }
-            let body = head[head_len..head_len + length].to_vec();
-            inputs.push(Input::Http { method, path, body });
-            return Liveness::Alive;
+            match &mut http.reading {
+                Reading::Exchange(_) => return Liveness::Alive,
+                Reading::Head => {
+                    let head = match http1::parse_head(&http.inbuf, settings.limits) {
+                        Ok(Some(head)) => head,
+                        Ok(None) => return Liveness::Alive,
+                        Err(e) => {
+                            log::debug!("{}: {e}", self.peer);
+                            self.refuse(Response::error(e.status(), &e.to_string()));
+                            return self.flush();
+                        }
+                    };
+                    if self.refused {
+                        self.refuse(Response::too_many_connections());
+                        return self.flush();
+                    }
+                    let granted = match settings.keys.check(&head) {
+                        Ok(g) => g,
+                        Err(e) => {
+                            log::info!(
+                                "{}: {} {}: refused: {e}",
+                                self.peer,
+                                head.method,
+                                head.path()
+                            );
+                            self.refuse(Response::unauthorized(&e.to_string()));
+                            return self.flush();
+                        }
+                    };
+                    if head.is_websocket_upgrade() {
+                        return self.upgrade(head, granted.protocol, settings, inputs);
+                    }
+                    let State::Http(http) = &mut self.state else {
+                        unreachable!()
+                    };
+                    http.inbuf.drain(..head.len);
+                    if head.expects_continue()
+                        && head.framing != http1::Framing::Length(0)
+                        && http.inbuf.is_empty()
+                    {
+                        http.out.extend_from_slice(http1::CONTINUE);
+                    }
+                    let body = BodyReader::new(head.framing, settings.limits.max_body);
+                    http.reading = Reading::Body { head, body };
+                }
+                Reading::Body { body, .. } => {
+                    let (used, done) = match body.feed(&http.inbuf) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            log::debug!("{}: {e}", self.peer);
+                            self.refuse(Response::error(e.status(), &e.to_string()));
+                            return self.flush();
+                        }
+                    };
+                    http.inbuf.drain(..used);
+                    let Some(body) = done else {
+                        return Liveness::Alive;
+                    };
+                    let Reading::Body { head, .. } =
+                        std::mem::replace(&mut http.reading, Reading::Head)
+                    else {
+                        unreachable!()
+                    };
+                    http.reading = Reading::Exchange(Exchange {
+                        keep_alive: head.keep_alive,
+                        cors: cors_origin(&head, &settings.cors_origins),
+                        streaming: false,
+                    });
+                    self.deadline = None;
+                    inputs.push(Input::Http { head, body });
+                    return Liveness::Alive;
+                }
+            }
         }
-        if version.as_deref() != Some(WS_VERSION) {
+    }
+
+    /// Answers a request that cannot be served and closes.
+    fn refuse(&mut self, response: Response) {
+        if let State::Http(http) = &mut self.state {
+            http.reading = Reading::Head;
+            http.out.extend_from_slice(&response.to_bytes(false, None));
+            http.close_after = true;
+        }
+    }
+
+    fn upgrade(
+        &mut self,
+        head: Head,
+        protocol: Option<String>,
+        settings: &Settings,
+        inputs: &mut Vec<Input>,
+    ) -> Liveness {
+        let version = head.header("sec-websocket-version");
+        if version != Some(WS_VERSION) {
             log::debug!(
                 "{}: refusing WebSocket version {version:?} with 426",
                 self.peer
             );
-            self.respond(&Response::upgrade_required());
+            self.refuse(Response::upgrade_required());
             return self.flush();
         }
         self.echo = settings
             .echo_path
             .as_deref()
-            .is_some_and(|p| path.split('?').next() == Some(p));
-        let State::Http { stream, head, .. } = std::mem::replace(&mut self.state, State::Closed)
-        else {
+            .is_some_and(|p| head.path() == p);
+        let State::Http(http) = std::mem::replace(&mut self.state, State::Closed) else {
             unreachable!()
         };
+        let Http { stream, inbuf, .. } = *http;
         let replay = Prefixed {
-            prefix: head,
+            prefix: inbuf,
             pos: 0,
             inner: stream,
         };
+        self.deadline = Some(Instant::now() + settings.request_timeout);
         self.finish_handshake(
-            tungstenite::accept_with_config(replay, Some(settings.ws)),
+            tungstenite::accept_hdr_with_config(replay, Answer { protocol }, Some(settings.ws)),
             inputs,
         )
     }
@@ -441,7 +610,7 @@ impl Connection {
 
     fn finish_handshake(
         &mut self,
-        result: Result<WebSocket<Prefixed>, HandshakeError<ServerHandshake<Prefixed, NoCallback>>>,
+        result: Result<WebSocket<Prefixed>, HandshakeError<ServerHandshake<Prefixed, Answer>>>,
         inputs: &mut Vec<Input>,
     ) -> Liveness {
         match result {
@@ -471,31 +640,34 @@ impl Connection {
     }
 }
 
-/// Reads into `buf` until the request head is complete (`\r\n\r\n`), or
-/// with `need` until it holds that many bytes (head and body), the socket
-/// would block, or the head is too large.
-fn read_request(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    need: Option<usize>,
-) -> io::Result<bool> {
+/// The origin to allow in the answer to a browser's request, if it may call.
+fn cors_origin(head: &Head, allowed: &[String]) -> Option<String> {
+    let origin = head.header("origin")?;
+    allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+        .then(|| origin.to_owned())
+}
+
+enum Got {
+    More,
+    Eof,
+}
+
+/// Reads until the socket would block, or `buf` holds `cap` bytes (the rest
+/// waits for the next request: it is read once this one is answered).
+fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Result<Got> {
     let mut chunk = [0u8; 4096];
-    loop {
-        let done = match need {
-            Some(n) => buf.len() >= n,
-            None => buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() > MAX_HEAD_BYTES,
-        };
-        if done {
-            return Ok(true);
-        }
+    while buf.len() < cap {
         match stream.read(&mut chunk) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(0) => return Ok(Got::Eof),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Got::More),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
+    Ok(Got::More)
 }
 
 /// How a read of the frames ended.

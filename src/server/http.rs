@@ -1,5 +1,9 @@
-//! Plain HTTP on the WebSocket port: the page, health, metrics, and the
-//! answers for requests the server will not take (404, 405, 426, 431, 503).
+//! Plain HTTP on the WebSocket port: responses, the page, health, metrics,
+//! CORS preflights, and the answers for requests the server will not take
+//! (404, 405, 426, 431, 503), every error in one JSON shape.
+
+use crate::core::ErrorCode;
+use crate::server::http1;
 
 /// The page served at `GET /`: one self-contained file, no build step.
 const PAGE: &str = include_str!("page.html");
@@ -12,7 +16,7 @@ pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub body: String,
-    pub headers: Vec<(&'static str, &'static str)>,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Response {
@@ -29,47 +33,93 @@ impl Response {
         Response::new(status, "application/json", format!("{body}\n"))
     }
 
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// An error in the shape every route uses (OpenAI's): `{"error":
+    /// {"message","type","param","code"}}`, `type` following the status.
+    pub fn error(status: u16, message: &str) -> Response {
+        Response::api_error(status, None, None, message)
+    }
+
+    /// An error with a machine-readable `code` and the `param` at fault.
+    pub fn api_error(
+        status: u16,
+        code: Option<&str>,
+        param: Option<&str>,
+        message: &str,
+    ) -> Response {
+        let kind = match status {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            503 => "unavailable_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        let body = serde_json::json!({"error": {
+            "message": message, "type": kind, "param": param, "code": code,
+        }});
+        let r = Response::json(status, &body.to_string());
+        match status {
+            401 => r.with_header("WWW-Authenticate", "Bearer"),
+            429 | 503 => r.with_header("Retry-After", "1"),
+            _ => r,
+        }
+    }
+
+    /// An error of class `code` with the status that goes with it.
+    pub fn for_code(code: ErrorCode, param: Option<&str>, message: &str) -> Response {
+        let status = match code {
+            ErrorCode::BadRequest | ErrorCode::ContextOverflow => 400,
+            ErrorCode::Overloaded => 429,
+            ErrorCode::ShuttingDown => 503,
+            ErrorCode::Internal => 500,
+        };
+        Response::api_error(status, Some(code.as_str()), param, message)
+    }
+
+    pub fn unauthorized(message: &str) -> Response {
+        Response::api_error(401, Some("invalid_api_key"), None, message)
+    }
+
     pub fn too_many_connections() -> Response {
-        Response::json(503, r#"{"error":"too many connections"}"#)
+        Response::api_error(503, Some("overloaded"), None, "too many connections")
     }
 
     /// The answer to a WebSocket upgrade of a version we do not speak.
     pub fn upgrade_required() -> Response {
-        let mut r = Response::json(
+        Response::error(
             426,
-            r#"{"error":"unsupported WebSocket version: this server speaks version 13"}"#,
-        );
-        r.headers.push(("Sec-WebSocket-Version", WS_VERSION));
-        r
+            "unsupported WebSocket version: this server speaks version 13",
+        )
+        .with_header("Sec-WebSocket-Version", WS_VERSION)
     }
 
-    /// The bytes on the wire; the connection closes after them.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let reason = match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            411 => "Length Required",
-            413 => "Payload Too Large",
-            426 => "Upgrade Required",
-            429 => "Too Many Requests",
-            431 => "Request Header Fields Too Large",
-            500 => "Internal Server Error",
-            503 => "Service Unavailable",
-            _ => "Error",
-        };
-        let mut head = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
-            self.status,
-            self.content_type,
-            self.body.len()
-        );
-        for (name, value) in &self.headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
+    /// The head alone: `length` `None` streams the body in chunks.
+    pub fn head_bytes(
+        &self,
+        length: Option<usize>,
+        keep_alive: bool,
+        cors: Option<&str>,
+    ) -> Vec<u8> {
+        let mut headers: Vec<(&str, &str)> = vec![
+            ("Content-Type", self.content_type),
+            ("Cache-Control", "no-store"),
+        ];
+        headers.extend(self.headers.iter().map(|(n, v)| (*n, v.as_str())));
+        if let Some(origin) = cors {
+            headers.push(("Access-Control-Allow-Origin", origin));
+            headers.push(("Vary", "Origin"));
         }
-        head.push_str("\r\n");
-        let mut out = head.into_bytes();
+        http1::head_bytes(self.status, &headers, length, keep_alive)
+    }
+
+    /// The bytes on the wire.
+    pub fn to_bytes(&self, keep_alive: bool, cors: Option<&str>) -> Vec<u8> {
+        let mut out = self.head_bytes(Some(self.body.len()), keep_alive, cors);
         out.extend_from_slice(self.body.as_bytes());
         out
     }
@@ -85,7 +135,8 @@ pub enum Health {
     Draining,
 }
 
-/// Answers a plain (non-upgrade) request; `metrics` renders `/metrics` when asked.
+/// Answers a plain request that no session serves; `metrics` renders
+/// `/metrics` when asked.
 pub fn route(
     method: &str,
     target: &str,
@@ -94,6 +145,14 @@ pub fn route(
 ) -> Response {
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
+        // A CORS preflight: the connection adds the origin if it is allowed.
+        ("OPTIONS", _) => Response::new(204, "text/plain", "")
+            .with_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            .with_header(
+                "Access-Control-Allow-Headers",
+                "Authorization, Content-Type",
+            )
+            .with_header("Access-Control-Max-Age", "600"),
         ("GET", "/health") => match health {
             Health::Draining => Response::json(503, r#"{"status":"draining"}"#),
             Health::Parked => Response::json(200, r#"{"status":"parked"}"#),
@@ -103,10 +162,15 @@ pub fn route(
             Response::new(200, "text/plain; version=0.0.4; charset=utf-8", metrics())
         }
         ("GET", "/") => Response::new(200, "text/html; charset=utf-8", PAGE),
-        // POST /tokenize is served by its session; other methods are not.
-        (_, "/tokenize") => Response::json(405, r#"{"error":"use POST for /tokenize"}"#),
-        ("GET", _) => Response::json(404, r#"{"error":"not found"}"#),
-        _ => Response::json(405, r#"{"error":"method not allowed"}"#),
+        // These are served by their sessions when the method is right.
+        (_, "/tokenize" | "/v1/chat/completions" | "/v1/completions") => {
+            Response::error(405, &format!("use POST for {path}"))
+        }
+        (_, "/v1/models" | "/" | "/health" | "/metrics") => {
+            Response::error(405, &format!("use GET for {path}"))
+        }
+        ("GET" | "POST", _) => Response::error(404, &format!("no route {method} {path}")),
+        _ => Response::error(405, &format!("method {method} not allowed")),
     }
 }
 
@@ -115,7 +179,7 @@ mod tests {
     use super::*;
 
     fn text(r: &Response) -> String {
-        String::from_utf8(r.to_bytes()).unwrap()
+        String::from_utf8(r.to_bytes(false, None)).unwrap()
     }
 
     #[test]
@@ -140,6 +204,11 @@ mod tests {
         assert_eq!(route("GET", "/nope", Health::Ready, none).status, 404);
         assert_eq!(route("POST", "/", Health::Ready, none).status, 405);
         assert_eq!(route("GET", "/tokenize", Health::Ready, none).status, 405);
+        assert_eq!(
+            route("OPTIONS", "/v1/models", Health::Ready, none).status,
+            204
+        );
+        assert_eq!(route("PUT", "/", Health::Ready, none).status, 405);
     }
 
     #[test]
@@ -151,5 +220,19 @@ mod tests {
         let t = text(&Response::upgrade_required());
         assert!(t.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
         assert!(t.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{t}");
+        let t = String::from_utf8(Response::error(429, "busy").to_bytes(true, Some("https://a")))
+            .unwrap();
+        assert!(
+            t.contains("\r\nRetry-After: 1\r\n") && t.contains("Connection: keep-alive"),
+            "{t}"
+        );
+        assert!(
+            t.contains("\r\nAccess-Control-Allow-Origin: https://a\r\n"),
+            "{t}"
+        );
+        let body = t.split("\r\n\r\n").nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["error"]["message"], "busy");
     }
 }

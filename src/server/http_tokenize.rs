@@ -6,7 +6,7 @@
 use crate::core::{ErrorCode, Event, RequestKind, RequestSpec, Truncate};
 use crate::server::http::Response;
 use crate::server::protocol;
-use crate::server::session::{Host, Message, Outbox, Session};
+use crate::server::session::{Api, Host, Message, Outbox, Session};
 
 pub struct Tokenize {
     body: Vec<u8>,
@@ -18,19 +18,15 @@ impl Tokenize {
     }
 }
 
-/// An error in the same shape for every route: `{"error":{"code","message"}}`.
 fn error(code: ErrorCode, message: &str) -> Response {
-    let status = match code {
-        ErrorCode::BadRequest | ErrorCode::ContextOverflow => 400,
-        ErrorCode::Overloaded => 429,
-        ErrorCode::ShuttingDown => 503,
-        ErrorCode::Internal => 500,
-    };
-    let body = serde_json::json!({"error": {"code": code.as_str(), "message": message}});
-    Response::json(status, &body.to_string())
+    Response::for_code(code, None, message)
 }
 
 impl Session for Tokenize {
+    fn api(&self) -> Api {
+        Api::Http
+    }
+
     fn opened(&mut self, host: &mut dyn Host, out: &mut Outbox) {
         let input = match protocol::parse_tokenize_body(&self.body) {
             Ok(input) => input,

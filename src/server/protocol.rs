@@ -108,6 +108,8 @@ struct Params {
     min_p: Option<f32>,
     repeat_penalty: Option<f32>,
     repeat_last_n: Option<i32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     /// -1: a fresh random seed, as in llama-server.
     seed: Option<i64>,
     max_tokens: Option<u32>,
@@ -144,10 +146,14 @@ impl Params {
             min_p: self.min_p.unwrap_or(d.min_p),
             repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
             repeat_last_n: self.repeat_last_n.unwrap_or(d.repeat_last_n),
+            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
             seed,
             max_tokens: self.max_tokens.unwrap_or(d.max_tokens),
             stop: self.stop.unwrap_or(d.stop),
             ignore_eos: self.ignore_eos.unwrap_or(d.ignore_eos),
+            // Protocol v1 has no field for them yet.
+            logprobs: None,
         };
         params
             .validate()

@@ -27,11 +27,15 @@ use crate::core::{Event, Request, RequestError, RequestKey, RequestSpec, Samplin
 use crate::engine::{EngineHandle, EventSource, Ready};
 use crate::ops::Ops;
 use crate::ops::watchdog;
+use crate::server::auth::ApiKeys;
 use crate::server::connection::{Connection, Input, Liveness, SendError, Settings};
 use crate::server::http::{self, Health, Response};
+use crate::server::http_openai::OpenAi;
 use crate::server::http_tokenize::Tokenize;
+use crate::server::http1::{Head, Limits};
+use crate::server::openai::{self, Endpoint};
 use crate::server::requests::{ConnId, RequestTable};
-use crate::server::session::{Host, Message, Out, Outbox, ServerInfo, Session, SubmitError};
+use crate::server::session::{Api, Host, Message, Out, Outbox, ServerInfo, Session, SubmitError};
 use crate::server::ws_v1::WsV1;
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
@@ -46,6 +50,8 @@ const REFUSE_HEADROOM: usize = 64;
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a client disconnected for a limit gets to read its close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Largest HTTP request head we accept before answering 431.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// What the reactor is built from.
 pub struct Parts {
@@ -57,6 +63,7 @@ pub struct Parts {
     pub ops: Arc<Ops>,
     /// Ends the process after a stall (see `watchdog::ExitNow`).
     pub exit_now: watchdog::ExitNow,
+    pub keys: ApiKeys,
 }
 
 pub struct Reactor {
@@ -81,6 +88,10 @@ pub struct Reactor {
     last_sweep: Instant,
     inputs: Vec<Input>,
     dirty: Vec<usize>,
+    /// HTTP connections whose request was answered: parse the next one.
+    resume: Vec<usize>,
+    /// When the server started (`created` of `/v1/models`).
+    started: u64,
 }
 
 impl Reactor {
@@ -93,6 +104,7 @@ impl Reactor {
             ready,
             ops,
             exit_now,
+            keys,
         } = parts;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -126,12 +138,25 @@ impl Reactor {
             settings: Settings {
                 ws: ws_config,
                 echo_path: Some(s.echo_path.clone()).filter(|p| !p.is_empty()),
+                limits: Limits {
+                    max_head: MAX_HEAD_BYTES,
+                    max_body: s.max_body_bytes,
+                },
+                keys,
+                cors_origins: s.cors_origins.clone(),
+                request_timeout: Duration::from_secs_f64(s.handshake_timeout_s),
+                keep_alive_timeout: Duration::from_secs_f64(s.keep_alive_timeout_s),
+                max_queued: s.max_write_buffer_bytes,
             },
             refusing: 0,
             shutdown_deadline: None,
             last_sweep: Instant::now(),
             inputs: Vec::new(),
             dirty: Vec::new(),
+            resume: Vec::new(),
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         })
     }
 
@@ -168,6 +193,7 @@ impl Reactor {
                 }
             }
             self.flush_dirty();
+            self.resume_http();
             if self.ops.heartbeat.stalled() {
                 self.fail_all(RequestError::Stalled);
                 log::error!("exiting with status {}", watchdog::EXIT_STALL);
@@ -205,7 +231,8 @@ impl Reactor {
                         log::warn!("refusing a connection: {open} connections already open");
                         if self.refusing >= REFUSE_HEADROOM {
                             // Best effort: a fresh socket takes this small write at once.
-                            let _ = stream.write(&Response::too_many_connections().to_bytes());
+                            let _ = stream
+                                .write(&Response::too_many_connections().to_bytes(false, None));
                             continue;
                         }
                     }
@@ -278,7 +305,7 @@ impl Reactor {
                 }
                 self.with_session(slot, |s, host, out| s.opened(host, out));
             }
-            Input::Http { method, path, body } => self.serve_http(slot, &method, &path, body),
+            Input::Http { head, body } => self.serve_http(slot, &head, body),
             Input::Binary => self.with_session(slot, |s, host, out| {
                 s.on_message(Message::Binary(&[]), host, out)
             }),
@@ -305,6 +332,7 @@ impl Reactor {
             return;
         };
         let mut host = ConnHost {
+            api: session.api(),
             conn: ConnId {
                 slot,
                 generation: conn.generation,
@@ -322,18 +350,59 @@ impl Reactor {
         self.emit(slot, out);
     }
 
-    /// Sends what a session wrote: WebSocket messages, or an HTTP response.
+    /// Sends what a session wrote: WebSocket messages, or an HTTP response
+    /// (whole or streamed).
     fn emit(&mut self, slot: usize, mut out: Outbox) {
         for item in out.drain() {
+            if let Out::Text(text) = item {
+                self.send(slot, text);
+                continue;
+            }
+            let Some(conn) = self.conns.get_mut(slot) else {
+                return;
+            };
+            self.dirty.push(slot);
             match item {
-                Out::Text(text) => self.send(slot, text),
+                Out::Text(_) => unreachable!(),
                 Out::Http(response) => {
-                    if let Some(conn) = self.conns.get_mut(slot) {
-                        conn.respond(&response);
-                        self.dirty.push(slot);
+                    if conn.respond(&response, &self.settings) {
+                        self.resume.push(slot);
+                    }
+                }
+                Out::StreamStart(head) => conn.start_stream(&head),
+                Out::StreamData(data) => match conn.stream_data(data.as_bytes(), &self.settings) {
+                    Ok(()) => {}
+                    Err(SendError::SlowReader) => {
+                        log::warn!(
+                            "{}: disconnecting a client that reads too slowly (over {} bytes queued)",
+                            conn.peer,
+                            self.server.max_write_buffer_bytes
+                        );
+                        self.remove(slot);
+                        return;
+                    }
+                    Err(SendError::Closed) => {}
+                },
+                Out::StreamEnd => {
+                    if conn.end_stream(&self.settings) {
+                        self.resume.push(slot);
                     }
                 }
             }
+        }
+    }
+
+    /// Goes on with HTTP connections whose request was answered: the next
+    /// pipelined request may be buffered already.
+    fn resume_http(&mut self) {
+        while !self.resume.is_empty() {
+            let mut slots = std::mem::take(&mut self.resume);
+            slots.sort_unstable();
+            slots.dedup();
+            for slot in slots {
+                self.on_socket(slot, true, false);
+            }
+            self.flush_dirty();
         }
     }
 
@@ -347,21 +416,45 @@ impl Reactor {
         }
     }
 
-    fn serve_http(&mut self, slot: usize, method: &str, path: &str, body: Vec<u8>) {
-        if (method, path.split('?').next()) == ("POST", Some("/tokenize")) {
-            // Answered once the engine has counted.
+    fn serve_http(&mut self, slot: usize, head: &Head, body: Vec<u8>) {
+        let (method, path) = (head.method.as_str(), head.path());
+        let session: Option<Box<dyn Session>> = match (method, path) {
+            ("POST", "/tokenize") => Some(Box::new(Tokenize::new(body))),
+            ("POST", _) => Endpoint::from_path(path)
+                .map(|e| Box::new(OpenAi::new(e, body)) as Box<dyn Session>),
+            _ => None,
+        };
+        if let Some(session) = session {
+            // Answered once the engine has counted or generated.
             if let Some(conn) = self.conns.get_mut(slot) {
-                conn.session = Some(Box::new(Tokenize::new(body)));
+                conn.session = Some(session);
             }
             return self.with_session(slot, |s, host, out| s.opened(host, out));
         }
-        let response = http::route(method, path, self.health(), || {
-            self.ops
-                .render_metrics(self.engine.status(), self.conns.len())
-        });
-        if let Some(conn) = self.conns.get_mut(slot) {
-            conn.respond(&response);
-        }
+        let model = &self.ready.model_name;
+        let response = match (method, path.strip_prefix("/v1/models")) {
+            ("GET", Some("")) => {
+                Response::new(200, "application/json", openai::models(model, self.started))
+            }
+            ("GET", Some(id)) if openai::is_our_model(&id[1..], model) => Response::new(
+                200,
+                "application/json",
+                openai::model_object(model, self.started).to_string(),
+            ),
+            ("GET", Some(id)) if id.starts_with('/') => Response::api_error(
+                404,
+                Some("model_not_found"),
+                Some("model"),
+                &format!("the model {:?} does not exist", &id[1..]),
+            ),
+            _ => http::route(method, &head.target, self.health(), || {
+                self.ops
+                    .render_metrics(self.engine.status(), self.conns.len())
+            }),
+        };
+        let mut out = Outbox::default();
+        out.respond(response);
+        self.emit(slot, out);
     }
 
     fn drain_engine(&mut self) {
@@ -389,6 +482,7 @@ impl Reactor {
             return; // ended by the server already (shutdown)
         };
         let m = &self.ops.metrics;
+        let api = route.api;
         match event {
             Event::Token { .. } => {
                 let now = Instant::now();
@@ -400,7 +494,7 @@ impl Reactor {
                 }
             }
             Event::End { reason, stats, .. } => {
-                m.request_done(reason.as_str());
+                m.request_done(api, reason.as_str());
                 if stats.completion_tokens > 0 {
                     m.ttft.observe(stats.ttft_ms / 1e3);
                 }
@@ -408,7 +502,7 @@ impl Reactor {
                     m.record_prefix_hit(stats.cached_tokens);
                 }
             }
-            Event::Error { error, .. } => m.request_done(error.code().as_str()),
+            Event::Error { error, .. } => m.request_done(api, error.code().as_str()),
             Event::Queued { .. } | Event::Tokens { .. } | Event::Stopped => {}
         }
         let (conn, id) = if event.is_final() {
@@ -595,7 +689,9 @@ impl Reactor {
     /// dead engine); whatever the engine sends for them later is dropped.
     fn fail_all(&mut self, error: RequestError) {
         for (key, route) in self.table.drain() {
-            self.ops.metrics.request_done(error.code().as_str());
+            self.ops
+                .metrics
+                .request_done(route.api, error.code().as_str());
             route
                 .cancel
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -614,6 +710,7 @@ impl Reactor {
 /// The server as one connection's session sees it.
 struct ConnHost<'a> {
     conn: ConnId,
+    api: Api,
     table: &'a mut RequestTable,
     engine: &'a EngineHandle,
     ready: &'a Ready,
@@ -645,7 +742,7 @@ impl Host for ConnHost<'_> {
         if self.draining {
             return Err(SubmitError::ShuttingDown);
         }
-        let opened = self.table.open(self.conn, id)?;
+        let opened = self.table.open(self.conn, id, self.api.as_str())?;
         let req = Request {
             key: opened.key,
             id: opened.id.clone(),

@@ -32,6 +32,8 @@ pub struct Route {
     pub cancel: Arc<AtomicBool>,
     /// When its last token event arrived (inter-token latency).
     pub last_token: Option<Instant>,
+    /// The API it came through (`ws`, `openai`, `http`), for metrics.
+    pub api: &'static str,
 }
 
 impl Route {
@@ -75,7 +77,12 @@ impl RequestTable {
 
     /// Registers a request of `conn`; without an id it gets `req-N`, one
     /// that no request of the connection uses.
-    pub fn open(&mut self, conn: ConnId, id: Option<&str>) -> Result<Opened, Refused> {
+    pub fn open(
+        &mut self,
+        conn: ConnId,
+        id: Option<&str>,
+        api: &'static str,
+    ) -> Result<Opened, Refused> {
         let ids = self.by_conn.entry(conn).or_default();
         if id.is_some_and(|id| ids.contains_key(id)) {
             return Err(Refused::Duplicate);
@@ -104,6 +111,7 @@ impl RequestTable {
                 id: id.clone(),
                 cancel: cancel.clone(),
                 last_token: None,
+                api,
             },
         );
         Ok(Opened { key, id, cancel })
@@ -196,24 +204,24 @@ mod tests {
     #[test]
     fn ids_are_per_connection_and_keys_never_repeat() {
         let mut t = RequestTable::new(8);
-        let a = t.open(A, Some("r1")).unwrap();
-        let b = t.open(B, Some("r1")).unwrap();
+        let a = t.open(A, Some("r1"), "ws").unwrap();
+        let b = t.open(B, Some("r1"), "ws").unwrap();
         assert_ne!(a.key, b.key);
-        assert_eq!(t.open(A, Some("r1")).unwrap_err(), Refused::Duplicate);
-        let anon = t.open(A, None).unwrap();
+        assert_eq!(t.open(A, Some("r1"), "ws").unwrap_err(), Refused::Duplicate);
+        let anon = t.open(A, None, "ws").unwrap();
         assert_eq!(anon.id, format!("req-{}", anon.key));
         assert_eq!(t.in_flight(A), 2);
         assert_eq!(t.finish(a.key).unwrap().id, "r1");
         assert!(t.finish(a.key).is_none(), "finished once");
         // The id is free again.
-        assert!(t.open(A, Some("r1")).is_ok());
+        assert!(t.open(A, Some("r1"), "ws").is_ok());
     }
 
     #[test]
     fn a_generated_id_never_takes_a_clients_id() {
         let mut t = RequestTable::new(8);
-        let client = t.open(A, Some("req-2")).unwrap();
-        let generated = t.open(A, None).unwrap();
+        let client = t.open(A, Some("req-2"), "ws").unwrap();
+        let generated = t.open(A, None, "ws").unwrap();
         assert_eq!(generated.key, 2);
         assert_eq!(generated.id, "req-2-1");
         assert_eq!(t.in_flight(A), 2);
@@ -224,8 +232,8 @@ mod tests {
     #[test]
     fn a_duplicate_leaves_the_live_request_alone() {
         let mut t = RequestTable::new(8);
-        let live = t.open(A, Some("x")).unwrap();
-        assert!(t.open(A, Some("x")).is_err());
+        let live = t.open(A, Some("x"), "ws").unwrap();
+        assert!(t.open(A, Some("x"), "ws").is_err());
         assert!(!live.cancel.load(Ordering::Relaxed));
         assert_eq!(t.in_flight(A), 1);
         assert_eq!(t.get_mut(live.key).unwrap().conn, Some(A));
@@ -234,23 +242,23 @@ mod tests {
     #[test]
     fn the_per_connection_limit_counts_open_requests() {
         let mut t = RequestTable::new(2);
-        let first = t.open(A, None).unwrap();
-        t.open(A, None).unwrap();
-        assert_eq!(t.open(A, None).unwrap_err(), Refused::TooMany(2));
+        let first = t.open(A, None, "ws").unwrap();
+        t.open(A, None, "ws").unwrap();
+        assert_eq!(t.open(A, None, "ws").unwrap_err(), Refused::TooMany(2));
         assert!(
-            t.open(B, None).is_ok(),
+            t.open(B, None, "ws").is_ok(),
             "other connections are not affected"
         );
         t.finish(first.key);
-        assert!(t.open(A, None).is_ok());
+        assert!(t.open(A, None, "ws").is_ok());
     }
 
     #[test]
     fn abort_is_idempotent_and_scoped_to_the_connection() {
         let mut t = RequestTable::new(8);
-        let a1 = t.open(A, Some("1")).unwrap();
-        let a2 = t.open(A, Some("2")).unwrap();
-        let b1 = t.open(B, Some("1")).unwrap();
+        let a1 = t.open(A, Some("1"), "ws").unwrap();
+        let a2 = t.open(A, Some("2"), "ws").unwrap();
+        let b1 = t.open(B, Some("1"), "ws").unwrap();
         assert_eq!(t.abort(A, Some("1")), 1);
         assert_eq!(t.abort(A, Some("1")), 1, "again: still just a flag");
         assert_eq!(t.abort(A, Some("nope")), 0);
@@ -267,7 +275,7 @@ mod tests {
     #[test]
     fn a_detached_request_stays_until_its_end() {
         let mut t = RequestTable::new(8);
-        let a = t.open(A, Some("1")).unwrap();
+        let a = t.open(A, Some("1"), "ws").unwrap();
         assert_eq!(t.detach(A), ["1"]);
         assert!(a.cancel.load(Ordering::Relaxed));
         assert_eq!(t.in_flight(A), 0);
@@ -280,8 +288,8 @@ mod tests {
     #[test]
     fn drain_takes_everything() {
         let mut t = RequestTable::new(8);
-        t.open(A, None).unwrap();
-        t.open(B, None).unwrap();
+        t.open(A, None, "ws").unwrap();
+        t.open(B, None, "ws").unwrap();
         assert_eq!(t.drain().len(), 2);
         assert!(t.is_empty());
         assert_eq!(t.in_flight(A), 0);

@@ -24,8 +24,35 @@ pub enum Message<'a> {
 pub enum Out {
     /// A WebSocket text message.
     Text(String),
-    /// The HTTP response to a plain request; the connection closes after it.
+    /// The whole HTTP response to the current request.
     Http(Response),
+    /// The head of a streamed HTTP response (its body is ignored).
+    StreamStart(Response),
+    /// A piece of the streamed body (server-sent events).
+    StreamData(String),
+    /// The end of the streamed body, and of the request.
+    StreamEnd,
+}
+
+/// Which API a request came through (a label in metrics and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// WebSocket protocol v1.
+    Ws,
+    /// The OpenAI-compatible HTTP API.
+    OpenAi,
+    /// Our own plain HTTP routes (`/tokenize`).
+    Http,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Ws => "ws",
+            Api::OpenAi => "openai",
+            Api::Http => "http",
+        }
+    }
 }
 
 /// What a session has for the client, in order.
@@ -43,6 +70,18 @@ impl Outbox {
         self.items.push(Out::Http(response));
     }
 
+    pub fn start_stream(&mut self, head: Response) {
+        self.items.push(Out::StreamStart(head));
+    }
+
+    pub fn stream(&mut self, data: String) {
+        self.items.push(Out::StreamData(data));
+    }
+
+    pub fn end_stream(&mut self) {
+        self.items.push(Out::StreamEnd);
+    }
+
     pub fn drain(&mut self) -> std::vec::Drain<'_, Out> {
         self.items.drain(..)
     }
@@ -53,7 +92,7 @@ impl Outbox {
             .iter()
             .filter_map(|o| match o {
                 Out::Text(t) => Some(t.as_str()),
-                Out::Http(_) => None,
+                _ => None,
             })
             .collect()
     }
@@ -113,6 +152,8 @@ pub trait Host {
 }
 
 pub trait Session {
+    /// The API it speaks.
+    fn api(&self) -> Api;
     /// The connection is open (after the WebSocket handshake).
     fn opened(&mut self, host: &mut dyn Host, out: &mut Outbox);
     fn on_message(&mut self, msg: Message<'_>, host: &mut dyn Host, out: &mut Outbox);

@@ -6,12 +6,16 @@ use crate::core::{ErrorCode, Event, RequestKind, RequestSpec, Truncate};
 use crate::server::messages::{Hello, Limits, ServerMsg};
 use crate::server::protocol::{self, ClientMsg};
 use crate::server::requests::Refused;
-use crate::server::session::{Host, Message, Outbox, Session, SubmitError};
+use crate::server::session::{Api, Host, Message, Outbox, Session, SubmitError};
 
 #[derive(Debug, Default)]
 pub struct WsV1;
 
 impl Session for WsV1 {
+    fn api(&self) -> Api {
+        Api::Ws
+    }
+
     fn opened(&mut self, host: &mut dyn Host, out: &mut Outbox) {
         let info = host.info();
         let hello = Hello {
@@ -293,6 +297,7 @@ mod tests {
                 key: 1,
                 text: " hi".into(),
                 prob: 0.5,
+                logprobs: None,
             },
             &mut out,
         );

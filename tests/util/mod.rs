@@ -156,7 +156,11 @@ impl Server {
     pub fn http_get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         let status = out.split(' ').nth(1).unwrap().parse().unwrap();
@@ -308,4 +312,130 @@ impl Client {
             }
         }
     }
+}
+
+/// One HTTP/1.1 response as read off the wire.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+/// A raw HTTP/1.1 connection: send bytes, read responses one by one
+/// (`Content-Length` or chunked bodies), so keep-alive and pipelining show.
+pub struct HttpConn {
+    reader: BufReader<TcpStream>,
+}
+
+impl HttpConn {
+    pub fn connect(port: u16) -> HttpConn {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(EVENT_TIMEOUT)).unwrap();
+        HttpConn {
+            reader: BufReader::new(s),
+        }
+    }
+
+    pub fn send(&mut self, raw: &[u8]) {
+        self.reader.get_mut().write_all(raw).unwrap();
+    }
+
+    /// A request with a JSON body, kept alive.
+    pub fn post(&mut self, path: &str, body: &Value) {
+        let body = body.to_string();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        self.send(format!("{head}{body}").as_bytes());
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        self.reader.get_mut()
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("read a line");
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    }
+
+    /// Reads the head of the next response (status, headers).
+    pub fn read_head(&mut self) -> HttpResponse {
+        let status_line = self.line();
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {status_line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let line = self.line();
+            if line.is_empty() {
+                break;
+            }
+            let (n, v) = line.split_once(':').expect("a header");
+            headers.push((n.to_ascii_lowercase(), v.trim().to_owned()));
+        }
+        HttpResponse {
+            status,
+            headers,
+            body: String::new(),
+        }
+    }
+
+    /// Reads the next chunk of a chunked body; `None` at its end.
+    pub fn read_chunk(&mut self) -> Option<String> {
+        let size = usize::from_str_radix(self.line().split(';').next().unwrap(), 16).unwrap();
+        if size == 0 {
+            assert_eq!(self.line(), "", "trailers");
+            return None;
+        }
+        let mut data = vec![0; size];
+        self.reader.read_exact(&mut data).unwrap();
+        assert_eq!(self.line(), "");
+        Some(String::from_utf8(data).unwrap())
+    }
+
+    /// Reads the next whole response.
+    pub fn read_response(&mut self) -> HttpResponse {
+        let mut r = self.read_head();
+        if r.status == 100 {
+            return self.read_response();
+        }
+        if r.header("transfer-encoding") == Some("chunked") {
+            while let Some(chunk) = self.read_chunk() {
+                r.body.push_str(&chunk);
+            }
+        } else {
+            let n: usize = r.header("content-length").map_or(0, |v| v.parse().unwrap());
+            let mut data = vec![0; n];
+            self.reader.read_exact(&mut data).unwrap();
+            r.body = String::from_utf8(data).unwrap();
+        }
+        r
+    }
+}
+
+/// The `data:` payloads of server-sent events.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
 }

@@ -608,6 +608,8 @@ pub struct Sampler {
     /// Plain greedy (no penalties): pick the argmax straight from the logits,
     /// skipping the copy of the whole vocabulary into `candidates`.
     greedy: Option<Vec<Token>>,
+    /// Report the log-probabilities of this many most likely tokens.
+    top: Option<usize>,
 }
 
 impl Sampler {
@@ -626,6 +628,10 @@ impl Sampler {
         } else {
             spec.repeat_last_n
         };
+        let penalized = repeat_last_n != 0
+            && (spec.repeat_penalty != 1.0
+                || spec.frequency_penalty != 0.0
+                || spec.presence_penalty != 0.0);
         // SAFETY: plain constructor; the chain owns every sampler added to it.
         let chain =
             unsafe { sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params()) };
@@ -651,13 +657,13 @@ impl Sampler {
                     biases.as_ptr(),
                 ));
             }
-            if spec.repeat_penalty != 1.0 && repeat_last_n != 0 {
+            if penalized {
                 add(sys::llama_sampler_init_penalties(
                     n_vocab,
                     repeat_last_n,
                     spec.repeat_penalty,
-                    0.0,
-                    0.0,
+                    spec.frequency_penalty,
+                    spec.presence_penalty,
                 ));
             }
             if spec.temp <= 0.0 {
@@ -676,11 +682,12 @@ impl Sampler {
                 add(sys::llama_sampler_init_dist(seed));
             }
         }
-        let plain_greedy = spec.temp <= 0.0 && (spec.repeat_penalty == 1.0 || repeat_last_n == 0);
+        let plain_greedy = spec.temp <= 0.0 && !penalized;
         Sampler {
             chain,
             candidates: Vec::new(),
             greedy: plain_greedy.then(|| banned.to_vec()),
+            top: spec.logprobs.map(usize::from),
         }
     }
 
@@ -691,10 +698,7 @@ impl Sampler {
         let logits = ctx.logits(row)?;
         if let Some(banned) = &self.greedy {
             let token = argmax(logits, banned);
-            return Ok(Sampled {
-                token,
-                prob: softmax_at(logits, token),
-            });
+            return Ok(self.sampled(logits, token));
         }
         self.candidates.clear();
         self.candidates
@@ -725,11 +729,38 @@ impl Sampler {
         let token = kept[arr.selected as usize].id;
         // SAFETY: the chain is valid; accept only updates its history.
         unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), token) };
-        Ok(Sampled {
+        Ok(self.sampled(logits, token))
+    }
+
+    fn sampled(&self, logits: &[f32], token: Token) -> Sampled {
+        Sampled {
             token,
             prob: softmax_at(logits, token),
-        })
+            top: self.top.map(|k| top_logprobs(logits, k)),
+        }
     }
+}
+
+/// The `k` most likely tokens with their log-probabilities (log-softmax of
+/// the raw logits), most likely first.
+fn top_logprobs(logits: &[f32], k: usize) -> Vec<(Token, f32)> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    if !max.is_finite() || k == 0 {
+        return Vec::new();
+    }
+    let log_sum = logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln() + max;
+    // The best k so far, most likely first (k is small: at most 20).
+    let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if best.len() < k || l > best[best.len() - 1].0 {
+            let at = best.partition_point(|b| b.0 >= l);
+            best.insert(at, (l, i));
+            best.truncate(k);
+        }
+    }
+    best.into_iter()
+        .map(|(l, i)| (i as Token, l - log_sum))
+        .collect()
 }
 
 /// The most likely token that is not banned.
@@ -770,6 +801,18 @@ impl Drop for Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_in_order() {
+        let logits = [0.0, 2.0, 1.0, f32::NEG_INFINITY];
+        let top = top_logprobs(&logits, 2);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        let total: f32 = [0.0f32, 2.0, 1.0].iter().map(|l| l.exp()).sum();
+        assert!((top[0].1 - (2.0 - total.ln())).abs() < 1e-6);
+        assert!((top[0].1.exp() - softmax_at(&logits, 1)).abs() < 1e-6);
+        assert_eq!(top_logprobs(&logits, 10).len(), 4);
+        assert!(top_logprobs(&logits, 0).is_empty());
+    }
 
     #[test]
     fn softmax_of_logits() {

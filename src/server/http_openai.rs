@@ -1,0 +1,313 @@
+//! One OpenAI API request (`/v1/chat/completions`, `/v1/completions`) as a
+//! session: its body becomes a core request; the engine's events become one
+//! JSON response, or server-sent events as the tokens are sampled. The
+//! stream's head waits for the first token, so a request refused before it
+//! (queue full, prompt too long) still gets its HTTP status.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::core::{Event, TokenLogprobs};
+use crate::server::http::Response;
+use crate::server::openai::{self, ApiRequest, Endpoint, Reply};
+use crate::server::session::{Api, Host, Message, Outbox, Session};
+
+pub struct OpenAi {
+    endpoint: Endpoint,
+    body: Vec<u8>,
+    /// Set once the request is submitted.
+    live: Option<Live>,
+}
+
+struct Live {
+    reply: Reply,
+    stream: bool,
+    include_usage: bool,
+    /// The stream's head has been sent.
+    started: bool,
+    /// Text and log-probabilities so far (not streaming), or not yet sent
+    /// (streaming: log-probabilities of tokens whose text is held back).
+    text: String,
+    logprobs: Vec<TokenLogprobs>,
+}
+
+impl OpenAi {
+    pub fn new(endpoint: Endpoint, body: Vec<u8>) -> OpenAi {
+        OpenAi {
+            endpoint,
+            body,
+            live: None,
+        }
+    }
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Session for OpenAi {
+    fn api(&self) -> Api {
+        Api::OpenAi
+    }
+
+    fn opened(&mut self, host: &mut dyn Host, out: &mut Outbox) {
+        let body = std::mem::take(&mut self.body);
+        let ApiRequest {
+            endpoint,
+            model,
+            spec,
+            stream,
+            include_usage,
+        } = match openai::parse(self.endpoint, &body, host.defaults()) {
+            Ok(r) => r,
+            Err(e) => {
+                return out.respond(Response::api_error(
+                    400,
+                    Some("bad_request"),
+                    e.param.as_deref(),
+                    &e.message,
+                ));
+            }
+        };
+        let ours = host.info().model;
+        if let Some(asked) = model
+            && !openai::is_our_model(&asked, &ours)
+        {
+            return out.respond(Response::api_error(
+                404,
+                Some("model_not_found"),
+                Some("model"),
+                &format!("the model {asked:?} does not exist: this server serves {ours:?}"),
+            ));
+        }
+        let id = match host.submit(None, spec) {
+            Ok(id) => id,
+            Err(e) => return out.respond(Response::for_code(e.code(), None, &e.to_string())),
+        };
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        };
+        let created = now_s();
+        self.live = Some(Live {
+            reply: Reply {
+                endpoint,
+                id: format!("{prefix}-{created:x}-{id}"),
+                created,
+                model: ours,
+            },
+            stream,
+            include_usage,
+            started: false,
+            text: String::new(),
+            logprobs: Vec::new(),
+        });
+    }
+
+    fn on_message(&mut self, _msg: Message<'_>, _host: &mut dyn Host, _out: &mut Outbox) {}
+
+    fn on_event(&mut self, _id: &str, event: &Event, out: &mut Outbox) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        match event {
+            Event::Queued { .. } | Event::Tokens { .. } | Event::Stopped => {}
+            Event::Token { text, logprobs, .. } => {
+                live.logprobs.extend(logprobs.as_deref().cloned());
+                if !live.stream {
+                    live.text.push_str(text);
+                    return;
+                }
+                // Log-probabilities of held-back tokens wait for their text.
+                if text.is_empty() && live.started {
+                    return;
+                }
+                let first = live.start(out);
+                out.stream(live.reply.chunk(text, &live.logprobs, first));
+                live.logprobs.clear();
+            }
+            Event::End { reason, stats, .. } => {
+                if live.stream {
+                    live.start(out);
+                    if !live.logprobs.is_empty() {
+                        out.stream(live.reply.chunk("", &live.logprobs, false));
+                    }
+                    out.stream(live.reply.last_chunks(*reason, stats, live.include_usage));
+                    out.end_stream();
+                } else {
+                    let body = live
+                        .reply
+                        .complete(&live.text, &live.logprobs, *reason, stats);
+                    out.respond(Response::new(200, "application/json", body));
+                }
+            }
+            Event::Error { error, .. } => {
+                let response = Response::for_code(error.code(), None, &error.to_string());
+                if live.started {
+                    out.stream(format!("data: {}\n\n", response.body.trim_end()));
+                    out.end_stream();
+                } else {
+                    out.respond(response);
+                }
+            }
+        }
+    }
+}
+
+impl Live {
+    /// Sends the stream's head if it is not out yet; returns whether it was
+    /// just sent (the next chunk is the first).
+    fn start(&mut self, out: &mut Outbox) -> bool {
+        if self.started {
+            return false;
+        }
+        self.started = true;
+        out.start_stream(
+            Response::new(200, "text/event-stream", "").with_header("X-Accel-Buffering", "no"),
+        );
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{FinishReason, RequestError, RequestSpec, SamplingParams, Stats, Status};
+    use crate::server::session::{Out, ServerInfo, SubmitError};
+
+    #[derive(Default)]
+    struct Host1 {
+        defaults: SamplingParams,
+        asked: Vec<RequestSpec>,
+    }
+
+    impl Host for Host1 {
+        fn info(&self) -> ServerInfo {
+            ServerInfo {
+                model: "gemma".into(),
+                n_ctx: 4096,
+                chat: true,
+                parked: false,
+                max_inflight: 8,
+                max_prompt_tokens: 0,
+                max_message_bytes: 1 << 20,
+                defaults: self.defaults.clone(),
+            }
+        }
+        fn defaults(&self) -> &SamplingParams {
+            &self.defaults
+        }
+        fn submit(&mut self, _id: Option<&str>, spec: RequestSpec) -> Result<String, SubmitError> {
+            self.asked.push(spec);
+            Ok("req-1".into())
+        }
+        fn abort(&mut self, _id: Option<&str>) {}
+        fn status(&self) -> Status {
+            Status::default()
+        }
+    }
+
+    fn token(text: &str) -> Event {
+        Event::Token {
+            key: 1,
+            text: text.into(),
+            prob: 0.5,
+            logprobs: None,
+        }
+    }
+
+    fn end() -> Event {
+        Event::End {
+            key: 1,
+            reason: FinishReason::Length,
+            stats: Stats {
+                prompt_tokens: 3,
+                completion_tokens: 2,
+                ..Stats::default()
+            },
+        }
+    }
+
+    fn open(body: &str) -> (OpenAi, Host1, Outbox) {
+        let mut host = Host1::default();
+        let mut out = Outbox::default();
+        let mut s = OpenAi::new(Endpoint::Chat, body.as_bytes().to_vec());
+        s.opened(&mut host, &mut out);
+        (s, host, out)
+    }
+
+    #[test]
+    fn a_stream_starts_with_its_first_token_and_ends_with_done() {
+        let (mut s, host, mut out) =
+            open(r#"{"model":"gemma","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#);
+        assert_eq!(host.asked.len(), 1);
+        assert!(out.items().is_empty(), "nothing before the first token");
+        s.on_event("req-1", &token("A"), &mut out);
+        s.on_event("req-1", &token("B"), &mut out);
+        s.on_event("req-1", &end(), &mut out);
+        let items = out.items();
+        assert!(matches!(&items[0], Out::StreamStart(r) if r.content_type == "text/event-stream"));
+        let Out::StreamData(first) = &items[1] else {
+            panic!("{items:?}")
+        };
+        assert!(first.contains(r#""role":"assistant""#) && first.contains(r#""content":"A""#));
+        assert!(matches!(&items[2], Out::StreamData(d) if !d.contains("role")));
+        assert!(matches!(&items[3], Out::StreamData(d) if d.ends_with("data: [DONE]\n\n")));
+        assert_eq!(items[4], Out::StreamEnd);
+    }
+
+    #[test]
+    fn without_stream_one_response_carries_the_text_and_usage() {
+        let (mut s, _, mut out) = open(r#"{"messages":[{"role":"user","content":"Hi"}]}"#);
+        s.on_event("req-1", &token("A"), &mut out);
+        s.on_event("req-1", &token("B"), &mut out);
+        assert!(out.items().is_empty());
+        s.on_event("req-1", &end(), &mut out);
+        let Out::Http(r) = &out.items()[0] else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "AB");
+        assert_eq!(v["usage"]["completion_tokens"], 2);
+    }
+
+    #[test]
+    fn refusals_before_the_first_token_keep_their_status() {
+        let (_, host, out) =
+            open(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}"#);
+        assert!(host.asked.is_empty());
+        assert!(
+            matches!(&out.items()[0], Out::Http(r) if r.status == 404 && r.body.contains("model_not_found"))
+        );
+        let (_, _, out) =
+            open(r#"{"messages":[{"role":"user","content":"Hi"}],"temperature":"x"}"#);
+        assert!(
+            matches!(&out.items()[0], Out::Http(r) if r.status == 400 && r.body.contains(r#""param":"temperature""#))
+        );
+
+        let (mut s, _, mut out) =
+            open(r#"{"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#);
+        let full = Event::Error {
+            key: 1,
+            error: RequestError::QueueFull { waiting: 3 },
+        };
+        s.on_event("req-1", &full, &mut out);
+        assert!(matches!(&out.items()[0], Out::Http(r) if r.status == 429));
+        // After the head, an error is an event and the stream ends.
+        let (mut s, _, mut out) =
+            open(r#"{"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#);
+        s.on_event("req-1", &token("A"), &mut out);
+        s.on_event(
+            "req-1",
+            &Event::Error {
+                key: 1,
+                error: RequestError::ShuttingDown,
+            },
+            &mut out,
+        );
+        let items = out.items();
+        assert!(matches!(&items[2], Out::StreamData(d) if d.starts_with("data: {\"error\"")));
+        assert_eq!(items[3], Out::StreamEnd);
+    }
+}
