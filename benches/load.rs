@@ -17,13 +17,19 @@
 //! table on stdout, `target/bench/load-<tag>.json` and a plot of the latency
 //! percentiles, `target/bench/load-<tag>.svg`.
 //!
+//! `--api openai` drives both servers through the OpenAI-compatible `POST
+//! /v1/completions` instead (streamed: chunked server-sent events, one
+//! kept-alive connection per client), with the same prompts; its outputs are
+//! `target/bench/load-openai-<tag>.{json,svg}`.
+//!
 //!     cargo bench --bench load                      # the default suite
+//!     cargo bench --bench load -- --api openai      # the same, through /v1/completions
 //!     cargo bench --bench load -- --smoke           # CI: a few requests, ours only
 //!     cargo bench --bench load -- --help
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,8 +46,13 @@ use tungstenite::{Message, WebSocket};
 use common::{manifest_dir, model_path, start_server, write_report};
 
 #[derive(Parser, Debug, Clone)]
-#[command(about = "WebSocket load generator: inference-core vs llama-server")]
+#[command(about = "Load generator: inference-core vs llama-server")]
 struct Args {
+    /// How both servers are driven: `ws` (ours over WebSocket, llama-server
+    /// through `POST /completion`) or `openai` (both through `POST
+    /// /v1/completions`, streamed, one kept-alive connection per client).
+    #[arg(long, value_enum, default_value_t = Api::Ws)]
+    api: Api,
     /// Closed-loop scenarios: this many concurrent clients each (mixed workload).
     #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 8])]
     concurrency: Vec<usize>,
@@ -88,7 +99,8 @@ struct Args {
     /// llama-server binary (default: target/llama-tools/bin/llama-server, built by benches/llama-tools.sh).
     #[arg(long)]
     llama_server: Option<PathBuf>,
-    /// Names the outputs: target/bench/load-<tag>.{json,svg}.
+    /// Names the outputs: target/bench/load-<tag>.{json,svg} (`--api ws`),
+    /// target/bench/load-openai-<tag>.{json,svg} (`--api openai`).
     #[arg(long, default_value = "suite")]
     tag: String,
     /// A few short requests against our server only, for CI: checks the bench
@@ -230,17 +242,48 @@ fn plan(args: &Args, sc: &Scenario, scenario_index: usize, round: usize, n: usiz
 
 // ---------------------------------------------------------------- clients
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Target {
-    Ours(u16),
-    Llama(u16),
+/// Which API the bench drives.
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Api {
+    /// Ours over its WebSocket protocol, llama-server through `POST /completion`.
+    Ws,
+    /// Both through the OpenAI-compatible `POST /v1/completions`, streamed.
+    Openai,
+}
+
+/// One server and how the bench talks to it.
+#[derive(Debug, Clone)]
+struct Target {
+    ours: bool,
+    port: u16,
+    route: Route,
+}
+
+#[derive(Debug, Clone)]
+enum Route {
+    /// Our WebSocket protocol.
+    WebSocket,
+    /// llama-server's `POST /completion`.
+    Completion,
+    /// `POST /v1/completions` with this model name.
+    OpenAi { model: String },
 }
 
 impl Target {
-    fn name(self) -> &'static str {
-        match self {
-            Target::Ours(_) => "inference-core",
-            Target::Llama(_) => "llama-server",
+    fn name(&self) -> &'static str {
+        if self.ours {
+            "inference-core"
+        } else {
+            "llama-server"
+        }
+    }
+
+    /// What the bench talks to, for the report.
+    fn endpoint(&self) -> String {
+        match &self.route {
+            Route::WebSocket => "WebSocket /".into(),
+            Route::Completion => "POST /completion".into(),
+            Route::OpenAi { model } => format!("POST /v1/completions (model {model:?})"),
         }
     }
 }
@@ -255,25 +298,30 @@ struct Sample {
     error: Option<String>,
 }
 
-/// One client: a WebSocket kept open across requests (ours), or one HTTP
-/// connection per request (llama-server's SSE stream ends with the response).
+/// One client: a WebSocket kept open across requests (ours, `--api ws`), or
+/// an HTTP client: one connection per request for llama-server's
+/// `/completion` (`--api ws`, as before), one kept-alive connection reused
+/// across requests for `/v1/completions` (`--api openai`).
 enum Client {
-    Ours(Box<WebSocket<TcpStream>>),
-    Llama(u16),
+    Ws(Box<WebSocket<TcpStream>>),
+    Completion(Http),
+    OpenAi(Http, String),
 }
 
 impl Client {
-    fn new(target: Target) -> Result<Client, String> {
-        match target {
-            Target::Ours(port) => {
+    fn new(target: &Target) -> Result<Client, String> {
+        let port = target.port;
+        match &target.route {
+            Route::WebSocket => {
                 let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
                 stream.set_nodelay(true).ok();
                 let (mut ws, _) = tungstenite::client(format!("ws://127.0.0.1:{port}/"), stream)
                     .map_err(|e| e.to_string())?;
                 ws.read().map_err(|e| e.to_string())?; // hello
-                Ok(Client::Ours(Box::new(ws)))
+                Ok(Client::Ws(Box::new(ws)))
             }
-            Target::Llama(port) => Ok(Client::Llama(port)),
+            Route::Completion => Ok(Client::Completion(Http::new(port, false))),
+            Route::OpenAi { model } => Ok(Client::OpenAi(Http::new(port, true), model.clone())),
         }
     }
 
@@ -282,13 +330,13 @@ impl Client {
     fn run(&mut self, id: usize, job: &Job, start: Instant) -> Sample {
         let mut arrivals = Vec::with_capacity(job.n_predict);
         let result = match self {
-            Client::Ours(ws) => ours(ws, id, job, &mut arrivals),
-            Client::Llama(port) => llama(*port, job, &mut arrivals),
+            Client::Ws(ws) => ours(ws, id, job, &mut arrivals),
+            Client::Completion(http) => llama(http, job, &mut arrivals),
+            Client::OpenAi(http, model) => openai(http, model, job, &mut arrivals),
         };
-        let end = Instant::now();
-        let (tokens, error) = match result {
-            Ok(t) => (t, None),
-            Err(e) => (0, Some(e)),
+        let (tokens, end, error) = match result {
+            Ok((t, end)) => (t, end, None),
+            Err(e) => (0, Instant::now(), Some(e)),
         };
         Sample {
             start,
@@ -300,13 +348,13 @@ impl Client {
     }
 }
 
-/// Returns the completion tokens.
+/// Returns the completion tokens and when the last event arrived.
 fn ours(
     ws: &mut WebSocket<TcpStream>,
     id: usize,
     job: &Job,
     arrivals: &mut Vec<Instant>,
-) -> Result<usize, String> {
+) -> Result<(usize, Instant), String> {
     let id = format!("r{id}");
     let msg = json!({"op":"infer","id":id,"prompt":job.prompt,
         "params":{"temp":0,"max_tokens":job.n_predict,"ignore_eos":true}});
@@ -327,7 +375,7 @@ fn ours(
             Some("end") => {
                 return ev["stats"]["completion_tokens"]
                     .as_u64()
-                    .map(|n| n as usize)
+                    .map(|n| (n as usize, now))
                     .ok_or_else(|| format!("end without stats: {ev}"));
             }
             _ => return Err(ev.to_string()),
@@ -335,77 +383,209 @@ fn ours(
     }
 }
 
-/// `POST /completion` with `stream: true`; every `data:` event before the
-/// final one (`"stop": true`) is one token. Returns the completion tokens.
-fn llama(port: u16, job: &Job, arrivals: &mut Vec<Instant>) -> Result<usize, String> {
+/// llama-server's `POST /completion` with `stream: true`; every event before
+/// the final one (`"stop": true`) is one token. Returns the completion tokens
+/// and when the final event arrived.
+fn llama(
+    http: &mut Http,
+    job: &Job,
+    arrivals: &mut Vec<Instant>,
+) -> Result<(usize, Instant), String> {
     let body = json!({"prompt": job.prompt, "n_predict": job.n_predict, "stream": true,
         "ignore_eos": true, "temperature": 0, "cache_prompt": true})
     .to_string();
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    stream.set_nodelay(true).ok();
-    write!(
-        stream,
-        "POST /completion HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(|e| e.to_string())?;
-    let mut r = BufReader::new(stream);
-    let (status, chunked) = read_head(&mut r)?;
-    if status != 200 {
-        let mut rest = String::new();
-        let _ = r.read_to_string(&mut rest);
-        return Err(format!("HTTP {status}: {}", rest.trim()));
+    http.stream("/completion", &body, |data, now| {
+        let ev: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+        if ev.get("error").is_some() {
+            return Err(ev.to_string());
+        }
+        if ev["stop"] == true {
+            return Ok(Some(
+                ev["timings"]["predicted_n"]
+                    .as_u64()
+                    .map_or(arrivals.len(), |n| n as usize),
+            ));
+        }
+        arrivals.push(now);
+        Ok(None)
+    })
+}
+
+/// `POST /v1/completions` with `stream: true` (either server): every event
+/// whose `choices[0].text` is not empty is a token; `data: [DONE]` ends the
+/// stream. The completion tokens are `usage.completion_tokens` when a chunk
+/// carries it (`stream_options.include_usage`), else the token events.
+fn openai(
+    http: &mut Http,
+    model: &str,
+    job: &Job,
+    arrivals: &mut Vec<Instant>,
+) -> Result<(usize, Instant), String> {
+    let body = json!({"model": model, "prompt": job.prompt, "max_tokens": job.n_predict,
+        "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
+        "ignore_eos": true})
+    .to_string();
+    let mut usage = None;
+    http.stream("/v1/completions", &body, |data, now| {
+        if data.trim() == "[DONE]" {
+            return Ok(Some(usage.unwrap_or(arrivals.len())));
+        }
+        let ev: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+        if ev.get("error").is_some() {
+            return Err(ev.to_string());
+        }
+        if ev["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
+            arrivals.push(now);
+        }
+        if let Some(n) = ev["usage"]["completion_tokens"].as_u64() {
+            usage = Some(n as usize);
+        }
+        Ok(None)
+    })
+}
+
+// ---------------------------------------------------------------- HTTP/1.1 and SSE
+
+/// A blocking HTTP/1.1 client for one server: with `keep_alive`, one
+/// connection reused from request to request (a new one when the server has
+/// closed it); without, `Connection: close` and a new connection each time.
+struct Http {
+    port: u16,
+    keep_alive: bool,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl Http {
+    fn new(port: u16, keep_alive: bool) -> Http {
+        Http {
+            port,
+            keep_alive,
+            conn: None,
+        }
     }
-    let mut sse = String::new();
-    let mut piece = Vec::new();
-    loop {
-        piece.clear();
-        if chunked {
-            let mut size = String::new();
-            r.read_line(&mut size).map_err(|e| e.to_string())?;
-            let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|e| format!("bad chunk size {size:?}: {e}"))?;
-            if size == 0 {
-                return Err("stream ended without a final event".into());
+
+    /// Sends a request and reads the response head. A kept connection that
+    /// fails before the first byte of the response (the server closed it
+    /// while idle) is replaced by a new one, once.
+    fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> Result<(BufReader<TcpStream>, Head), String> {
+        let port = self.port;
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: */*\r\nConnection: {}\r\n",
+            if self.keep_alive {
+                "keep-alive"
+            } else {
+                "close"
             }
-            piece.resize(size + 2, 0);
-            r.read_exact(&mut piece).map_err(|e| e.to_string())?;
-            piece.truncate(size);
-        } else {
-            let n = r.read_until(b'\n', &mut piece).map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("stream ended without a final event".into());
+        );
+        if method == "POST" {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        if let Some(mut r) = self.conn.take() {
+            let answered = r.get_mut().write_all(req.as_bytes()).is_ok()
+                && matches!(r.fill_buf(), Ok(b) if !b.is_empty());
+            if answered {
+                let head = read_head(&mut r)?;
+                return Ok((r, head));
             }
         }
-        let now = Instant::now();
-        sse.push_str(&String::from_utf8_lossy(&piece));
-        while let Some(pos) = sse.find("\n\n") {
-            let event: String = sse.drain(..pos + 2).collect();
-            for line in event.lines() {
-                let Some(data) = line.strip_prefix("data: ") else {
-                    if let Some(e) = line.strip_prefix("error: ") {
-                        return Err(e.to_owned());
-                    }
-                    continue;
-                };
-                let ev: Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
-                if ev.get("error").is_some() {
-                    return Err(ev.to_string());
-                }
-                if ev["stop"] == true {
-                    return Ok(ev["timings"]["predicted_n"]
-                        .as_u64()
-                        .map_or(arrivals.len(), |n| n as usize));
-                }
-                arrivals.push(now);
+        let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).ok();
+        let mut r = BufReader::new(stream);
+        r.get_mut()
+            .write_all(req.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let head = read_head(&mut r)?;
+        Ok((r, head))
+    }
+
+    /// Whether the connection can carry the next request.
+    fn reusable(&self, head: &Head) -> bool {
+        self.keep_alive && head.keep_alive
+    }
+
+    /// `POST path` whose answer is a stream of server-sent events, handed to
+    /// `on_event` (see `read_sse`) until it returns a result. Returns it and
+    /// when its event arrived. With keep-alive the rest of the body is then
+    /// read, so the connection can carry the next request.
+    fn stream<T>(
+        &mut self,
+        path: &str,
+        body: &str,
+        on_event: impl FnMut(&str, Instant) -> Result<Option<T>, String>,
+    ) -> Result<(T, Instant), String> {
+        let (mut r, head) = self.exchange("POST", path, body)?;
+        let reusable = self.reusable(&head);
+        let mut body = Body::new(&mut r, head.framing);
+        if head.status != 200 {
+            return Err(format!("HTTP {}: {}", head.status, text(&mut body).trim()));
+        }
+        let done = read_sse(&mut body, on_event)?;
+        if reusable {
+            // Nothing should follow the final event but the end of the body:
+            // do not wait forever for a server that never ends it.
+            body.r
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .ok();
+            io::copy(&mut body, &mut io::sink())
+                .map_err(|e| format!("reading the body after the final event: {e}"))?;
+            body.r.get_ref().set_read_timeout(None).ok();
+            if r.buffer().is_empty() {
+                self.conn = Some(r);
             }
         }
+        Ok(done)
+    }
+
+    /// `GET path`, a JSON answer.
+    fn get_json(&mut self, path: &str) -> Result<Value, String> {
+        let (mut r, head) = self.exchange("GET", path, "")?;
+        let reusable = self.reusable(&head);
+        let mut body = Body::new(&mut r, head.framing);
+        let text = text(&mut body);
+        if head.status != 200 {
+            return Err(format!("HTTP {}: {}", head.status, text.trim()));
+        }
+        if reusable && body.done && r.buffer().is_empty() {
+            self.conn = Some(r);
+        }
+        serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))
     }
 }
 
-/// Reads the status line and headers: (status, chunked transfer encoding).
-fn read_head(r: &mut BufReader<TcpStream>) -> Result<(u16, bool), String> {
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framing {
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// `Content-Length`.
+    Length(u64),
+    /// Up to the end of the connection.
+    Close,
+}
+
+struct Head {
+    status: u16,
+    framing: Framing,
+    /// Whether the server keeps the connection open after this response.
+    keep_alive: bool,
+}
+
+/// Reads the status line and headers.
+fn read_head(r: &mut impl BufRead) -> Result<Head, String> {
     let mut head = Vec::new();
     loop {
         let n = r.read_until(b'\n', &mut head).map_err(|e| e.to_string())?;
@@ -419,11 +599,218 @@ fn read_head(r: &mut BufReader<TcpStream>) -> Result<(u16, bool), String> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     resp.parse(&head).map_err(|e| e.to_string())?;
-    let chunked = resp.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("transfer-encoding")
-            && String::from_utf8_lossy(h.value).contains("chunked")
-    });
-    Ok((resp.code.unwrap_or(0), chunked))
+    let header = |name: &str| {
+        resp.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let status = resp.code.unwrap_or(0);
+    let length = header("content-length");
+    let framing = if header("transfer-encoding").contains("chunked") {
+        Framing::Chunked
+    } else if status == 204 || status == 304 || (100..200).contains(&status) {
+        Framing::Length(0)
+    } else if !length.is_empty() {
+        let first = length.split(',').next().unwrap_or("").trim();
+        Framing::Length(
+            first
+                .parse()
+                .map_err(|e| format!("bad Content-Length {length:?}: {e}"))?,
+        )
+    } else {
+        Framing::Close
+    };
+    let connection = header("connection");
+    let keep_alive = framing != Framing::Close
+        && if resp.version == Some(0) {
+            connection.contains("keep-alive")
+        } else {
+            !connection.contains("close")
+        };
+    Ok(Head {
+        status,
+        framing,
+        keep_alive,
+    })
+}
+
+/// A response body as bytes, whatever its framing: chunked transfer encoding
+/// decoded (hexadecimal sizes, extensions and trailers skipped, a chunk
+/// possibly split across reads or several in one), `Content-Length` bytes,
+/// or everything up to the close. Never reads past the body, so the
+/// connection can carry the next response.
+struct Body<R> {
+    r: R,
+    framing: Framing,
+    /// Bytes left in the current chunk or of the `Content-Length`.
+    left: u64,
+    /// Chunked: a chunk was read, whose CRLF comes before the next size line
+    /// (read then rather than right after the data, not to wait for it).
+    after_chunk: bool,
+    done: bool,
+}
+
+impl<R: BufRead> Body<R> {
+    fn new(r: R, framing: Framing) -> Body<R> {
+        let left = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        Body {
+            r,
+            framing,
+            left,
+            after_chunk: false,
+            done: false,
+        }
+    }
+
+    fn line(&mut self, line: &mut String) -> io::Result<()> {
+        line.clear();
+        if self.r.read_line(line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed in a chunked body",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads up to the next chunk's data: false at the last chunk (its
+    /// trailers read too).
+    fn next_chunk(&mut self) -> io::Result<bool> {
+        let mut line = String::new();
+        if self.after_chunk {
+            self.line(&mut line)?;
+            if !line.trim().is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("chunk data not followed by CRLF: {line:?}"),
+                ));
+            }
+        }
+        self.line(&mut line)?;
+        let hex = line.split(';').next().unwrap_or("").trim();
+        let size = u64::from_str_radix(hex, 16).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad chunk size {line:?}: {e}"),
+            )
+        })?;
+        if size == 0 {
+            loop {
+                self.line(&mut line)?;
+                if line.trim().is_empty() {
+                    return Ok(false);
+                }
+            }
+        }
+        self.left = size;
+        self.after_chunk = true;
+        Ok(true)
+    }
+}
+
+impl<R: BufRead> Read for Body<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        if self.framing == Framing::Close {
+            let n = self.r.read(buf)?;
+            self.done = n == 0;
+            return Ok(n);
+        }
+        if self.left == 0 {
+            // Length: the end; chunked: the end of a chunk, maybe the last.
+            let more = self.framing == Framing::Chunked && self.next_chunk()?;
+            if !more {
+                self.done = true;
+                return Ok(0);
+            }
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.r.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed in the middle of a response body",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// A (short) body as text, for error messages and small JSON answers.
+fn text(body: &mut impl Read) -> String {
+    let mut bytes = Vec::new();
+    if let Err(e) = body.take(1 << 20).read_to_end(&mut bytes) {
+        return format!("{} (then: {e})", String::from_utf8_lossy(&bytes));
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Reads server-sent events from a body, handing each event's data (its
+/// `data:` lines joined by newlines) to `on_event` with when it arrived (the
+/// read that completed it), until `on_event` returns a result: returns it and
+/// that instant. Lines end in LF or CRLF; an event ends at a blank line and
+/// may span reads and chunks; `: comment`, `event:`, `id:` and `retry:` lines
+/// are skipped; an `error: ...` line (llama-server) is an error.
+fn read_sse<T>(
+    body: &mut impl Read,
+    mut on_event: impl FnMut(&str, Instant) -> Result<Option<T>, String>,
+) -> Result<(T, Instant), String> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut data = String::new();
+    let mut has_data = false;
+    loop {
+        let n = body.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("stream ended without a final event".into());
+        }
+        let now = Instant::now();
+        pending.extend_from_slice(&buf[..n]);
+        let mut start = 0;
+        while let Some(len) = pending[start..].iter().position(|&b| b == b'\n') {
+            let raw = &pending[start..start + len];
+            start += len + 1;
+            let line = String::from_utf8_lossy(raw.strip_suffix(b"\r").unwrap_or(raw));
+            if line.is_empty() {
+                if has_data && let Some(t) = on_event(&data, now)? {
+                    return Ok((t, now));
+                }
+                data.clear();
+                has_data = false;
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (&*line, ""),
+            };
+            match field {
+                "data" => {
+                    if has_data {
+                        data.push('\n');
+                    }
+                    data.push_str(value);
+                    has_data = true;
+                }
+                "error" => return Err(value.to_owned()),
+                _ => {}
+            }
+        }
+        pending.drain(..start);
+    }
 }
 
 // ---------------------------------------------------------------- servers
@@ -490,7 +877,7 @@ fn health_ok(port: u16) -> bool {
         return false;
     }
     let mut r = BufReader::new(s);
-    matches!(read_head(&mut r), Ok((200, _)))
+    matches!(read_head(&mut r), Ok(h) if h.status == 200)
 }
 
 // ---------------------------------------------------------------- running
@@ -498,7 +885,7 @@ fn health_ok(port: u16) -> bool {
 /// Runs one scenario's jobs against one server; samples in job order.
 fn run_jobs(
     sc: &Scenario,
-    target: Target,
+    target: &Target,
     jobs: Arc<Vec<Job>>,
     seed: u64,
     label: &str,
@@ -517,10 +904,15 @@ fn run_jobs(
             let next = Arc::new(AtomicUsize::new(0));
             let handles: Vec<_> = (0..clients)
                 .map(|_| {
-                    let (jobs, next, samples, bar) =
-                        (jobs.clone(), next.clone(), samples.clone(), bar.clone());
+                    let (jobs, next, samples, bar, target) = (
+                        jobs.clone(),
+                        next.clone(),
+                        samples.clone(),
+                        bar.clone(),
+                        target.clone(),
+                    );
                     std::thread::spawn(move || {
-                        let mut client = Client::new(target);
+                        let mut client = Client::new(&target);
                         loop {
                             let i = next.fetch_add(1, Ordering::Relaxed);
                             if i >= jobs.len() {
@@ -551,9 +943,10 @@ fn run_jobs(
                 let due = t0 + at;
                 at += Duration::from_secs_f64(-rng.unit().ln() / rate);
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                let (jobs, samples, bar) = (jobs.clone(), samples.clone(), bar.clone());
+                let (jobs, samples, bar, target) =
+                    (jobs.clone(), samples.clone(), bar.clone(), target.clone());
                 handles.push(std::thread::spawn(move || {
-                    let s = match Client::new(target) {
+                    let s = match Client::new(&target) {
                         Ok(mut c) => c.run(i, &jobs[i], due),
                         Err(e) => failed(due, &e),
                     };
@@ -735,10 +1128,39 @@ fn main() {
     let theirs = llama_bin
         .as_ref()
         .map(|b| start_llama_server(b, &model, &args, threads));
-    let mut targets = vec![Target::Ours(ours.port)];
+    let mut targets = vec![Target {
+        ours: true,
+        port: ours.port,
+        route: Route::WebSocket,
+    }];
     if let Some(s) = &theirs {
-        targets.push(Target::Llama(s.port));
+        targets.push(Target {
+            ours: false,
+            port: s.port,
+            route: Route::Completion,
+        });
     }
+    if args.api == Api::Openai {
+        // Each server's own model name: ours answers 404 to any other.
+        for t in &mut targets {
+            let model = Http::new(t.port, false)
+                .get_json("/v1/models")
+                .and_then(|v| {
+                    v["data"][0]["id"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| format!("no data[0].id in {v}"))
+                })
+                .unwrap_or_else(|e| panic!("GET /v1/models on {}: {e}", t.name()));
+            eprintln!("{}: model {model:?}", t.name());
+            t.route = Route::OpenAi { model };
+        }
+    }
+    // The outputs' names: the WebSocket mode's as they always were.
+    let stem = match args.api {
+        Api::Ws => format!("load-{}", args.tag),
+        Api::Openai => format!("load-openai-{}", args.tag),
+    };
 
     let scenarios = scenarios(&args);
     let mut results: Vec<Vec<Figures>> = Vec::new();
@@ -760,7 +1182,7 @@ fn main() {
             let measured = Arc::new(jobs.split_off(warmup));
             let warm = Arc::new(jobs);
             let seed = args.seed ^ round as u64;
-            for (ti, &target) in targets.iter().enumerate() {
+            for (ti, target) in targets.iter().enumerate() {
                 // The warm-up ends before the measured requests start.
                 let label = format!("{} / {} warm-up", sc.name, target.name());
                 run_jobs(sc, target, warm.clone(), seed, &label);
@@ -773,6 +1195,9 @@ fn main() {
     }
     let elapsed = started.elapsed();
 
+    for t in &targets {
+        println!("{}: {}", t.name(), t.endpoint());
+    }
     print_tables(&scenarios, &targets, &results);
     let json_scenarios: Vec<Value> = scenarios
         .iter()
@@ -790,18 +1215,22 @@ fn main() {
             v
         })
         .collect();
+    let endpoints: serde_json::Map<String, Value> = targets
+        .iter()
+        .map(|t| (t.name().to_owned(), json!(t.endpoint())))
+        .collect();
     let report = json!({
-        "args": format!("{args:?}"), "threads": threads, "ctx_size": args.ctx_size,
+        "args": format!("{args:?}"), "api": format!("{:?}", args.api).to_lowercase(),
+        "endpoints": endpoints, "threads": threads, "ctx_size": args.ctx_size,
         "parallel": args.parallel, "model": model.file_name().map(|f| f.to_string_lossy()),
         "elapsed_s": elapsed.as_secs_f64(), "scenarios": json_scenarios,
     });
-    write_report(&format!("load-{}.json", args.tag), &report);
-    let svg = manifest_dir().join(format!("target/bench/load-{}.svg", args.tag));
+    write_report(&format!("{stem}.json"), &report);
+    let svg = manifest_dir().join(format!("target/bench/{stem}.svg"));
     plot(&svg, &scenarios, &results);
     eprintln!(
-        "wrote target/bench/load-{tag}.json and target/bench/load-{tag}.svg ({:.0} s)",
-        elapsed.as_secs_f64(),
-        tag = args.tag
+        "wrote target/bench/{stem}.json and target/bench/{stem}.svg ({:.0} s)",
+        elapsed.as_secs_f64()
     );
 
     let errors: usize = results.iter().flatten().map(|f| f.errors).sum();

@@ -101,11 +101,17 @@ fn api_keys(server: &crate::config::Server) -> anyhow::Result<ApiKeys> {
         );
     }
     let keys = ApiKeys::new(keys);
-    if keys.is_empty() {
+    let loopback = server.host == "localhost"
+        || server
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if keys.is_empty() && loopback {
+        log::info!("no API keys set: no authentication (only this machine can connect)");
+    } else if keys.is_empty() {
         log::warn!(
-            "no API keys set: every client that reaches {}:{} may use the model (no authentication)",
-            server.host,
-            server.port
+            "no API keys set: every client that reaches {} may use the model (no authentication); see --api-key",
+            server.host
         );
     } else {
         log::info!(

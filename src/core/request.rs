@@ -13,6 +13,8 @@ pub struct Request {
     pub key: RequestKey,
     /// The client's own id, for logs.
     pub id: String,
+    /// The API it came through (`ws`, `openai`, `http`), for logs.
+    pub api: &'static str,
     pub input: PromptInput,
     pub params: SamplingParams,
     pub kind: RequestKind,

@@ -623,12 +623,12 @@ impl<'a, B: Backend> Engine<'a, B> {
             Outcome::End(reason) => {
                 let s = progress.stats();
                 log::info!(
-                    request = id, reason = reason.as_str(), prompt_tokens = s.prompt_tokens,
+                    request = id, api = req.api, reason = reason.as_str(), prompt_tokens = s.prompt_tokens,
                     truncated_tokens = s.truncated_tokens,
                     cached_tokens = s.cached_tokens, completion_tokens = s.completion_tokens,
                     ttft_ms = s.ttft_ms, tps = s.tps, ms = s.ms;
-                    "request {id} ended ({}): prompt {} tokens ({} cached), completion {} tokens, ttft {:.1} ms, {:.1} tok/s, total {:.1} ms",
-                    reason.as_str(), s.prompt_tokens, s.cached_tokens, s.completion_tokens, s.ttft_ms, s.tps, s.ms
+                    "request {id} ({}) ended ({}): prompt {} tokens ({} cached), completion {} tokens, ttft {:.1} ms, {:.1} tok/s, total {:.1} ms",
+                    req.api, reason.as_str(), s.prompt_tokens, s.cached_tokens, s.completion_tokens, s.ttft_ms, s.tps, s.ms
                 );
                 log::debug!(
                     request = id;
@@ -643,8 +643,8 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
             Outcome::Error(error) => {
                 log::info!(
-                    request = id, code = error.code().as_str();
-                    "request {id} failed ({}): {error}", error.code().as_str()
+                    request = id, api = req.api, code = error.code().as_str();
+                    "request {id} ({}) failed ({}): {error}", req.api, error.code().as_str()
                 );
                 self.io.sink.send(Event::Error { key, error });
             }

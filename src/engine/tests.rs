@@ -156,6 +156,7 @@ impl Harness {
         let req = Request {
             key,
             id: format!("r{key}"),
+            api: "test",
             input,
             params,
             kind,

@@ -746,6 +746,7 @@ impl Host for ConnHost<'_> {
         let req = Request {
             key: opened.key,
             id: opened.id.clone(),
+            api: self.api.as_str(),
             input: spec.input,
             params: spec.params,
             kind: spec.kind,

@@ -1,5 +1,6 @@
 // Drives the page at GET / in Debian's headless Chromium, as a person would:
-// a streamed prompt, an error, a two-turn chat, an abort, then a lost server,
+// a streamed prompt, an error, a two-turn chat, an abort, an OpenAI API stream
+// read with fetch(), then a lost server,
 // and a (mocked) later server that answers {"op":"status"}.
 //
 //   node tests/e2e/page.mjs PORT SCREENSHOT.png
@@ -115,6 +116,35 @@ try {
   assert.ok(await page.locator("#send").isEnabled());
   await page.screenshot({ path: shot });
   step(`aborted; screenshot ${shot}`);
+
+  // 5. The OpenAI API from the browser: fetch() reads the server-sent events
+  //    as they come, in several reads, and [DONE] ends them.
+  const sse = await page.evaluate(async () => {
+    const r = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ messages: [{ role: "user", content: "Hi" }], max_tokens: 8,
+        ignore_eos: true, temperature: 0, stream: true }),
+    });
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let text = "", reads = 0;
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      reads += 1;
+      text += decoder.decode(value, { stream: true });
+    }
+    const data = text.split("\n\n").filter((e) => e.startsWith("data: ")).map((e) => e.slice(6));
+    return { status: r.status, type: r.headers.get("content-type"), reads, data };
+  });
+  assert.equal(sse.status, 200);
+  assert.equal(sse.type, "text/event-stream");
+  assert.equal(sse.data.at(-1), "[DONE]");
+  const deltas = sse.data.slice(0, -1).map((d) => JSON.parse(d).choices[0]?.delta?.content).filter(Boolean);
+  assert.ok(deltas.length >= 4 && deltas.length <= 8, JSON.stringify(sse.data));
+  assert.ok(sse.reads >= 2, `the stream arrived in ${sse.reads} read(s)`);
+  step(`fetch() streamed ${deltas.length} tokens in ${sse.reads} reads`);
 
   // 5. The server goes away: a plain banner, then failed retries.
   assert.ok(await page.locator("#banner").isHidden());
