@@ -107,12 +107,12 @@ fn token_event(c: &mut Criterion) {
             ws.flush().unwrap();
         })
     });
-    let reply = Reply {
-        endpoint: Endpoint::Chat,
-        id: "chatcmpl-6b0580-req-12".into(),
-        created: 1_795_522_626,
-        model: "gemma-3-270m-q4_k_m".into(),
-    };
+    let reply = Reply::new(
+        Endpoint::Chat,
+        "chatcmpl-6b0580-req-12".into(),
+        1_795_522_626,
+        "gemma-3-270m-q4_k_m".into(),
+    );
     g.bench_function("sse_chunk", |b| {
         b.iter(|| black_box(reply.chunk(black_box(" Paris"), &[], false)))
     });

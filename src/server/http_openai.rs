@@ -91,12 +91,12 @@ impl Session for OpenAi {
         };
         let created = now_s();
         self.live = Some(Live {
-            reply: Reply {
+            reply: Reply::new(
                 endpoint,
-                id: format!("{prefix}-{created:x}-{id}"),
+                format!("{prefix}-{created:x}-{id}"),
                 created,
-                model: ours,
-            },
+                ours,
+            ),
             stream,
             include_usage,
             started: false,

@@ -6,6 +6,7 @@
 //! Unknown fields are ignored, as OpenAI does; a known field with a wrong
 //! type or range is a 400 naming it (`param`).
 
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::core::{
@@ -418,13 +419,33 @@ fn params(
 /// What every object of one response shares.
 #[derive(Debug, Clone)]
 pub struct Reply {
-    pub endpoint: Endpoint,
-    pub id: String,
-    pub created: u64,
-    pub model: String,
+    endpoint: Endpoint,
+    id: String,
+    created: u64,
+    model: String,
+    /// A plain token chunk (not the first, no log-probabilities) is this,
+    /// the token's text as a JSON string, then `tail`: serialized once.
+    head: String,
+    tail: String,
 }
 
 impl Reply {
+    pub fn new(endpoint: Endpoint, id: String, created: u64, model: String) -> Reply {
+        let mut r = Reply {
+            endpoint,
+            id,
+            created,
+            model,
+            head: String::new(),
+            tail: String::new(),
+        };
+        // A placeholder no text holds unescaped marks where the text goes.
+        let whole = r.serialize_chunk("\0", &[], false);
+        let (head, tail) = whole.split_once(r#""\u0000""#).expect("the placeholder");
+        (r.head, r.tail) = (head.to_owned(), tail.to_owned());
+        r
+    }
+
     fn object(&self, chunk: bool) -> &'static str {
         match (self.endpoint, chunk) {
             (Endpoint::Chat, false) => "chat.completion",
@@ -445,21 +466,51 @@ impl Reply {
     }
 
     /// A streamed chunk with `text` (for chat, the first carries the role).
+    /// This runs once per token: a plain one is the text between two
+    /// prepared pieces, so it costs what the WebSocket `token` message does.
     pub fn chunk(&self, text: &str, logprobs: &[TokenLogprobs], first: bool) -> String {
+        if first || !logprobs.is_empty() {
+            return self.serialize_chunk(text, logprobs, first);
+        }
+        let mut out = String::with_capacity(self.head.len() + text.len() + self.tail.len() + 8);
+        out.push_str(&self.head);
+        out.push_str(&serde_json::to_string(text).expect("a string serializes"));
+        out.push_str(&self.tail);
+        out
+    }
+
+    fn serialize_chunk(&self, text: &str, logprobs: &[TokenLogprobs], first: bool) -> String {
+        let logprobs = (!logprobs.is_empty()).then(|| self.logprobs(logprobs));
         let choice = match self.endpoint {
-            Endpoint::Chat => {
-                let delta = if first {
-                    json!({"role": "assistant", "content": text})
-                } else {
-                    json!({"content": text})
-                };
-                json!({"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": null})
-            }
-            Endpoint::Completions => {
-                json!({"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": null})
-            }
+            Endpoint::Chat => Choice::Delta {
+                index: 0,
+                delta: Delta {
+                    role: first.then_some("assistant"),
+                    content: text,
+                },
+                logprobs,
+                finish_reason: None,
+            },
+            Endpoint::Completions => Choice::Text {
+                index: 0,
+                text,
+                logprobs,
+                finish_reason: None,
+            },
         };
-        sse(&self.envelope(true, json!([choice])))
+        let chunk = Chunk {
+            id: &self.id,
+            object: self.object(true),
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: None,
+            choices: [choice],
+        };
+        let mut out = String::with_capacity(256);
+        out.push_str("data: ");
+        out.push_str(&serde_json::to_string(&chunk).expect("serializable"));
+        out.push_str("\n\n");
+        out
     }
 
     /// The last chunk: the finish reason, then the usage if asked for.
@@ -543,6 +594,41 @@ impl Reply {
             }
         }
     }
+}
+
+/// A streamed chunk as OpenAI writes it (the fields in its order).
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: Option<&'a str>,
+    choices: [Choice<'a>; 1],
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Choice<'a> {
+    Delta {
+        index: u32,
+        delta: Delta<'a>,
+        logprobs: Option<Value>,
+        finish_reason: Option<&'static str>,
+    },
+    Text {
+        index: u32,
+        text: &'a str,
+        logprobs: Option<Value>,
+        finish_reason: Option<&'static str>,
+    },
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    content: &'a str,
 }
 
 /// One server-sent event.
@@ -731,11 +817,19 @@ mod tests {
     }
 
     fn reply(endpoint: Endpoint) -> Reply {
-        Reply {
-            endpoint,
-            id: "chatcmpl-1".into(),
-            created: 7,
-            model: "m".into(),
+        Reply::new(endpoint, "chatcmpl-1".into(), 7, "m\"odel".into())
+    }
+
+    #[test]
+    fn prepared_chunks_are_what_serializing_gives() {
+        for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+            let r = reply(endpoint);
+            for text in ["", " Paris", "a\"b\\c\n\u{1}é🙂", "\0"] {
+                assert_eq!(
+                    r.chunk(text, &[], false),
+                    r.serialize_chunk(text, &[], false)
+                );
+            }
         }
     }
 
