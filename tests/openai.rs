@@ -368,3 +368,49 @@ fn without_keys_the_log_says_there_is_no_authentication() {
     let server = Server::start(&[]);
     server.wait_log("no API keys set");
 }
+
+#[test]
+fn browsers_from_allowed_origins_get_cors_answers() {
+    let server = Server::start_with_config(
+        "openai-cors",
+        "[server]\ncors_origins = [\"https://chat.example\"]\n",
+        &[],
+    );
+    let preflight = |origin: &str| {
+        ask(
+            server.port,
+            format!(
+                "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\n\
+                 Access-Control-Request-Method: POST\r\n\
+                 Access-Control-Request-Headers: authorization, content-type\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+    };
+    let r = preflight("https://chat.example");
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://chat.example")
+    );
+    assert!(
+        r.header("access-control-allow-headers")
+            .unwrap()
+            .contains("Authorization")
+    );
+    assert!(
+        r.header("access-control-allow-methods")
+            .unwrap()
+            .contains("POST")
+    );
+    let r = preflight("https://evil.example");
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    let r = ask(
+        server.port,
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nOrigin: https://chat.example\r\n\r\n",
+    );
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://chat.example")
+    );
+}
