@@ -173,40 +173,9 @@ impl Live {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{FinishReason, RequestError, RequestSpec, SamplingParams, Stats, Status};
-    use crate::server::session::{Out, ServerInfo, SubmitError};
-
-    #[derive(Default)]
-    struct Host1 {
-        defaults: SamplingParams,
-        asked: Vec<RequestSpec>,
-    }
-
-    impl Host for Host1 {
-        fn info(&self) -> ServerInfo {
-            ServerInfo {
-                model: "gemma".into(),
-                n_ctx: 4096,
-                chat: true,
-                parked: false,
-                max_inflight: 8,
-                max_prompt_tokens: 0,
-                max_message_bytes: 1 << 20,
-                defaults: self.defaults.clone(),
-            }
-        }
-        fn defaults(&self) -> &SamplingParams {
-            &self.defaults
-        }
-        fn submit(&mut self, _id: Option<&str>, spec: RequestSpec) -> Result<String, SubmitError> {
-            self.asked.push(spec);
-            Ok("req-1".into())
-        }
-        fn abort(&mut self, _id: Option<&str>) {}
-        fn status(&self) -> Status {
-            Status::default()
-        }
-    }
+    use crate::core::{FinishReason, RequestError, Stats};
+    use crate::server::session::Out;
+    use crate::server::session::testing::FakeHost;
 
     fn token(text: &str) -> Event {
         Event::Token {
@@ -229,8 +198,8 @@ mod tests {
         }
     }
 
-    fn open(body: &str) -> (OpenAi, Host1, Outbox) {
-        let mut host = Host1::default();
+    fn open(body: &str) -> (OpenAi, FakeHost, Outbox) {
+        let mut host = FakeHost::default();
         let mut out = Outbox::default();
         let mut s = OpenAi::new(Endpoint::Chat, body.as_bytes().to_vec());
         s.opened(&mut host, &mut out);
@@ -240,8 +209,8 @@ mod tests {
     #[test]
     fn a_stream_starts_with_its_first_token_and_ends_with_done() {
         let (mut s, host, mut out) =
-            open(r#"{"model":"gemma","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#);
-        assert_eq!(host.asked.len(), 1);
+            open(r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#);
+        assert_eq!(host.submitted.len(), 1);
         assert!(out.items().is_empty(), "nothing before the first token");
         s.on_event("req-1", &token("A"), &mut out);
         s.on_event("req-1", &token("B"), &mut out);
@@ -276,7 +245,7 @@ mod tests {
     fn refusals_before_the_first_token_keep_their_status() {
         let (_, host, out) =
             open(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}"#);
-        assert!(host.asked.is_empty());
+        assert!(host.submitted.is_empty());
         assert!(
             matches!(&out.items()[0], Out::Http(r) if r.status == 404 && r.body.contains("model_not_found"))
         );

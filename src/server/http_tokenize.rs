@@ -59,31 +59,9 @@ impl Session for Tokenize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{PromptInput, RequestError, SamplingParams, Status};
-    use crate::server::session::{Out, ServerInfo, SubmitError};
-
-    #[derive(Default)]
-    struct Host1 {
-        defaults: SamplingParams,
-        asked: Vec<RequestSpec>,
-    }
-
-    impl Host for Host1 {
-        fn info(&self) -> ServerInfo {
-            unreachable!()
-        }
-        fn defaults(&self) -> &SamplingParams {
-            &self.defaults
-        }
-        fn submit(&mut self, _id: Option<&str>, spec: RequestSpec) -> Result<String, SubmitError> {
-            self.asked.push(spec);
-            Ok("req-1".into())
-        }
-        fn abort(&mut self, _id: Option<&str>) {}
-        fn status(&self) -> Status {
-            Status::default()
-        }
-    }
+    use crate::core::{PromptInput, RequestError};
+    use crate::server::session::Out;
+    use crate::server::session::testing::FakeHost;
 
     fn response(out: &Outbox) -> (u16, String) {
         match &out.items()[0] {
@@ -94,13 +72,13 @@ mod tests {
 
     #[test]
     fn a_body_becomes_a_count_request_and_the_count_a_200() {
-        let mut host = Host1::default();
+        let mut host = FakeHost::default();
         let mut out = Outbox::default();
         let mut s = Tokenize::new(br#"{"prompt":"Hi"}"#.to_vec());
         s.opened(&mut host, &mut out);
         assert!(out.items().is_empty());
-        assert_eq!(host.asked[0].kind, RequestKind::CountTokens);
-        assert_eq!(host.asked[0].input, PromptInput::Text("Hi".into()));
+        assert_eq!(host.submitted[0].1.kind, RequestKind::CountTokens);
+        assert_eq!(host.submitted[0].1.input, PromptInput::Text("Hi".into()));
         s.on_event("req-1", &Event::Tokens { key: 1, count: 5 }, &mut out);
         assert_eq!(response(&out), (200, "{\"count\":5}\n".into()));
     }
@@ -114,7 +92,7 @@ mod tests {
             b"\xff",
         ] {
             let mut out = Outbox::default();
-            Tokenize::new(body.to_vec()).opened(&mut Host1::default(), &mut out);
+            Tokenize::new(body.to_vec()).opened(&mut FakeHost::default(), &mut out);
             let (status, text) = response(&out);
             assert_eq!(status, 400, "{text}");
             assert!(text.contains(r#""code":"bad_request""#), "{text}");

@@ -160,3 +160,52 @@ pub trait Session {
     /// An engine event for this session's request `id`.
     fn on_event(&mut self, id: &str, event: &Event, out: &mut Outbox);
 }
+
+/// A host for sessions' unit tests.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+
+    /// Records what the session asked for; refuses what it is told to.
+    #[derive(Default)]
+    pub struct FakeHost {
+        pub defaults: SamplingParams,
+        pub submitted: Vec<(Option<String>, RequestSpec)>,
+        pub aborted: Vec<Option<String>>,
+        pub refuse: Option<SubmitError>,
+    }
+
+    impl Host for FakeHost {
+        fn info(&self) -> ServerInfo {
+            ServerInfo {
+                model: "m".into(),
+                n_ctx: 4096,
+                chat: true,
+                parked: true,
+                max_inflight: 8,
+                max_prompt_tokens: 0,
+                max_message_bytes: 1 << 20,
+                defaults: self.defaults.clone(),
+            }
+        }
+        fn defaults(&self) -> &SamplingParams {
+            &self.defaults
+        }
+        fn submit(&mut self, id: Option<&str>, spec: RequestSpec) -> Result<String, SubmitError> {
+            if let Some(e) = self.refuse {
+                return Err(e);
+            }
+            self.submitted.push((id.map(Into::into), spec));
+            Ok(id.unwrap_or("req-1").into())
+        }
+        fn abort(&mut self, id: Option<&str>) {
+            self.aborted.push(id.map(Into::into));
+        }
+        fn status(&self) -> Status {
+            Status {
+                slots: 4,
+                ..Status::default()
+            }
+        }
+    }
+}

@@ -139,51 +139,8 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::core::{FinishReason, PromptInput, RequestError, SamplingParams, Stats, Status};
-    use crate::server::session::ServerInfo;
-
-    /// Records what the session asked for; refuses what it is told to.
-    #[derive(Default)]
-    struct FakeHost {
-        defaults: SamplingParams,
-        submitted: Vec<(Option<String>, RequestSpec)>,
-        aborted: Vec<Option<String>>,
-        refuse: Option<SubmitError>,
-    }
-
-    impl Host for FakeHost {
-        fn info(&self) -> ServerInfo {
-            ServerInfo {
-                model: "m".into(),
-                n_ctx: 4096,
-                chat: true,
-                parked: true,
-                max_inflight: 8,
-                max_prompt_tokens: 0,
-                max_message_bytes: 1 << 20,
-                defaults: self.defaults.clone(),
-            }
-        }
-        fn defaults(&self) -> &SamplingParams {
-            &self.defaults
-        }
-        fn submit(&mut self, id: Option<&str>, spec: RequestSpec) -> Result<String, SubmitError> {
-            if let Some(e) = self.refuse {
-                return Err(e);
-            }
-            self.submitted.push((id.map(Into::into), spec));
-            Ok(id.unwrap_or("req-1").into())
-        }
-        fn abort(&mut self, id: Option<&str>) {
-            self.aborted.push(id.map(Into::into));
-        }
-        fn status(&self) -> Status {
-            Status {
-                slots: 4,
-                ..Status::default()
-            }
-        }
-    }
+    use crate::core::{FinishReason, PromptInput, RequestError, SamplingParams, Stats};
+    use crate::server::session::testing::FakeHost;
 
     fn send(host: &mut FakeHost, msg: Value) -> Vec<Value> {
         let mut out = Outbox::default();
