@@ -8,7 +8,6 @@ pub mod connection;
 pub mod feed;
 pub mod http;
 pub mod http1;
-pub mod http_openai;
 pub mod http_tokenize;
 pub mod messages;
 pub mod openai;
