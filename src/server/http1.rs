@@ -438,6 +438,62 @@ mod tests {
         assert_eq!(e.status(), 413);
     }
 
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use super::LIMITS;
+
+        proptest! {
+            /// Whatever arrives, the parsers answer (a head, an error, or
+            /// "more"), never panic.
+            #[test]
+            fn any_bytes_are_parsed_or_refused(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            ) {
+                let _ = parse_head(&bytes, LIMITS);
+                let _ = BodyReader::new(Framing::Chunked, LIMITS.max_body).feed(&bytes);
+            }
+
+            /// A body cut into any chunks and delivered in any pieces comes
+            /// back whole, and nothing after it is consumed.
+            #[test]
+            fn chunked_bodies_come_back_whole(
+                body in proptest::collection::vec(any::<u8>(), 0..64),
+                cuts in proptest::collection::vec(1usize..16, 1..8),
+                step in 1usize..32,
+            ) {
+                let mut wire = Vec::new();
+                let mut rest = body.as_slice();
+                for cut in cuts.iter().cycle() {
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let (chunk, tail) = rest.split_at((*cut).min(rest.len()));
+                    chunk_bytes(chunk, &mut wire);
+                    rest = tail;
+                }
+                wire.extend_from_slice(LAST_CHUNK);
+                let end = wire.len();
+                wire.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+                let mut reader = BodyReader::new(Framing::Chunked, LIMITS.max_body);
+                let (mut buf, mut consumed, mut got) = (Vec::new(), 0, None);
+                for piece in wire.chunks(step) {
+                    buf.extend_from_slice(piece);
+                    let (used, done) = reader.feed(&buf).unwrap();
+                    buf.drain(..used);
+                    consumed += used;
+                    if done.is_some() {
+                        got = done;
+                        break;
+                    }
+                }
+                prop_assert_eq!(got, Some(body));
+                prop_assert_eq!(consumed, end);
+            }
+        }
+    }
+
     #[test]
     fn responses_have_a_length_or_are_chunked() {
         let h = String::from_utf8(head_bytes(
