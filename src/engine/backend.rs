@@ -53,6 +53,8 @@ pub enum BackendError {
     Tokenize(i32),
     #[error("llama.cpp does not support this chat template")]
     UnsupportedChatTemplate,
+    #[error("{0}")]
+    Template(String),
     #[error("no logits for batch row {0}: it was not requested in the last decode")]
     NoLogits(usize),
     #[error("the sampler chain selected no token")]

@@ -28,6 +28,7 @@ mod sequence;
 pub mod snapshot;
 mod step;
 mod supervisor;
+pub mod template;
 #[cfg(test)]
 mod tests;
 pub mod text;

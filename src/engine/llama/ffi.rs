@@ -282,6 +282,36 @@ impl Vocab<'_> {
         unsafe { sys::llama_vocab_is_eog(self.ptr, token) }
     }
 
+    /// The text of the model's BOS and EOS tokens (`<bos>`, `<eos>`), as
+    /// chat templates write them; empty when the model has none.
+    pub fn bos_eos_text(&self) -> (String, String) {
+        // SAFETY: the vocab is valid while the model lives ('m).
+        let (bos, eos) = unsafe {
+            (
+                sys::llama_vocab_bos(self.ptr),
+                sys::llama_vocab_eos(self.ptr),
+            )
+        };
+        (self.token_text(bos), self.token_text(eos))
+    }
+
+    fn token_text(&self, token: Token) -> String {
+        if token < 0 || token >= self.n_tokens() {
+            return String::new();
+        }
+        // SAFETY: `token` is in range; llama.cpp returns a NUL-terminated
+        // string owned by the vocab, read here before the vocab can go.
+        unsafe {
+            let text = sys::llama_vocab_get_text(self.ptr, token);
+            if text.is_null() {
+                return String::new();
+            }
+            std::ffi::CStr::from_ptr(text)
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+
     /// Every end-of-generation token (EOS, end-of-turn...).
     pub fn eog_tokens(&self) -> Vec<Token> {
         (0..self.n_tokens()).filter(|&t| self.is_eog(t)).collect()

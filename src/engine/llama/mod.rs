@@ -13,6 +13,7 @@ use crate::core::SamplingParams;
 use crate::engine::backend::{
     Backend, BackendError, BatchToken, DecodeError, Loader, Sampled, SeqId, Token,
 };
+use crate::engine::template::{self, ChatTemplate};
 
 pub use ffi::{exit_now, system_info, version};
 
@@ -69,19 +70,30 @@ impl Loader for LlamaLoader {
                 n_threads_batch: threads,
             },
         )?;
-        let chat_template = c.chat_template.clone().or_else(|| model.chat_template());
-        if let Some(t) = &chat_template
-            && let Err(e) = Model::apply_chat_template(t, &[("user", "hi")])
-        {
-            let shown: String = t.chars().take(40).collect();
-            return Err(BackendError::BadChatTemplate(format!("{shown:?}: {e}")));
-        }
         let vocab = model.vocab();
+        let chat = match c.chat_template.clone().or_else(|| model.chat_template()) {
+            None => Chat::None,
+            Some(text) => {
+                let bad = |e: String| {
+                    let shown: String = text.chars().take(40).collect();
+                    BackendError::BadChatTemplate(format!("{shown:?}: {e}"))
+                };
+                let chat = if template::is_jinja(&text) {
+                    let (bos, eos) = vocab.bos_eos_text();
+                    Chat::Jinja(Box::new(ChatTemplate::new(&text, &bos, &eos).map_err(bad)?))
+                } else {
+                    Chat::Builtin(text.clone())
+                };
+                chat.render(&[("user", "hi")])
+                    .map_err(|e| bad(e.to_string()))?;
+                chat
+            }
+        };
         Ok(LlamaBackend {
             n_vocab: vocab.n_tokens(),
             eog: vocab.eog_tokens(),
             batch: Batch::new(c.n_batch as usize, 1),
-            chat_template,
+            chat,
             model,
             ctx,
         })
@@ -149,7 +161,26 @@ pub struct LlamaBackend<'m> {
     batch: Batch,
     n_vocab: i32,
     eog: Vec<Token>,
-    chat_template: Option<String>,
+    chat: Chat,
+}
+
+/// How conversations are rendered.
+enum Chat {
+    None,
+    /// A Jinja template (the GGUF's own, or given), rendered by minijinja.
+    Jinja(Box<ChatTemplate>),
+    /// The name of one of llama.cpp's built-in templates (`gemma`, `chatml`...).
+    Builtin(String),
+}
+
+impl Chat {
+    fn render(&self, messages: &[(&str, &str)]) -> Result<String, BackendError> {
+        match self {
+            Chat::None => Err(BackendError::NoChatTemplate),
+            Chat::Jinja(t) => t.render(messages).map_err(BackendError::Template),
+            Chat::Builtin(name) => Model::apply_chat_template(name, messages),
+        }
+    }
 }
 
 impl Backend for LlamaBackend<'_> {
@@ -169,15 +200,11 @@ impl Backend for LlamaBackend<'_> {
     }
 
     fn has_chat_template(&self) -> bool {
-        self.chat_template.is_some()
+        !matches!(self.chat, Chat::None)
     }
 
     fn render_chat(&self, messages: &[(&str, &str)]) -> Result<String, BackendError> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or(BackendError::NoChatTemplate)?;
-        Model::apply_chat_template(template, messages)
+        self.chat.render(messages)
     }
 
     fn is_eog(&self, token: Token) -> bool {
