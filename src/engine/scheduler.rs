@@ -147,6 +147,11 @@ impl Scheduler {
         Ok(self.queue.len())
     }
 
+    /// Whether the next request would be refused for the queue's length.
+    pub fn queue_is_full(&self) -> bool {
+        self.queue.len() >= self.cfg.queue_limit
+    }
+
     /// Removes a waiting request; false if it is not waiting (already admitted).
     pub fn cancel_queued(&mut self, key: RequestKey) -> bool {
         let before = self.queue.len();

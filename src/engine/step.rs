@@ -335,6 +335,11 @@ impl<'a, B: Backend> Engine<'a, B> {
             tokens,
             max_tokens: req.params.max_tokens as usize,
         };
+        // Requests that arrived together: whoever can start now starts
+        // first, so the limit counts only requests that would really wait.
+        if self.scheduler.queue_is_full() {
+            self.start_admitted();
+        }
         match self.scheduler.submit(job) {
             Ok(_) => {
                 self.waiting.insert(req.key, (req, progress));
@@ -368,6 +373,15 @@ impl<'a, B: Backend> Engine<'a, B> {
 
     /// Starts every request the scheduler admits and tells the others their place.
     fn admit(&mut self) {
+        self.start_admitted();
+        for (key, position) in self.scheduler.position_updates() {
+            self.io.sink.send(Event::Queued { key, position });
+        }
+    }
+
+    /// Starts every request the scheduler admits (their places are told
+    /// after the whole intake, by `admit`).
+    fn start_admitted(&mut self) {
         for (job, admitted) in self.scheduler.admit() {
             let (req, mut progress) = self
                 .waiting
@@ -389,9 +403,6 @@ impl<'a, B: Backend> Engine<'a, B> {
                 row: None,
                 req,
             });
-        }
-        for (key, position) in self.scheduler.position_updates() {
-            self.io.sink.send(Event::Queued { key, position });
         }
     }
 

@@ -295,6 +295,42 @@ fn requests_beyond_the_slots_queue_and_run_in_order() {
     }
 }
 
+/// Requests that arrive together, while a decode runs: whoever can start
+/// starts before the queue limit is applied, so only a request that would
+/// really wait behind `queue_limit` others is refused (the WebSocket
+/// batching test raced on this: its four requests sometimes came in one intake).
+#[test]
+fn the_queue_limit_counts_only_requests_that_must_wait() {
+    let cfg = EngineConfig {
+        queue_limit: 1,
+        ..config(2)
+    };
+    let mut h = Harness::start(Fake::default(), cfg, TestHooks::default());
+    h.fake.state().hold = true;
+    let (a, _) = h.submit("first");
+    h.wait_until("the first decode", |h| h.fake.state().holding);
+    let keys: Vec<u64> = ["second", "third", "fourth"]
+        .iter()
+        .map(|p| h.submit(p).0)
+        .collect();
+    h.fake.state().hold = false;
+    let refused = h.finish(keys[2]);
+    assert!(
+        matches!(
+            refused.last,
+            Event::Error {
+                error: RequestError::QueueFull { waiting: 1 },
+                ..
+            }
+        ),
+        "{:?}",
+        refused.last
+    );
+    for key in [a, keys[0], keys[1]] {
+        assert_eq!(h.finish(key).text, "hello world");
+    }
+}
+
 #[test]
 fn every_request_is_decoded_at_its_own_positions_while_others_run() {
     let fake = Fake {
