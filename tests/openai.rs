@@ -264,6 +264,17 @@ fn bad_http_requests_get_clear_errors_and_hurt_no_one() {
     assert_eq!(r.status, 400);
     let r = ask(port, b"\x16\x03\x01 not http at all\r\n\r\n");
     assert_eq!(r.status, 400);
+    // A non-ASCII byte right after /v1/models (this once sliced a character).
+    let r = ask(
+        port,
+        "GET /v1/modelsé HTTP/1.1\r\nHost: x\r\n\r\n".as_bytes(),
+    );
+    assert!(matches!(r.status, 400 | 404), "{}", r.status);
+    let r = ask(
+        port,
+        "GET /v1/models/é HTTP/1.1\r\nHost: x\r\n\r\n".as_bytes(),
+    );
+    assert!(matches!(r.status, 400 | 404), "{}", r.status);
 
     // A body that never finishes (slowloris): the connection is dropped at
     // the request timeout, and nobody else notices.

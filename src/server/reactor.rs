@@ -153,9 +153,7 @@ impl Reactor {
             inputs: Vec::new(),
             dirty: Vec::new(),
             resume: Vec::new(),
-            started: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            started: openai::unix_now(),
         })
     }
 
@@ -431,26 +429,13 @@ impl Reactor {
             return self.with_session(slot, |s, host, out| s.opened(host, out));
         }
         let model = &self.ready.model_name;
-        let response = match (method, path.strip_prefix("/v1/models")) {
-            ("GET", Some("")) => {
-                Response::new(200, "application/json", openai::models(model, self.started))
-            }
-            ("GET", Some(id)) if openai::is_our_model(&id[1..], model) => Response::new(
-                200,
-                "application/json",
-                openai::model_object(model, self.started).to_string(),
-            ),
-            ("GET", Some(id)) if id.starts_with('/') => Response::api_error(
-                404,
-                Some("model_not_found"),
-                Some("model"),
-                &format!("the model {:?} does not exist", &id[1..]),
-            ),
-            _ => http::route(method, &head.target, self.health(), || {
-                self.ops
-                    .render_metrics(self.engine.status(), self.conns.len())
-            }),
-        };
+        let response =
+            openai::models_route(method, path, model, self.started).unwrap_or_else(|| {
+                http::route(method, &head.target, self.health(), || {
+                    self.ops
+                        .render_metrics(self.engine.status(), self.conns.len())
+                })
+            });
         let mut out = Outbox::default();
         out.respond(response);
         self.emit(slot, out);

@@ -4,8 +4,6 @@
 //! stream's head waits for the first token, so a request refused before it
 //! (queue full, prompt too long) still gets its HTTP status.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use crate::core::{Event, TokenLogprobs};
 use crate::server::http::Response;
 use crate::server::openai::{self, ApiRequest, Endpoint, Reply};
@@ -38,12 +36,6 @@ impl OpenAi {
             live: None,
         }
     }
-}
-
-fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl Session for OpenAi {
@@ -89,7 +81,7 @@ impl Session for OpenAi {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completions => "cmpl",
         };
-        let created = now_s();
+        let created = openai::unix_now();
         self.live = Some(Live {
             reply: Reply::new(
                 endpoint,
