@@ -47,6 +47,7 @@ fn token_json() -> String {
         id: "r12",
         content: " Paris",
         prob: 0.93,
+        logprobs: None,
     }
     .to_json()
 }

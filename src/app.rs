@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::config::Config;
+use crate::engine::guide::GuideLimits;
 use crate::engine::llama::{self, LlamaConfig, LlamaLoader};
 use crate::engine::{self, EngineConfig, StateConfig};
 use crate::ops::{Ops, fault, monitor, vram, watchdog};
@@ -40,6 +41,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         n_gpu_layers: vram::gpu_layers(config),
         repack: config.model.weight_repack,
         chat_template: config.chat_template(),
+        constraints: config.constraints.enabled,
     });
     log::info!(
         "llama.cpp {}, system info: {}",
@@ -54,6 +56,10 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         cache_entries: s.prefix_cache_entries,
         prefill_chunk: s.prefill_chunk.max(1),
         park_keep_bytes: config.idle.keep_prefixes_mb << 20,
+        guide_limits: GuideLimits {
+            max_bytes: config.constraints.max_bytes,
+            compile_ms: config.constraints.compile_ms,
+        },
         state: config.state_dir().map(|dir| StateConfig {
             dir,
             max_bytes: config.state.max_mb << 20,

@@ -71,6 +71,7 @@ pub struct Config {
     pub server: Server,
     pub model: Model,
     pub scheduler: Scheduler,
+    pub constraints: Constraints,
     pub defaults: SamplingParams,
     pub log: Log,
     pub monitor: Monitor,
@@ -194,6 +195,30 @@ impl Default for Scheduler {
             max_queue: 64,
             prefix_cache_entries: 32,
             prefill_chunk: 128,
+        }
+    }
+}
+
+/// What one request's constraint (`json_schema`, `regex`, `grammar`...) may cost.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Constraints {
+    /// Prepare constrained decoding at start-up (about 1 s on a thread of
+    /// its own and ~125 MB for a 262k-token vocabulary); off, constrained
+    /// requests are refused.
+    pub enabled: bool,
+    /// Longest schema, grammar or regex, in bytes.
+    pub max_bytes: usize,
+    /// Compile time one constraint may take (llguidance's lexer fuel), in ms.
+    pub compile_ms: u64,
+}
+
+impl Default for Constraints {
+    fn default() -> Self {
+        Constraints {
+            enabled: true,
+            max_bytes: 65536,
+            compile_ms: 200,
         }
     }
 }
@@ -479,6 +504,9 @@ impl Config {
         }
         if s.slots as u32 > self.model.batch_size {
             return bad("scheduler.slots must not exceed model.batch_size");
+        }
+        if self.constraints.max_bytes == 0 || self.constraints.compile_ms == 0 {
+            return bad("constraints.max_bytes and constraints.compile_ms must be at least 1");
         }
         if self.monitor.interval_s < 0.01 {
             return bad("monitor.interval_s must be at least 0.01");

@@ -3,12 +3,15 @@
 //! these types, and each protocol (WebSocket v1, the OpenAI API) is a thin mapping to
 //! and from them.
 
+mod constraint;
 mod event;
 mod outcome;
 mod params;
 mod request;
 mod status;
+pub mod tools;
 
+pub use constraint::Constraint;
 pub use event::{Candidate, Event, TokenLogprobs};
 pub use outcome::{ErrorCode, FinishReason, RequestError, Stats};
 pub use params::{InvalidParam, MAX_STOP_LEN, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams};

@@ -70,6 +70,15 @@ pub enum RequestError {
     Template(String),
     #[error("cannot tokenize the prompt: {0}")]
     Tokenize(String),
+    /// A constraint that cannot be compiled, or that the output broke.
+    #[error("{0}")]
+    Constraint(String),
+    #[error("{field} names token {token}, but this model's vocabulary has {n_vocab} tokens")]
+    UnknownToken {
+        field: &'static str,
+        token: i32,
+        n_vocab: usize,
+    },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("the engine could not wake up: {0}")]
@@ -91,7 +100,9 @@ impl RequestError {
             RequestError::QueueFull { .. } => ErrorCode::Overloaded,
             RequestError::NoChatTemplate
             | RequestError::Template(_)
-            | RequestError::Tokenize(_) => ErrorCode::BadRequest,
+            | RequestError::Tokenize(_)
+            | RequestError::Constraint(_)
+            | RequestError::UnknownToken { .. } => ErrorCode::BadRequest,
             RequestError::ShuttingDown => ErrorCode::ShuttingDown,
             RequestError::WakeFailed(_)
             | RequestError::EngineFailed(_)

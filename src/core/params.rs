@@ -3,11 +3,17 @@
 
 use serde::Deserialize;
 
+use super::Constraint;
+
 pub const MAX_STOP_STRINGS: usize = 16;
 /// Longest stop string, in bytes.
 pub const MAX_STOP_LEN: usize = 256;
 /// Most alternatives reported per token (`logprobs`).
 pub const MAX_TOP_LOGPROBS: u8 = 20;
+/// Most tokens one request may bias (as OpenAI's API allows).
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Most stop token ids, and most DRY sequence breakers.
+pub const MAX_STOP_TOKENS: usize = 16;
 
 /// Fully resolved generation parameters. `Default` holds the built-in
 /// defaults, which `[defaults]` in the config file overrides.
@@ -38,6 +44,31 @@ pub struct SamplingParams {
     /// Report each sampled token's log-probability and this many of the
     /// most likely alternatives; `None`: off.
     pub logprobs: Option<u8>,
+    /// Locally typical sampling (1: off).
+    pub typical_p: f32,
+    /// XTC: with this probability per token, the most likely tokens above
+    /// `xtc_threshold` are dropped, all but the least likely of them (0: off).
+    pub xtc_probability: f32,
+    pub xtc_threshold: f32,
+    /// DRY: penalises extending a sequence that repeats earlier text (0: off).
+    pub dry_multiplier: f32,
+    pub dry_base: f32,
+    /// Repeats up to this long are not penalised.
+    pub dry_allowed_length: u32,
+    /// Tokens DRY looks back over; -1: the whole context.
+    pub dry_penalty_last_n: i32,
+    /// Strings that end a repeat DRY would penalise.
+    pub dry_sequence_breakers: Vec<String>,
+    /// Added to a token's logit before sampling; -100 or less bans it.
+    pub logit_bias: Vec<(i32, f32)>,
+    /// End-of-generation and stop tokens are not sampled before this many
+    /// tokens were generated.
+    pub min_tokens: u32,
+    /// Tokens that end the generation like a stop string (their text is not sent).
+    pub stop_token_ids: Vec<i32>,
+    /// What the output must match; `None`: anything.
+    #[serde(skip)]
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -56,6 +87,18 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            typical_p: 1.0,
+            xtc_probability: 0.0,
+            xtc_threshold: 0.1,
+            dry_multiplier: 0.0,
+            dry_base: 1.75,
+            dry_allowed_length: 2,
+            dry_penalty_last_n: -1,
+            dry_sequence_breakers: ["\n", ":", "\"", "*"].map(String::from).to_vec(),
+            logit_bias: Vec::new(),
+            min_tokens: 0,
+            stop_token_ids: Vec::new(),
+            constraint: None,
         }
     }
 }
@@ -129,6 +172,87 @@ impl SamplingParams {
             "-2 to 2 (0 = off)",
         )?;
         check("max_tokens", p.max_tokens, p.max_tokens >= 1, "1 or more")?;
+        check(
+            "typical_p",
+            p.typical_p,
+            p.typical_p > 0.0 && p.typical_p <= 1.0,
+            "above 0, at most 1 (1 = off)",
+        )?;
+        check(
+            "xtc_probability",
+            p.xtc_probability,
+            (0.0..=1.0).contains(&p.xtc_probability),
+            "0 to 1 (0 = off)",
+        )?;
+        check(
+            "xtc_threshold",
+            p.xtc_threshold,
+            (0.0..=1.0).contains(&p.xtc_threshold),
+            "0 to 1",
+        )?;
+        check(
+            "dry_multiplier",
+            p.dry_multiplier,
+            (0.0..=10.0).contains(&p.dry_multiplier),
+            "0 to 10 (0 = off)",
+        )?;
+        check(
+            "dry_base",
+            p.dry_base,
+            (1.0..=10.0).contains(&p.dry_base),
+            "1 to 10",
+        )?;
+        check(
+            "dry_allowed_length",
+            p.dry_allowed_length,
+            p.dry_allowed_length <= 1000,
+            "0 to 1000",
+        )?;
+        check(
+            "dry_penalty_last_n",
+            p.dry_penalty_last_n,
+            p.dry_penalty_last_n >= -1,
+            "-1 (whole context) or more",
+        )?;
+        check(
+            "dry_sequence_breakers",
+            format!("{} strings", p.dry_sequence_breakers.len()),
+            p.dry_sequence_breakers.len() <= MAX_STOP_TOKENS
+                && p.dry_sequence_breakers
+                    .iter()
+                    .all(|s| (1..=40).contains(&s.len())),
+            "at most 16 strings, each 1 to 40 bytes long",
+        )?;
+        check(
+            "logit_bias",
+            format!("{} tokens", p.logit_bias.len()),
+            p.logit_bias.len() <= MAX_LOGIT_BIAS,
+            "at most 300 tokens",
+        )?;
+        if let Some(&(token, bias)) = p
+            .logit_bias
+            .iter()
+            .find(|&&(t, b)| t < 0 || !(-100.0..=100.0).contains(&b))
+        {
+            check(
+                "logit_bias",
+                format!("{bias} for token {token}"),
+                false,
+                "token ids 0 or more, biases -100 to 100",
+            )?;
+        }
+        check(
+            "min_tokens",
+            p.min_tokens,
+            p.min_tokens <= p.max_tokens,
+            "at most max_tokens",
+        )?;
+        check(
+            "stop_token_ids",
+            format!("{:?}", p.stop_token_ids),
+            p.stop_token_ids.len() <= MAX_STOP_TOKENS && p.stop_token_ids.iter().all(|&t| t >= 0),
+            "at most 16 token ids, each 0 or more",
+        )?;
         if let Some(k) = p.logprobs {
             check("logprobs", k, k <= MAX_TOP_LOGPROBS, "0 to 20 alternatives")?;
         }
@@ -161,7 +285,19 @@ mod tests {
     #[test]
     fn out_of_range_values_are_named() {
         type Set = fn(&mut SamplingParams);
-        let cases: [(&str, Set); 11] = [
+        let cases: [(&str, Set); 21] = [
+            ("typical_p", |p| p.typical_p = 0.0),
+            ("xtc_probability", |p| p.xtc_probability = 1.5),
+            ("xtc_threshold", |p| p.xtc_threshold = -0.1),
+            ("dry_multiplier", |p| p.dry_multiplier = -1.0),
+            ("dry_base", |p| p.dry_base = 0.5),
+            ("dry_penalty_last_n", |p| p.dry_penalty_last_n = -2),
+            ("dry_sequence_breakers", |p| {
+                p.dry_sequence_breakers = vec![String::new()]
+            }),
+            ("logit_bias", |p| p.logit_bias = vec![(5, 101.0)]),
+            ("min_tokens", |p| p.min_tokens = p.max_tokens + 1),
+            ("stop_token_ids", |p| p.stop_token_ids = vec![-1]),
             ("temp", |p| p.temp = -1.0),
             ("presence_penalty", |p| p.presence_penalty = 2.5),
             ("frequency_penalty", |p| p.frequency_penalty = -3.0),

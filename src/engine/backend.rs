@@ -7,6 +7,7 @@
 //! in the unit tests, so the step loop runs without a model.
 
 use crate::core::SamplingParams;
+use crate::engine::guide::{Grammars, TokenMask};
 
 pub type Token = i32;
 /// A llama.cpp sequence id: one per running request and per cached prefix.
@@ -61,6 +62,8 @@ pub enum BackendError {
     NothingSampled,
     #[error("sequence state: {0}")]
     State(String),
+    #[error("constrained decoding is unavailable: {0}")]
+    Grammars(String),
 }
 
 /// A sampled token and the probability the model gave it: the softmax of the
@@ -72,6 +75,22 @@ pub struct Sampled {
     /// With `logprobs` asked for: the most likely tokens and their
     /// log-probabilities, most likely first.
     pub top: Option<Vec<(Token, f32)>>,
+}
+
+/// The tokens a row may be sampled from this step.
+#[derive(Clone, Copy, Default)]
+pub struct Filter<'a> {
+    /// Only these (a constrained request's next tokens).
+    pub mask: Option<&'a TokenMask>,
+    /// Never these (end-of-generation tokens before `min_tokens`, or with
+    /// `ignore_eos`).
+    pub banned: &'a [Token],
+}
+
+impl Filter<'_> {
+    pub fn allows(&self, token: Token) -> bool {
+        self.mask.is_none_or(|m| m.is_allowed(token as u32)) && !self.banned.contains(&token)
+    }
 }
 
 pub trait Backend {
@@ -93,6 +112,12 @@ pub trait Backend {
     /// assistant's turn.
     fn render_chat(&self, messages: &[(&str, &str)]) -> Result<String, BackendError>;
     fn is_eog(&self, token: Token) -> bool;
+    /// Every end-of-generation token.
+    fn eog_tokens(&self) -> &[Token];
+    /// Tokens in the vocabulary.
+    fn n_vocab(&self) -> usize;
+    /// The compiler of constraints over this vocabulary, built on first use.
+    fn grammars(&self) -> Result<&Grammars, BackendError>;
     /// Appends the bytes of `token` (maybe part of a UTF-8 character).
     fn piece(&self, token: Token, out: &mut Vec<u8>);
 
@@ -104,8 +129,14 @@ pub trait Backend {
         should_abort: &(dyn Fn() -> bool + Sync),
     ) -> Result<(), DecodeError>;
     fn sampler(&self, params: &SamplingParams, seed: u32) -> Self::Sampler;
-    /// Samples from batch row `row` of the last decode.
-    fn sample(&mut self, sampler: &mut Self::Sampler, row: usize) -> Result<Sampled, BackendError>;
+    /// Samples from batch row `row` of the last decode, among the tokens
+    /// `filter` allows.
+    fn sample(
+        &mut self,
+        sampler: &mut Self::Sampler,
+        row: usize,
+        filter: &Filter<'_>,
+    ) -> Result<Sampled, BackendError>;
 
     /// Makes `dst` share the cells of positions `[0, len)` of `src`.
     fn seq_cp(&mut self, src: SeqId, dst: SeqId, len: usize);

@@ -5,13 +5,14 @@
 //! on through the shared `State`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use crate::core::SamplingParams;
 use crate::engine::backend::{
-    Backend, BackendError, BatchToken, DecodeError, Loader, Sampled, SeqId, Token,
+    Backend, BackendError, BatchToken, DecodeError, Filter, Loader, Sampled, SeqId, Token,
 };
+use crate::engine::guide::Grammars;
 
 /// `<ctl>` when control tokens are parsed.
 pub const CONTROL: Token = 0x11_0001;
@@ -51,6 +52,7 @@ pub struct Fake {
     /// What every request generates, then EOS.
     pub reply: String,
     pub state: Arc<Mutex<State>>,
+    pub grammars: Arc<OnceLock<Grammars>>,
 }
 
 impl Default for Fake {
@@ -61,6 +63,7 @@ impl Default for Fake {
             trims_content: false,
             reply: "hello world".into(),
             state: Arc::default(),
+            grammars: Arc::default(),
         }
     }
 }
@@ -183,6 +186,28 @@ impl Backend for FakeBackend {
         token == EOS
     }
 
+    fn eog_tokens(&self) -> &[Token] {
+        &[EOS]
+    }
+
+    fn n_vocab(&self) -> usize {
+        EOS as usize + 1
+    }
+
+    /// Constraints see ASCII characters and EOS (other tokens have no bytes).
+    fn grammars(&self) -> Result<&Grammars, BackendError> {
+        Ok(self.fake.grammars.get_or_init(|| {
+            let tokens: Vec<Vec<u8>> = (0..=EOS)
+                .map(|t| match t {
+                    0..128 => vec![t as u8],
+                    EOS => b"\xFF<eos>".to_vec(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            Grammars::new(&tokens, &[EOS]).expect("the fake vocabulary")
+        }))
+    }
+
     fn piece(&self, token: Token, out: &mut Vec<u8>) {
         if let Some(c) = char::from_u32(token as u32) {
             out.extend_from_slice(c.to_string().as_bytes());
@@ -238,17 +263,34 @@ impl Backend for FakeBackend {
         }
     }
 
-    fn sample(&mut self, sampler: &mut FakeSampler, row: usize) -> Result<Sampled, BackendError> {
+    /// The reply's next character; one `filter` refuses gives way to the
+    /// lowest token the mask allows, or to 'x'.
+    fn sample(
+        &mut self,
+        sampler: &mut FakeSampler,
+        row: usize,
+        filter: &Filter<'_>,
+    ) -> Result<Sampled, BackendError> {
         if !self.outputs.get(row).copied().unwrap_or(false) {
             return Err(BackendError::NoLogits(row));
         }
-        let token = self
+        let scripted = self
             .fake
             .reply
             .chars()
             .nth(sampler.next)
             .map_or(EOS, |c| c as Token);
         sampler.next += 1;
+        let token = if filter.allows(scripted) {
+            scripted
+        } else {
+            match filter.mask {
+                Some(_) => (0..=EOS)
+                    .find(|&t| filter.allows(t))
+                    .ok_or(BackendError::NothingSampled)?,
+                None => 'x' as Token,
+            }
+        };
         // The reply's character is the likelier of two; the other is 'x'.
         let top = sampler.top.map(|k| {
             [(token, 0.5f32.ln()), ('x' as Token, 0.25f32.ln())]

@@ -15,6 +15,7 @@ pub mod backend;
 mod channel;
 #[cfg(test)]
 mod fake;
+pub mod guide;
 mod hooks;
 pub mod kv;
 #[cfg(feature = "llama")]

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::core::{Request, Stats};
 use crate::engine::backend::{SeqId, Token};
+use crate::engine::guide::Guide;
 use crate::engine::planner::{SeqView, Work};
 use crate::engine::text::TextStream;
 
@@ -19,6 +20,10 @@ pub struct Seq<S> {
     /// Positions this sequence may fill (its reserved pages).
     pub limit: usize,
     pub sampler: S,
+    /// Its constraint, if it has one.
+    pub guide: Option<Guide>,
+    /// Tokens it may not sample now (see `step::banned`).
+    pub banned: Vec<Token>,
     pub stream: TextStream,
     pub progress: Progress,
     /// Its share of the current step.

@@ -15,8 +15,9 @@ use crate::core::{
     Candidate, EngineState, Event, FinishReason, Request, RequestError, RequestKey, RequestKind,
     Status, TokenLogprobs,
 };
-use crate::engine::backend::{Backend, BatchToken, DecodeError, Token};
+use crate::engine::backend::{Backend, BatchToken, DecodeError, Filter, Token};
 use crate::engine::channel::{Command, EventSink};
+use crate::engine::guide::{Guide, GuideLimits, TokenMask};
 use crate::engine::hooks::Hooks;
 use crate::engine::persist::Store;
 use crate::engine::planner::{self, Budget, Work};
@@ -46,6 +47,8 @@ pub struct EngineConfig {
     pub park_keep_bytes: usize,
     /// Where cached prefixes are saved for the next start; `None`: nowhere.
     pub state: Option<StateConfig>,
+    /// What one request's constraint may cost to compile.
+    pub guide_limits: GuideLimits,
 }
 
 /// Saving cached prefixes to disk.
@@ -82,6 +85,13 @@ enum Outcome {
     Error(RequestError),
 }
 
+/// A queued request: its progress so far and its compiled constraint.
+struct Waiting {
+    req: Request,
+    progress: Progress,
+    guide: Option<Guide>,
+}
+
 pub struct Engine<'a, B: Backend> {
     backend: B,
     io: &'a Io,
@@ -89,9 +99,8 @@ pub struct Engine<'a, B: Backend> {
     scheduler: Scheduler,
     /// Admitted sequences, in admission order (prefill goes first-come first-served).
     active: Vec<Seq<B::Sampler>>,
-    /// Requests the scheduler holds in its queue.
     /// Requests the scheduler holds in its queue, with what is known of them.
-    waiting: HashMap<RequestKey, (Request, Progress)>,
+    waiting: HashMap<RequestKey, Waiting>,
     batch: Vec<BatchToken>,
     stopping: bool,
     store: Option<&'a Store>,
@@ -330,6 +339,10 @@ impl<'a, B: Backend> Engine<'a, B> {
             };
             return self.report(&req, Outcome::Error(e), &progress);
         }
+        let guide = match self.check_tokens(&req).and_then(|()| self.guide(&req)) {
+            Ok(guide) => guide,
+            Err(e) => return self.report(&req, Outcome::Error(e), &progress),
+        };
         let job = Job {
             key: req.key,
             tokens,
@@ -342,10 +355,57 @@ impl<'a, B: Backend> Engine<'a, B> {
         }
         match self.scheduler.submit(job) {
             Ok(_) => {
-                self.waiting.insert(req.key, (req, progress));
+                let waiting = Waiting {
+                    req,
+                    progress,
+                    guide,
+                };
+                self.waiting.insert(waiting.req.key, waiting);
             }
             Err(e) => self.report(&req, Outcome::Error(e), &progress),
         }
+    }
+
+    /// Token ids a request names must be in the vocabulary.
+    fn check_tokens(&self, req: &Request) -> Result<(), RequestError> {
+        let n_vocab = self.backend.n_vocab();
+        let p = &req.params;
+        let named = p
+            .logit_bias
+            .iter()
+            .map(|b| ("logit_bias", b.0))
+            .chain(p.stop_token_ids.iter().map(|&t| ("stop_token_ids", t)));
+        for (field, token) in named {
+            if token < 0 || token as usize >= n_vocab {
+                return Err(RequestError::UnknownToken {
+                    field,
+                    token,
+                    n_vocab,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Compiles the request's constraint, if it has one (on this thread,
+    /// within `guide_limits`).
+    fn guide(&self, req: &Request) -> Result<Option<Guide>, RequestError> {
+        let Some(constraint) = &req.params.constraint else {
+            return Ok(None);
+        };
+        let t0 = Instant::now();
+        let grammars = self
+            .backend
+            .grammars()
+            .map_err(|e| RequestError::Constraint(e.to_string()))?;
+        let guide = grammars
+            .compile(constraint, &self.cfg.guide_limits)
+            .map_err(|e| RequestError::Constraint(e.0))?;
+        log::debug!(
+            request = req.id.as_str();
+            "request {}: {} compiled in {:.1} ms", req.id, constraint.kind(), t0.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(Some(guide))
     }
 
     /// Ends aborted requests, waiting or running, before the next step.
@@ -353,13 +413,13 @@ impl<'a, B: Backend> Engine<'a, B> {
         let cancelled: Vec<RequestKey> = self
             .waiting
             .values()
-            .filter(|(r, _)| r.cancelled())
-            .map(|(r, _)| r.key)
+            .filter(|w| w.req.cancelled())
+            .map(|w| w.req.key)
             .collect();
         for key in cancelled {
             self.scheduler.cancel_queued(key);
-            let (req, progress) = self.waiting.remove(&key).expect("listed above");
-            self.report(&req, Outcome::End(FinishReason::Abort), &progress);
+            let w = self.waiting.remove(&key).expect("listed above");
+            self.report(&w.req, Outcome::End(FinishReason::Abort), &w.progress);
         }
         let mut i = 0;
         while i < self.active.len() {
@@ -383,7 +443,11 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// after the whole intake, by `admit`).
     fn start_admitted(&mut self) {
         for (job, admitted) in self.scheduler.admit() {
-            let (req, mut progress) = self
+            let Waiting {
+                req,
+                mut progress,
+                guide,
+            } = self
                 .waiting
                 .remove(&job.key)
                 .expect("admitted requests are waiting");
@@ -391,6 +455,8 @@ impl<'a, B: Backend> Engine<'a, B> {
             let seed = req.params.seed.unwrap_or_else(random_seed);
             progress.cached_tokens = admitted.cached_tokens;
             self.active.push(Seq {
+                banned: banned(&req.params, self.backend.eog_tokens(), true),
+                guide,
                 sampler: self.backend.sampler(&req.params, seed),
                 stream: crate::engine::text::TextStream::new(req.params.stop.clone()),
                 id: admitted.seq,
@@ -520,23 +586,54 @@ impl<'a, B: Backend> Engine<'a, B> {
     fn on_output(&mut self, i: usize, row: usize) -> Option<Outcome> {
         let s = &mut self.active[i];
         let t0 = Instant::now();
-        let sampled = match self.backend.sample(&mut s.sampler, row) {
+        let mask = match s.guide.as_mut().map(Guide::mask).transpose() {
+            Ok(mask) => mask,
+            Err(e) => return Some(Outcome::Error(RequestError::Constraint(e.0))),
+        };
+        let eog = self.backend.eog_tokens();
+        let only_eog = |m: &&TokenMask| {
+            m.num_set() <= eog.len() && m.iter().all(|t| eog.contains(&(t as Token)))
+        };
+        if mask.is_some_and(|m| only_eog(&m)) {
+            // The constrained text is complete: end it now, whatever
+            // `min_tokens` or `ignore_eos` say.
+            let (key, text) = (s.req.key, s.stream.finish());
+            self.send_text(key, text, 1.0, None);
+            return Some(Outcome::End(FinishReason::Eos));
+        }
+        let filter = Filter {
+            mask,
+            banned: &s.banned,
+        };
+        let sampled = match self.backend.sample(&mut s.sampler, row, &filter) {
             Ok(x) => x,
             Err(e) => return Some(Outcome::Error(RequestError::EngineFailed(e.to_string()))),
         };
-        s.progress.sampling += t0.elapsed();
         s.progress.first_token.get_or_insert_with(Instant::now);
         let (key, prob) = (s.req.key, sampled.prob);
-        if self.backend.is_eog(sampled.token) {
+        let stop_token = s.req.params.stop_token_ids.contains(&sampled.token);
+        if self.backend.is_eog(sampled.token) || stop_token {
             let text = s.stream.finish();
             self.send_text(key, text, prob, None);
-            return Some(Outcome::End(FinishReason::Eos));
+            let reason = if stop_token {
+                FinishReason::Stop
+            } else {
+                FinishReason::Eos
+            };
+            return Some(Outcome::End(reason));
         }
+        if let Some(Err(e)) = s.guide.as_mut().map(|g| g.accept(sampled.token)) {
+            return Some(Outcome::Error(RequestError::Constraint(e.0)));
+        }
+        s.progress.sampling += t0.elapsed();
         let logprobs = sampled
             .top
             .map(|top| self.logprobs(sampled.token, prob, &top));
         let s = &mut self.active[i];
         s.progress.completion_tokens += 1;
+        if s.progress.completion_tokens == s.req.params.min_tokens as usize {
+            s.banned = banned(&s.req.params, self.backend.eog_tokens(), false);
+        }
         self.io.hooks.on_token();
         let mut bytes = Vec::with_capacity(16);
         self.backend.piece(sampled.token, &mut bytes);
@@ -544,8 +641,10 @@ impl<'a, B: Backend> Engine<'a, B> {
             Step::Emit(text) => (text, false),
             Step::Stop(text) => (text, true),
         };
+        let complete = s.guide.as_ref().is_some_and(Guide::is_done);
         let done = s.progress.completion_tokens >= s.req.params.max_tokens as usize
-            || s.decoded.len() >= s.limit;
+            || s.decoded.len() >= s.limit
+            || complete;
         let tail = if done && !stopped {
             s.stream.finish()
         } else {
@@ -555,6 +654,8 @@ impl<'a, B: Backend> Engine<'a, B> {
         self.send_text(key, text + &tail, prob, logprobs);
         if stopped {
             Some(Outcome::End(FinishReason::Stop))
+        } else if complete {
+            Some(Outcome::End(FinishReason::Eos))
         } else if done {
             Some(Outcome::End(FinishReason::Length))
         } else {
@@ -621,9 +722,9 @@ impl<'a, B: Backend> Engine<'a, B> {
         while !self.active.is_empty() {
             self.finish(0, Outcome::Error(error.clone()));
         }
-        for (key, (req, progress)) in std::mem::take(&mut self.waiting) {
+        for (key, w) in std::mem::take(&mut self.waiting) {
             self.scheduler.cancel_queued(key);
-            self.report(&req, Outcome::Error(error.clone()), &progress);
+            self.report(&w.req, Outcome::Error(error.clone()), &w.progress);
         }
     }
 
@@ -661,6 +762,20 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
         }
     }
+}
+
+/// The tokens a sequence may not sample: end-of-generation tokens with
+/// `ignore_eos`, and also the stop tokens before `min_tokens` (`early`).
+fn banned(params: &crate::core::SamplingParams, eog: &[Token], early: bool) -> Vec<Token> {
+    let early = early && params.min_tokens > 0;
+    let mut banned = Vec::new();
+    if early || params.ignore_eos {
+        banned.extend_from_slice(eog);
+    }
+    if early {
+        banned.extend_from_slice(&params.stop_token_ids);
+    }
+    banned
 }
 
 fn random_seed() -> u32 {

@@ -26,6 +26,7 @@ fn config(slots: usize) -> EngineConfig {
         prefill_chunk: 8,
         park_keep_bytes: 1 << 20,
         state: None,
+        guide_limits: Default::default(),
     }
 }
 
@@ -627,4 +628,88 @@ fn a_prompt_too_long_is_cut_from_the_left_when_asked() {
     assert_eq!(reason, FinishReason::Length);
     assert_eq!(stats.prompt_tokens, 64 - 8, "room left for max_tokens");
     assert_eq!(stats.truncated_tokens, 101 - 56);
+}
+
+#[test]
+fn a_constraint_steers_the_reply_and_ends_it_when_complete() {
+    let mut h = Harness::new(2);
+    let with = |constraint| SamplingParams {
+        constraint: Some(constraint),
+        ..greedy(64)
+    };
+    // The fake's scripted "hello world" is not allowed: it falls back to the
+    // lowest token the mask allows, so "no" (n < y), and ends there.
+    let choice = crate::core::Constraint::Choice(vec!["yes".into(), "no".into()]);
+    let (key, _) = h.submit_input(PromptInput::Text("a".into()), with(choice));
+    let done = h.finish(key);
+    assert_eq!(
+        (done.text.as_str(), done.end().0),
+        ("no", FinishReason::Eos)
+    );
+    // A regex the script fits: the same text as unconstrained, then the end.
+    let regex = crate::core::Constraint::Regex("hel+o".into());
+    let (key, _) = h.submit_input(PromptInput::Text("a".into()), with(regex));
+    let done = h.finish(key);
+    assert_eq!(
+        (done.text.as_str(), done.end().0),
+        ("hello", FinishReason::Eos)
+    );
+}
+
+#[test]
+fn bad_constraints_and_unknown_tokens_are_refused_and_the_others_go_on() {
+    let mut h = Harness::new(2);
+    let (good, _) = h.submit("hi");
+    let bad = [
+        SamplingParams {
+            constraint: Some(crate::core::Constraint::Regex("(".into())),
+            ..greedy(8)
+        },
+        SamplingParams {
+            logit_bias: vec![(i32::MAX - 1, 1.0)],
+            ..greedy(8)
+        },
+        SamplingParams {
+            stop_token_ids: vec![0x7FFF_FFF0],
+            ..greedy(8)
+        },
+    ];
+    for params in bad {
+        let (key, _) = h.submit_input(PromptInput::Text("a".into()), params);
+        let done = h.finish(key);
+        assert_eq!(
+            done.error().code(),
+            ErrorCode::BadRequest,
+            "{:?}",
+            done.error()
+        );
+    }
+    assert_eq!(h.finish(good).text, "hello world");
+}
+
+#[test]
+fn min_tokens_holds_the_end_back_and_stop_tokens_end_a_reply() {
+    let mut h = Harness::new(1);
+    // The script ends after "hello world" (11 tokens): EOS is banned until 13,
+    // so the fake writes 'x' twice, then ends.
+    let params = SamplingParams {
+        min_tokens: 13,
+        ..greedy(64)
+    };
+    let (key, _) = h.submit_input(PromptInput::Text("a".into()), params);
+    let done = h.finish(key);
+    assert_eq!(
+        (done.text.as_str(), done.end().0),
+        ("hello worldxx", FinishReason::Eos)
+    );
+    let params = SamplingParams {
+        stop_token_ids: vec!['w' as i32],
+        ..greedy(64)
+    };
+    let (key, _) = h.submit_input(PromptInput::Text("a".into()), params);
+    let done = h.finish(key);
+    assert_eq!(
+        (done.text.as_str(), done.end().0),
+        ("hello ", FinishReason::Stop)
+    );
 }

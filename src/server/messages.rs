@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::core::{ErrorCode, Stats, Status};
+use crate::core::{Candidate, ErrorCode, Stats, Status, TokenLogprobs};
 
 /// What `hello` tells a new client about the server.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -124,6 +124,42 @@ impl From<&Status> for WireStatus {
     }
 }
 
+/// One token and its log-probability, as `token.logprobs` shows it.
+#[derive(Debug, Serialize)]
+pub struct WireCandidate {
+    pub token: i32,
+    /// Its text (a piece of a UTF-8 character shows as U+FFFD).
+    pub text: String,
+    pub logprob: f32,
+}
+
+impl From<&Candidate> for WireCandidate {
+    fn from(c: &Candidate) -> Self {
+        WireCandidate {
+            token: c.token,
+            text: String::from_utf8_lossy(&c.bytes).into_owned(),
+            logprob: c.logprob,
+        }
+    }
+}
+
+/// The sampled token and the most likely ones at its step.
+#[derive(Debug, Serialize)]
+pub struct WireLogprobs {
+    #[serde(flatten)]
+    pub chosen: WireCandidate,
+    pub top: Vec<WireCandidate>,
+}
+
+impl From<&TokenLogprobs> for WireLogprobs {
+    fn from(l: &TokenLogprobs) -> Self {
+        WireLogprobs {
+            chosen: (&l.chosen).into(),
+            top: l.top.iter().map(Into::into).collect(),
+        }
+    }
+}
+
 /// Everything the server sends, serialised with `to_json`.
 #[derive(Debug, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -138,6 +174,9 @@ pub enum ServerMsg<'a> {
         id: &'a str,
         content: &'a str,
         prob: f32,
+        /// With `params.logprobs`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        logprobs: Option<WireLogprobs>,
     },
     End {
         id: &'a str,
@@ -206,7 +245,8 @@ mod tests {
             ServerMsg::Token {
                 id: "r1",
                 content: " The",
-                prob: 0.5
+                prob: 0.5,
+                logprobs: None,
             }
             .to_json(),
             r#"{"op":"token","id":"r1","content":" The","prob":0.5}"#

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::core::{
-    ChatMessage, ErrorCode, InvalidParam, PromptInput, Role, SamplingParams, Truncate,
+    ChatMessage, Constraint, ErrorCode, InvalidParam, PromptInput, Role, SamplingParams, Truncate,
 };
 
 /// The protocol version `hello` announces.
@@ -37,7 +37,7 @@ impl ProtoError {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientMsg {
-    Infer(InferRequest),
+    Infer(Box<InferRequest>),
     /// `id: None` aborts every request of the connection.
     Abort {
         id: Option<String>,
@@ -115,6 +115,73 @@ struct Params {
     max_tokens: Option<u32>,
     stop: Option<Vec<String>>,
     ignore_eos: Option<bool>,
+    /// Alternatives reported per token (0 to 20): `logprobs` in `token`.
+    logprobs: Option<u8>,
+    typical_p: Option<f32>,
+    xtc_probability: Option<f32>,
+    xtc_threshold: Option<f32>,
+    dry_multiplier: Option<f32>,
+    dry_base: Option<f32>,
+    dry_allowed_length: Option<u32>,
+    dry_penalty_last_n: Option<i32>,
+    dry_sequence_breakers: Option<Vec<String>>,
+    /// `{"token id": bias}`, as OpenAI's API, or `[[id, bias]]`.
+    logit_bias: Option<Value>,
+    min_tokens: Option<u32>,
+    stop_token_ids: Option<Vec<i32>>,
+    /// Constraints: at most one of these.
+    json_schema: Option<Value>,
+    regex: Option<String>,
+    choice: Option<Vec<String>>,
+    grammar: Option<String>,
+}
+
+/// `{"token id": bias}` (OpenAI's form) or `[[id, bias], ...]` (llama-server's).
+pub fn parse_logit_bias(value: &Value) -> Result<Vec<(i32, f32)>, String> {
+    const SHAPE: &str = "must map token ids to biases: {\"42\": -100} or [[42, -100]]";
+    let pair = |id: Option<i32>, bias: Option<f64>| match (id, bias) {
+        (Some(id), Some(bias)) => Ok((id, bias as f32)),
+        _ => Err(SHAPE.to_owned()),
+    };
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| pair(k.parse().ok(), v.as_f64()))
+            .collect(),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item.as_array().map(Vec::as_slice) {
+                Some([id, bias]) => pair(
+                    id.as_i64().and_then(|i| i32::try_from(i).ok()),
+                    bias.as_f64(),
+                ),
+                _ => Err(SHAPE.to_owned()),
+            })
+            .collect(),
+        _ => Err(SHAPE.to_owned()),
+    }
+}
+
+/// At most one constraint of the request's fields, named `field` for errors.
+pub fn one_constraint(
+    fields: [(&str, Option<Constraint>); 4],
+) -> Result<Option<Constraint>, String> {
+    let mut given = fields.into_iter().filter_map(|(n, c)| c.map(|c| (n, c)));
+    match (given.next(), given.next()) {
+        (Some((a, _)), Some((b, _))) => Err(format!(
+            "{a} and {b} are both constraints on the output: give one"
+        )),
+        (first, None) => Ok(first.map(|(_, c)| c)),
+        (None, Some(_)) => unreachable!("the second comes after the first"),
+    }
+}
+
+/// A JSON schema is an object or a boolean.
+pub fn json_schema(field: &str, schema: Value) -> Result<Constraint, String> {
+    match schema {
+        Value::Object(_) | Value::Bool(_) => Ok(Constraint::JsonSchema(schema)),
+        _ => Err(format!("{field} must be a JSON schema (an object)")),
+    }
 }
 
 impl Params {
@@ -152,9 +219,40 @@ impl Params {
             max_tokens: self.max_tokens.unwrap_or(d.max_tokens),
             stop: self.stop.unwrap_or(d.stop),
             ignore_eos: self.ignore_eos.unwrap_or(d.ignore_eos),
-            // Protocol v1 has no field for them yet.
-            logprobs: None,
+            logprobs: self.logprobs.or(d.logprobs),
+            typical_p: self.typical_p.unwrap_or(d.typical_p),
+            xtc_probability: self.xtc_probability.unwrap_or(d.xtc_probability),
+            xtc_threshold: self.xtc_threshold.unwrap_or(d.xtc_threshold),
+            dry_multiplier: self.dry_multiplier.unwrap_or(d.dry_multiplier),
+            dry_base: self.dry_base.unwrap_or(d.dry_base),
+            dry_allowed_length: self.dry_allowed_length.unwrap_or(d.dry_allowed_length),
+            dry_penalty_last_n: self.dry_penalty_last_n.unwrap_or(d.dry_penalty_last_n),
+            dry_sequence_breakers: self
+                .dry_sequence_breakers
+                .unwrap_or(d.dry_sequence_breakers),
+            logit_bias: match &self.logit_bias {
+                None => d.logit_bias,
+                Some(v) => parse_logit_bias(v).map_err(|e| format!("params.logit_bias {e}"))?,
+            },
+            min_tokens: self.min_tokens.unwrap_or(d.min_tokens),
+            stop_token_ids: self.stop_token_ids.unwrap_or(d.stop_token_ids),
+            constraint: one_constraint([
+                (
+                    "params.json_schema",
+                    self.json_schema
+                        .map(|s| json_schema("params.json_schema", s))
+                        .transpose()?,
+                ),
+                ("params.regex", self.regex.map(Constraint::Regex)),
+                ("params.choice", self.choice.map(Constraint::Choice)),
+                ("params.grammar", self.grammar.map(Constraint::Lark)),
+            ])?,
         };
+        if let Some(Constraint::Choice(options)) = &params.constraint
+            && (options.is_empty() || options.iter().any(String::is_empty))
+        {
+            return Err("params.choice must list at least one string, none of them empty".into());
+        }
         params
             .validate()
             .map_err(|e: InvalidParam| format!("params.{e}"))?;
@@ -276,12 +374,12 @@ pub fn parse(text: &str, defaults: &SamplingParams) -> Result<ClientMsg, ProtoEr
                 None | Some(WireTruncate::None) => Truncate::None,
                 Some(WireTruncate::Left) => Truncate::Left,
             };
-            Ok(ClientMsg::Infer(InferRequest {
+            Ok(ClientMsg::Infer(Box::new(InferRequest {
                 id: wire.id,
                 input,
                 params,
                 truncate,
-            }))
+            })))
         }
         "tokenize" => {
             let wire = TokenizeWire::deserialize(&value).map_err(field_err)?;

@@ -97,10 +97,16 @@ impl Session for WsV1 {
                 position: *position,
             }
             .to_json(),
-            Event::Token { text, prob, .. } => ServerMsg::Token {
+            Event::Token {
+                text,
+                prob,
+                logprobs,
+                ..
+            } => ServerMsg::Token {
                 id,
                 content: text,
                 prob: *prob,
+                logprobs: logprobs.as_deref().map(Into::into),
             }
             .to_json(),
             Event::End { reason, stats, .. } => ServerMsg::End {

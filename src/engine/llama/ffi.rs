@@ -20,7 +20,7 @@ use std::sync::Once;
 use llama_cpp_sys_2 as sys;
 
 use crate::core::SamplingParams;
-use crate::engine::backend::{BackendError, BatchToken, DecodeError, Sampled, Token};
+use crate::engine::backend::{BackendError, BatchToken, DecodeError, Filter, Sampled, Token};
 
 /// Initialises the llama.cpp backend once per process and routes its logs into
 /// the `log` crate (target `llama.cpp`).
@@ -355,6 +355,31 @@ impl Vocab<'_> {
     /// Appends the bytes of `token` to `out` (possibly part of a UTF-8
     /// character). Control tokens render as nothing.
     pub fn piece(&self, token: Token, out: &mut Vec<u8>) {
+        self.render(token, false, out)
+    }
+
+    /// Every token's bytes, as constrained decoding sees the vocabulary: a
+    /// control token is 0xFF followed by its text (llguidance's marker).
+    pub fn all_token_bytes(&self) -> Vec<Vec<u8>> {
+        (0..self.n_tokens())
+            .map(|t| {
+                let mut bytes = Vec::new();
+                self.render(t, false, &mut bytes);
+                if bytes.is_empty() {
+                    let mut special = vec![0xFF];
+                    self.render(t, true, &mut special);
+                    if special.len() > 1 {
+                        return special;
+                    }
+                }
+                bytes
+            })
+            .collect()
+    }
+
+    /// Appends the bytes of `token`; `special` renders control tokens as
+    /// their text.
+    fn render(&self, token: Token, special: bool, out: &mut Vec<u8>) {
         let mut buf = [0u8; 64];
         // SAFETY: `buf` is writable for its length.
         let n = unsafe {
@@ -364,7 +389,7 @@ impl Vocab<'_> {
                 buf.as_mut_ptr().cast(),
                 buf.len() as i32,
                 0,
-                false,
+                special,
             )
         };
         if n >= 0 {
@@ -380,7 +405,7 @@ impl Vocab<'_> {
                 big.as_mut_ptr().cast(),
                 big.len() as i32,
                 0,
-                false,
+                special,
             )
         };
         if n > 0 {
@@ -635,50 +660,60 @@ impl Drop for Batch {
 pub struct Sampler {
     chain: NonNull<sys::llama_sampler>,
     candidates: Vec<sys::llama_token_data>,
-    /// Plain greedy (no penalties): pick the argmax straight from the logits,
-    /// skipping the copy of the whole vocabulary into `candidates`.
-    greedy: Option<Vec<Token>>,
+    /// Plain greedy (nothing that rewrites logits): pick the argmax straight
+    /// from the logits, skipping the copy of the vocabulary into `candidates`.
+    greedy: bool,
     /// Report the log-probabilities of this many most likely tokens.
     top: Option<usize>,
 }
 
 impl Sampler {
-    /// A chain for validated `params`: `banned` tokens are never sampled,
-    /// `n_ctx` stands for a `repeat_last_n` of -1.
-    pub fn new(
-        params: &SamplingParams,
-        seed: u32,
-        banned: &[Token],
-        n_vocab: i32,
-        n_ctx: i32,
-    ) -> Sampler {
+    /// A chain for validated `params` (token ids in `logit_bias` within the
+    /// vocabulary); `n_ctx` stands for a look-back of -1. The order is
+    /// llama.cpp's own (common/sampling): biases, penalties, DRY, top-k,
+    /// typical, top-p, min-p, XTC, temperature, then the draw.
+    pub fn new(params: &SamplingParams, seed: u32, vocab: Vocab<'_>, n_ctx: i32) -> Sampler {
         let spec = params;
-        let repeat_last_n = if spec.repeat_last_n < 0 {
-            n_ctx
-        } else {
-            spec.repeat_last_n
-        };
+        let n_vocab = vocab.n_tokens();
+        let whole = |n: i32| if n < 0 { n_ctx } else { n };
+        let repeat_last_n = whole(spec.repeat_last_n);
         let penalized = repeat_last_n != 0
             && (spec.repeat_penalty != 1.0
                 || spec.frequency_penalty != 0.0
                 || spec.presence_penalty != 0.0);
+        let dry = spec.dry_multiplier > 0.0;
         // SAFETY: plain constructor; the chain owns every sampler added to it.
         let chain =
             unsafe { sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params()) };
         let chain = NonNull::new(chain).expect("llama_sampler_chain_init returned null");
         let add = |s: *mut sys::llama_sampler| {
-            // SAFETY: `s` is a freshly created sampler; the chain takes ownership.
-            unsafe { sys::llama_sampler_chain_add(chain.as_ptr(), s) }
+            if !s.is_null() {
+                // SAFETY: `s` is a freshly created sampler; the chain takes ownership.
+                unsafe { sys::llama_sampler_chain_add(chain.as_ptr(), s) }
+            }
         };
-        // SAFETY: the constructors below only read their scalar arguments;
-        // `biases` outlives the logit-bias constructor, which copies it.
+        let breakers: Vec<std::ffi::CString> = spec
+            .dry_sequence_breakers
+            .iter()
+            .filter_map(|b| std::ffi::CString::new(b.as_str()).ok())
+            .collect();
+        let mut breaker_ptrs: Vec<*const std::ffi::c_char> =
+            breakers.iter().map(|b| b.as_ptr()).collect();
+        // SAFETY: the constructors below only read their arguments; `biases`
+        // and the breaker strings outlive the constructors, which copy them;
+        // the vocab is valid while the model lives.
         unsafe {
-            if !banned.is_empty() {
-                let biases: Vec<sys::llama_logit_bias> = banned
+            if !spec.logit_bias.is_empty() {
+                let biases: Vec<sys::llama_logit_bias> = spec
+                    .logit_bias
                     .iter()
-                    .map(|&token| sys::llama_logit_bias {
+                    .map(|&(token, bias)| sys::llama_logit_bias {
                         token,
-                        bias: f32::NEG_INFINITY,
+                        bias: if bias <= -100.0 {
+                            f32::NEG_INFINITY
+                        } else {
+                            bias
+                        },
                     })
                     .collect();
                 add(sys::llama_sampler_init_logit_bias(
@@ -696,11 +731,25 @@ impl Sampler {
                     spec.presence_penalty,
                 ));
             }
+            if dry {
+                add(sys::llama_sampler_init_dry(
+                    vocab.ptr,
+                    spec.dry_multiplier,
+                    spec.dry_base,
+                    spec.dry_allowed_length as i32,
+                    whole(spec.dry_penalty_last_n),
+                    breaker_ptrs.as_mut_ptr(),
+                    breaker_ptrs.len(),
+                ));
+            }
             if spec.temp <= 0.0 {
                 add(sys::llama_sampler_init_greedy());
             } else {
                 if spec.top_k > 0 {
                     add(sys::llama_sampler_init_top_k(spec.top_k));
+                }
+                if spec.typical_p < 1.0 {
+                    add(sys::llama_sampler_init_typical(spec.typical_p, 1));
                 }
                 if spec.top_p < 1.0 {
                     add(sys::llama_sampler_init_top_p(spec.top_p, 1));
@@ -708,40 +757,57 @@ impl Sampler {
                 if spec.min_p > 0.0 {
                     add(sys::llama_sampler_init_min_p(spec.min_p, 1));
                 }
+                if spec.xtc_probability > 0.0 {
+                    add(sys::llama_sampler_init_xtc(
+                        spec.xtc_probability,
+                        spec.xtc_threshold,
+                        1,
+                        seed,
+                    ));
+                }
                 add(sys::llama_sampler_init_temp(spec.temp));
                 add(sys::llama_sampler_init_dist(seed));
             }
         }
-        let plain_greedy = spec.temp <= 0.0 && !penalized;
         Sampler {
             chain,
             candidates: Vec::new(),
-            greedy: plain_greedy.then(|| banned.to_vec()),
+            greedy: spec.temp <= 0.0 && !penalized && !dry && spec.logit_bias.is_empty(),
             top: spec.logprobs.map(usize::from),
         }
     }
 
-    /// Samples from batch row `row` of the last decode and records the token
-    /// in the chain's history (for repetition penalties). The probability is
-    /// the model's own (softmax of the raw logits), whatever the chain did.
-    pub fn sample(&mut self, ctx: &Context<'_>, row: usize) -> Result<Sampled, BackendError> {
+    /// Samples from batch row `row` of the last decode among the tokens
+    /// `filter` allows, and records the token in the chain's history (for
+    /// repetition penalties). The probability is the model's own (softmax of
+    /// the raw logits), whatever the chain did.
+    pub fn sample(
+        &mut self,
+        ctx: &Context<'_>,
+        row: usize,
+        filter: &Filter<'_>,
+    ) -> Result<Sampled, BackendError> {
         let logits = ctx.logits(row)?;
-        if let Some(banned) = &self.greedy {
-            let token = argmax(logits, banned);
+        if self.greedy {
+            let token = argmax(logits, filter).ok_or(BackendError::NothingSampled)?;
             return Ok(self.sampled(logits, token));
         }
         self.candidates.clear();
-        self.candidates
-            .extend(
-                logits
-                    .iter()
-                    .enumerate()
-                    .map(|(id, &logit)| sys::llama_token_data {
-                        id: id as Token,
-                        logit,
-                        p: 0.0,
-                    }),
-            );
+        let all = filter.mask.is_none() && filter.banned.is_empty();
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|&(id, _)| all || filter.allows(id as Token))
+                .map(|(id, &logit)| sys::llama_token_data {
+                    id: id as Token,
+                    logit,
+                    p: 0.0,
+                }),
+        );
+        if self.candidates.is_empty() {
+            return Err(BackendError::NothingSampled);
+        }
         let mut arr = sys::llama_token_data_array {
             data: self.candidates.as_mut_ptr(),
             size: self.candidates.len(),
@@ -793,15 +859,15 @@ fn top_logprobs(logits: &[f32], k: usize) -> Vec<(Token, f32)> {
         .collect()
 }
 
-/// The most likely token that is not banned.
-fn argmax(logits: &[f32], banned: &[Token]) -> Token {
-    let mut best = (0usize, f32::NEG_INFINITY);
+/// The most likely token that `filter` allows.
+fn argmax(logits: &[f32], filter: &Filter<'_>) -> Option<Token> {
+    let mut best: Option<(Token, f32)> = None;
     for (i, &l) in logits.iter().enumerate() {
-        if l > best.1 && !banned.contains(&(i as Token)) {
-            best = (i, l);
+        if best.is_none_or(|b| l > b.1) && filter.allows(i as Token) {
+            best = Some((i as Token, l));
         }
     }
-    best.0 as Token
+    best.map(|b| b.0)
 }
 
 /// The probability of `token` under the softmax of `logits`. Terms more
@@ -855,8 +921,10 @@ mod tests {
     #[test]
     fn greedy_skips_banned_tokens_and_reports_the_models_probability() {
         let logits = [0.0, 5.0, 5.0_f32.ln() + 5.0, 1.0];
-        assert_eq!(argmax(&logits, &[]), 2);
-        assert_eq!(argmax(&logits, &[2]), 1);
+        let only = |banned: &'static [Token]| Filter { mask: None, banned };
+        assert_eq!(argmax(&logits, &only(&[])), Some(2));
+        assert_eq!(argmax(&logits, &only(&[2])), Some(1));
+        assert_eq!(argmax(&logits, &only(&[0, 1, 2, 3])), None);
         let p = softmax_at(&logits, 2);
         assert!(p > 0.8 && p < 0.85, "{p}");
     }

@@ -6,13 +6,15 @@
 pub mod ffi;
 
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use ffi::{Batch, Context, ContextParams, Model, ModelParams, Sampler};
 
 use crate::core::SamplingParams;
 use crate::engine::backend::{
-    Backend, BackendError, BatchToken, DecodeError, Loader, Sampled, SeqId, Token,
+    Backend, BackendError, BatchToken, DecodeError, Filter, Loader, Sampled, SeqId, Token,
 };
+use crate::engine::guide::Grammars;
 use crate::engine::template::{self, ChatTemplate};
 
 pub use ffi::{exit_now, system_info, version};
@@ -30,16 +32,52 @@ pub struct LlamaConfig {
     pub repack: bool,
     /// Overrides the model's own chat template.
     pub chat_template: Option<String>,
+    /// Prepare constrained decoding (on a thread of its own, after the
+    /// first load); off, constrained requests are refused.
+    pub constraints: bool,
 }
 
 pub struct LlamaLoader {
     config: LlamaConfig,
+    /// Built from the vocabulary after the first load, kept across parks
+    /// (the model file does not change).
+    grammars: Arc<OnceLock<Result<Grammars, String>>>,
 }
 
 impl LlamaLoader {
     pub fn new(config: LlamaConfig) -> LlamaLoader {
         ffi::init();
-        LlamaLoader { config }
+        LlamaLoader {
+            config,
+            grammars: Arc::default(),
+        }
+    }
+}
+
+impl LlamaLoader {
+    /// Builds the constraint compiler on a thread of its own, so that
+    /// serving starts at once; a constrained request that comes before it
+    /// is ready waits for it.
+    fn prepare_grammars(&self, model: &Model) {
+        let vocab = model.vocab();
+        let (tokens, eog) = (vocab.all_token_bytes(), vocab.eog_tokens());
+        let cell = self.grammars.clone();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let spawned = std::thread::Builder::new()
+            .name("grammars".into())
+            .spawn(move || {
+                cell.get_or_init(|| {
+                    let _ = tx.send(());
+                    Grammars::new(&tokens, &eog).map_err(|e| e.0)
+                });
+            });
+        match spawned {
+            // Once the thread runs the initializer, a caller blocks on it.
+            Ok(_) => {
+                let _ = rx.recv();
+            }
+            Err(e) => log::warn!("cannot start preparing constrained decoding: {e}"),
+        }
     }
 }
 
@@ -48,13 +86,17 @@ impl Loader for LlamaLoader {
     type Backend<'m> = LlamaBackend<'m>;
 
     fn load(&self) -> Result<Model, BackendError> {
-        Model::load(
+        let model = Model::load(
             &self.config.model_path,
             &ModelParams {
                 n_gpu_layers: self.config.n_gpu_layers,
                 repack: self.config.repack,
             },
-        )
+        )?;
+        if self.config.constraints && self.grammars.get().is_none() {
+            self.prepare_grammars(&model);
+        }
+        Ok(model)
     }
 
     fn open<'m>(&'m self, model: &'m Model) -> Result<LlamaBackend<'m>, BackendError> {
@@ -90,8 +132,8 @@ impl Loader for LlamaLoader {
             }
         };
         Ok(LlamaBackend {
-            n_vocab: vocab.n_tokens(),
             eog: vocab.eog_tokens(),
+            grammars: &self.grammars,
             batch: Batch::new(c.n_batch as usize, 1),
             chat,
             model,
@@ -159,8 +201,8 @@ pub struct LlamaBackend<'m> {
     model: &'m Model,
     ctx: Context<'m>,
     batch: Batch,
-    n_vocab: i32,
     eog: Vec<Token>,
+    grammars: &'m OnceLock<Result<Grammars, String>>,
     chat: Chat,
 }
 
@@ -211,6 +253,23 @@ impl Backend for LlamaBackend<'_> {
         self.model.vocab().is_eog(token)
     }
 
+    fn eog_tokens(&self) -> &[Token] {
+        &self.eog
+    }
+
+    fn n_vocab(&self) -> usize {
+        self.model.vocab().n_tokens() as usize
+    }
+
+    fn grammars(&self) -> Result<&Grammars, BackendError> {
+        let built = self
+            .grammars
+            .get_or_init(|| Err("it is off on this server (constraints.enabled = false)".into()));
+        built
+            .as_ref()
+            .map_err(|e| BackendError::Grammars(e.clone()))
+    }
+
     fn piece(&self, token: Token, out: &mut Vec<u8>) {
         self.model.vocab().piece(token, out)
     }
@@ -228,12 +287,16 @@ impl Backend for LlamaBackend<'_> {
     }
 
     fn sampler(&self, params: &SamplingParams, seed: u32) -> Sampler {
-        let banned: &[Token] = if params.ignore_eos { &self.eog } else { &[] };
-        Sampler::new(params, seed, banned, self.n_vocab, self.ctx.n_ctx() as i32)
+        Sampler::new(params, seed, self.model.vocab(), self.ctx.n_ctx() as i32)
     }
 
-    fn sample(&mut self, sampler: &mut Sampler, row: usize) -> Result<Sampled, BackendError> {
-        sampler.sample(&self.ctx, row)
+    fn sample(
+        &mut self,
+        sampler: &mut Sampler,
+        row: usize,
+        filter: &Filter<'_>,
+    ) -> Result<Sampled, BackendError> {
+        sampler.sample(&self.ctx, row, filter)
     }
 
     fn seq_cp(&mut self, src: SeqId, dst: SeqId, len: usize) {

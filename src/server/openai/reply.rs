@@ -5,6 +5,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::Endpoint;
+use crate::core::tools::ToolCall;
 use crate::core::{FinishReason, Stats, TokenLogprobs};
 
 /// What every object of one response shares.
@@ -35,6 +36,11 @@ impl Reply {
         let (head, tail) = whole.split_once(r#""\u0000""#).expect("the placeholder");
         (r.head, r.tail) = (head.to_owned(), tail.to_owned());
         r
+    }
+
+    /// The response's id (`chatcmpl-...`).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -104,14 +110,33 @@ impl Reply {
         out
     }
 
-    /// The last chunk: the finish reason, then the usage if asked for.
-    pub fn last_chunks(&self, reason: FinishReason, stats: &Stats, usage: bool) -> String {
+    /// The first chunk of a reply that calls tools: every call whole.
+    pub fn calls_chunk(&self, calls: &[ToolCall]) -> String {
+        let delta =
+            json!({"role": "assistant", "content": null, "tool_calls": tool_calls(calls, true)});
+        let choice = json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": null});
+        sse(&self.envelope(true, json!([choice])))
+    }
+
+    /// The whole response of a reply that calls tools, not streamed.
+    pub fn complete_calls(&self, calls: &[ToolCall], stats: &Stats) -> String {
+        let message =
+            json!({"role": "assistant", "content": null, "tool_calls": tool_calls(calls, false)});
+        let choice = json!({"index": 0, "message": message, "logprobs": null, "finish_reason": "tool_calls"});
+        let mut body = self.envelope(false, json!([choice]));
+        body["usage"] = usage(stats);
+        body.to_string()
+    }
+
+    /// The last chunk: the finish reason (`finish_reason`, or
+    /// `"tool_calls"`), then the usage if asked for.
+    pub fn last_chunks(&self, finish: &str, stats: &Stats, usage: bool) -> String {
         let choice = match self.endpoint {
             Endpoint::Chat => {
-                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(reason)})
+                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish})
             }
             Endpoint::Completions => {
-                json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason(reason)})
+                json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish})
             }
         };
         let mut out = sse(&self.envelope(true, json!([choice])));
@@ -227,7 +252,26 @@ pub fn sse(data: &Value) -> String {
     format!("data: {data}\n\n")
 }
 
-fn finish_reason(reason: FinishReason) -> &'static str {
+/// Tool calls as OpenAI writes them (a stream's deltas carry their index).
+fn tool_calls(calls: &[ToolCall], indexed: bool) -> Value {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut call = json!({
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            });
+            if indexed {
+                call["index"] = json!(i);
+            }
+            call
+        })
+        .collect()
+}
+
+pub fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Length => "length",
         FinishReason::Eos | FinishReason::Stop | FinishReason::Abort => "stop",
@@ -294,14 +338,14 @@ mod tests {
             completion_tokens: 3,
             ..Stats::default()
         };
-        let end = data(&r.last_chunks(FinishReason::Length, &stats, true));
+        let end = data(&r.last_chunks(finish_reason(FinishReason::Length), &stats, true));
         assert_eq!(end[0]["choices"][0]["finish_reason"], "length");
         assert_eq!(end[1]["choices"], json!([]));
         assert_eq!(end[1]["usage"]["total_tokens"], 8);
         assert_eq!(end[1]["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
         assert_eq!(end[2], "[DONE]");
         assert_eq!(
-            data(&r.last_chunks(FinishReason::Eos, &stats, false)).len(),
+            data(&r.last_chunks(finish_reason(FinishReason::Eos), &stats, false)).len(),
             2
         );
 

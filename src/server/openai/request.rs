@@ -5,10 +5,12 @@
 use serde_json::{Map, Value};
 
 use super::Endpoint;
+use crate::core::tools::{Tool, ToolCall, ToolChoice, Tools, Turn};
 use crate::core::{
-    ChatMessage, MAX_TOP_LOGPROBS, PromptInput, RequestKind, RequestSpec, Role, SamplingParams,
-    Truncate,
+    ChatMessage, Constraint, MAX_TOP_LOGPROBS, PromptInput, RequestKind, RequestSpec, Role,
+    SamplingParams, Truncate,
 };
+use crate::server::protocol;
 
 /// A request as the OpenAI API asked for it.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,6 +21,8 @@ pub struct ApiRequest {
     pub stream: bool,
     /// `stream_options.include_usage`: a last chunk with the usage.
     pub include_usage: bool,
+    /// The model is offered tools: its reply is JSON to read at the end.
+    pub tools: bool,
 }
 
 /// A request that cannot be served: a 400 naming the field at fault.
@@ -113,11 +117,37 @@ pub fn parse(
     let f = Fields(map);
     let model = f.string("model")?.map(str::to_owned);
     refuse_unsupported(&f)?;
+    let tools = match endpoint {
+        Endpoint::Chat => tools(&f)?,
+        Endpoint::Completions => None,
+    };
     let input = match endpoint {
-        Endpoint::Chat => PromptInput::Messages(messages(&f)?),
+        Endpoint::Chat => {
+            let turns = messages(&f)?;
+            PromptInput::Messages(match &tools {
+                Some(t) => t.render(turns),
+                None => turns
+                    .into_iter()
+                    .map(|t| match t {
+                        Turn::Message(m) => m,
+                        _ => unreachable!("calls and results come with tools"),
+                    })
+                    .collect(),
+            })
+        }
         Endpoint::Completions => PromptInput::Text(prompt(&f)?),
     };
-    let params = params(endpoint, &f, defaults)?;
+    let mut params = params(endpoint, &f, defaults)?;
+    let format = response_format(&f)?;
+    let from_tools = tools.as_ref().and_then(Tools::constraint);
+    if format.is_some() && from_tools.is_some() {
+        return Err(BadRequest::new(
+            "response_format",
+            "response_format and tools both constrain the reply: give one (or tool_choice \"none\")",
+        ));
+    }
+    params.constraint = format.or(from_tools);
+    let tools = tools.as_ref().is_some_and(Tools::active);
     let stream = f.boolean("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None => false,
@@ -148,6 +178,7 @@ pub fn parse(
         },
         stream,
         include_usage,
+        tools,
     })
 }
 
@@ -170,29 +201,16 @@ fn refuse_unsupported(f: &Fields) -> Result<(), BadRequest> {
     if f.get("suffix").is_some() {
         return Err(BadRequest::new("suffix", "suffix is not supported"));
     }
-    let tools = f
-        .get("tools")
-        .or(f.get("functions"))
-        .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()));
-    if tools {
+    if f.get("functions").is_some() || f.get("function_call").is_some() {
         return Err(BadRequest::new(
-            "tools",
-            "tools: tool calling is not supported yet",
+            "functions",
+            "functions and function_call are deprecated: send tools and tool_choice",
         ));
-    }
-    if let Some(format) = f.get("response_format") {
-        let kind = format.get("type").and_then(Value::as_str);
-        if kind != Some("text") {
-            return Err(BadRequest::new(
-                "response_format",
-                "only response_format {\"type\": \"text\"} is supported yet",
-            ));
-        }
     }
     Ok(())
 }
 
-fn messages(f: &Fields) -> Result<Vec<ChatMessage>, BadRequest> {
+fn messages(f: &Fields) -> Result<Vec<Turn>, BadRequest> {
     let list = match f.get("messages") {
         Some(Value::Array(a)) if !a.is_empty() => a,
         Some(Value::Array(_)) => return Err(BadRequest::new("messages", "messages is empty")),
@@ -204,6 +222,9 @@ fn messages(f: &Fields) -> Result<Vec<ChatMessage>, BadRequest> {
         }
         None => return Err(BadRequest::new("messages", "messages is required")),
     };
+    let with_tools = f
+        .get("tools")
+        .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()));
     list.iter()
         .enumerate()
         .map(|(i, m)| {
@@ -219,25 +240,40 @@ fn messages(f: &Fields) -> Result<Vec<ChatMessage>, BadRequest> {
                 Some("system" | "developer") => Role::System,
                 Some("user") => Role::User,
                 Some("assistant") => Role::Assistant,
-                Some(other @ ("tool" | "function")) => {
+                Some("tool") => Role::User,
+                Some("function") => {
                     return Err(BadRequest::new(
                         &at("role"),
-                        format!(
-                            "{} = {other:?}: tool messages are not supported yet",
-                            at("role")
-                        ),
+                        format!("{} = \"function\" is deprecated: send \"tool\"", at("role")),
                     ));
                 }
                 _ => {
                     return Err(BadRequest::new(
                         &at("role"),
                         format!(
-                            "{} must be \"system\", \"developer\", \"user\" or \"assistant\"",
+                            "{} must be \"system\", \"developer\", \"user\", \"assistant\" or \"tool\"",
                             at("role")
                         ),
                     ));
                 }
             };
+            let is_tool = m.get("role").and_then(Value::as_str) == Some("tool");
+            let calls = match m.get("tool_calls") {
+                Some(_) if role != Role::Assistant => {
+                    return Err(BadRequest::new(
+                        &at("tool_calls"),
+                        format!("{} is for assistant messages", at("tool_calls")),
+                    ));
+                }
+                Some(calls) => tool_calls(calls, &at("tool_calls"))?,
+                None => Vec::new(),
+            };
+            if (is_tool || !calls.is_empty()) && !with_tools {
+                return Err(BadRequest::new(
+                    &at("role"),
+                    format!("{}: tool calls and results need the request's tools", at("role")),
+                ));
+            }
             let content = match m.get("content") {
                 None if role == Role::Assistant => String::new(),
                 Some(Value::String(s)) => s.clone(),
@@ -252,9 +288,177 @@ fn messages(f: &Fields) -> Result<Vec<ChatMessage>, BadRequest> {
                     ));
                 }
             };
-            Ok(ChatMessage { role, content })
+            Ok(if is_tool {
+                let call_id = m.string("tool_call_id").map_err(|_| {
+                    BadRequest::new(&at("tool_call_id"), format!("{} must be a string", at("tool_call_id")))
+                })?;
+                Turn::Result {
+                    call_id: call_id.map(str::to_owned),
+                    content,
+                }
+            } else if !calls.is_empty() {
+                Turn::Calls { content, calls }
+            } else {
+                Turn::Message(ChatMessage { role, content })
+            })
         })
         .collect()
+}
+
+/// An assistant message's `tool_calls`, as an earlier reply gave them.
+fn tool_calls(value: &Value, at: &str) -> Result<Vec<ToolCall>, BadRequest> {
+    let shape = || {
+        BadRequest::new(
+            at,
+            format!(
+                "{at} must be an array of {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}"
+            ),
+        )
+    };
+    let list = value.as_array().ok_or_else(shape)?;
+    list.iter()
+        .map(|c| {
+            let function = c.get("function").ok_or_else(shape)?;
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(shape)?;
+            let arguments = match function.get("arguments") {
+                Some(Value::String(s)) => s.clone(),
+                Some(v @ Value::Object(_)) => v.to_string(),
+                None => "{}".into(),
+                _ => return Err(shape()),
+            };
+            Ok(ToolCall {
+                id: c
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                name: name.to_owned(),
+                arguments,
+            })
+        })
+        .collect()
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls`; `None` without tools.
+fn tools(f: &Fields) -> Result<Option<Tools>, BadRequest> {
+    let list = match f.get("tools") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a.clone(),
+        Some(_) => return Err(BadRequest::new("tools", "tools must be an array")),
+    };
+    let tools = list
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let function = match (t.get("type").and_then(Value::as_str), t.get("function")) {
+                (Some("function"), Some(Value::Object(function))) => Fields(function),
+                _ => {
+                    return Err(BadRequest::new(
+                        &format!("tools[{i}]"),
+                        format!("tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", \"parameters\"...}}}}"),
+                    ));
+                }
+            };
+            let name = function
+                .string("name")
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    BadRequest::new(&format!("tools[{i}].function.name"), format!("tools[{i}].function.name is required"))
+                })?;
+            let description = function.string("description").ok().flatten().map(str::to_owned);
+            Ok(Tool {
+                name: name.to_owned(),
+                description,
+                parameters: function
+                    .get("parameters")
+                    .cloned()
+                    .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}})),
+            })
+        })
+        .collect::<Result<Vec<Tool>, BadRequest>>()?;
+    let choice = match f.get("tool_choice") {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(BadRequest::new(
+                    "tool_choice",
+                    format!(
+                        "tool_choice {other:?} is not one of \"auto\", \"none\", \"required\" or a function"
+                    ),
+                ));
+            }
+        },
+        Some(v) => match v
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+        {
+            Some(name) if v.get("type").and_then(Value::as_str) == Some("function") => {
+                ToolChoice::Function(name.to_owned())
+            }
+            _ => {
+                return Err(BadRequest::new(
+                    "tool_choice",
+                    "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                ));
+            }
+        },
+    };
+    if tools.is_empty() && f.get("tool_choice").is_none() {
+        return Ok(None);
+    }
+    let tools = Tools {
+        tools,
+        choice,
+        // Off unless asked for, as in llama-server: a small model given the
+        // choice repeats its call until `max_tokens`.
+        parallel: f.boolean("parallel_tool_calls")?.unwrap_or(false),
+    };
+    tools.validate().map_err(|e| {
+        BadRequest::new(
+            if e.starts_with("tools") {
+                "tools"
+            } else {
+                "tool_choice"
+            },
+            e,
+        )
+    })?;
+    Ok(Some(tools))
+}
+
+/// `response_format`: `text`, `json_object` or `json_schema`.
+fn response_format(f: &Fields) -> Result<Option<Constraint>, BadRequest> {
+    let Some(format) = f.get("response_format") else {
+        return Ok(None);
+    };
+    let bad = |m: &str| BadRequest::new("response_format", m);
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::JsonSchema(
+            serde_json::json!({"type": "object"}),
+        ))),
+        Some("json_schema") => {
+            let schema = format
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+            protocol::json_schema("response_format.json_schema.schema", schema)
+                .map(Some)
+                .map_err(|m| BadRequest::new("response_format.json_schema.schema", m))
+        }
+        _ => Err(bad(
+            "response_format.type must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
 }
 
 /// Content given as parts: the text parts joined (this model reads text only).
@@ -281,6 +485,13 @@ fn text_parts(parts: &[Value], at: &str) -> Result<String, BadRequest> {
         }
     }
     Ok(text)
+}
+
+fn string_list(v: &Value) -> Option<Vec<String>> {
+    v.as_array()?
+        .iter()
+        .map(|s| s.as_str().map(str::to_owned))
+        .collect()
 }
 
 fn prompt(f: &Fields) -> Result<String, BadRequest> {
@@ -371,6 +582,58 @@ fn params(
     };
     if let Some(b) = f.boolean("ignore_eos")? {
         p.ignore_eos = b;
+    }
+    // Beyond OpenAI's own: llama-server's and vLLM's names.
+    if let Some(x) = f.number("typical_p", 0.0, 1.0)? {
+        p.typical_p = x;
+    }
+    if let Some(x) = f.number("xtc_probability", 0.0, 1.0)? {
+        p.xtc_probability = x;
+    }
+    if let Some(x) = f.number("xtc_threshold", 0.0, 1.0)? {
+        p.xtc_threshold = x;
+    }
+    if let Some(x) = f.number("dry_multiplier", 0.0, 10.0)? {
+        p.dry_multiplier = x;
+    }
+    if let Some(x) = f.number("dry_base", 1.0, 10.0)? {
+        p.dry_base = x;
+    }
+    if let Some(x) = f.integer("dry_allowed_length", 0, 1000)? {
+        p.dry_allowed_length = x as u32;
+    }
+    if let Some(x) = f.integer("dry_penalty_last_n", -1, i32::MAX.into())? {
+        p.dry_penalty_last_n = x as i32;
+    }
+    if let Some(v) = f.get("dry_sequence_breakers") {
+        p.dry_sequence_breakers = string_list(v).ok_or_else(|| {
+            BadRequest::new(
+                "dry_sequence_breakers",
+                "dry_sequence_breakers must be an array of strings",
+            )
+        })?;
+    }
+    if let Some(x) = f.integer("min_tokens", 0, u32::MAX.into())? {
+        p.min_tokens = x as u32;
+    }
+    if let Some(v) = f.get("stop_token_ids") {
+        p.stop_token_ids = v
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|t| t.as_i64().and_then(|t| i32::try_from(t).ok()))
+                    .collect()
+            })
+            .ok_or_else(|| {
+                BadRequest::new(
+                    "stop_token_ids",
+                    "stop_token_ids must be an array of token ids",
+                )
+            })?;
+    }
+    if let Some(v) = f.get("logit_bias") {
+        p.logit_bias = protocol::parse_logit_bias(v)
+            .map_err(|e| BadRequest::new("logit_bias", format!("logit_bias {e}")))?;
     }
     p.logprobs = match endpoint {
         Endpoint::Chat => {
@@ -474,6 +737,61 @@ mod tests {
         );
     }
 
+    fn weather() -> Value {
+        json!({"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}})
+    }
+
+    #[test]
+    fn tools_and_formats_become_constraints() {
+        let user = json!({"role": "user", "content": "Weather in Oslo?"});
+        let r = chat(json!({"messages": [user], "tools": [weather()], "tool_choice": "required"}))
+            .unwrap();
+        assert!(r.tools);
+        let Some(Constraint::JsonSchema(schema)) = &r.spec.params.constraint else {
+            panic!("{:?}", r.spec.params.constraint)
+        };
+        assert_eq!(schema["properties"]["tool_calls"]["maxItems"], json!(1));
+        let PromptInput::Messages(m) = &r.spec.input else {
+            panic!()
+        };
+        assert_eq!(m[0].role, Role::System);
+        assert!(m[0].content.contains("get_weather"));
+        // A round trip: the call and its result go back as JSON turns.
+        let history = json!([
+            user,
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"},
+        ]);
+        let r = chat(json!({"messages": history, "tools": [weather()]})).unwrap();
+        let PromptInput::Messages(m) = &r.spec.input else {
+            panic!()
+        };
+        let roles: Vec<Role> = m.iter().map(|m| m.role).collect();
+        assert_eq!(
+            roles,
+            [Role::System, Role::User, Role::Assistant, Role::User]
+        );
+        assert!(m[2].content.contains("Oslo") && m[3].content.contains("-3 C"));
+        let none =
+            chat(json!({"messages": [user], "tools": [weather()], "tool_choice": "none"})).unwrap();
+        assert!(!none.tools && none.spec.params.constraint.is_none());
+        let json = chat(
+            json!({"messages": [user], "response_format": {"type": "json_schema",
+            "json_schema": {"name": "x", "strict": true, "schema": {"type": "object"}}}}),
+        )
+        .unwrap();
+        assert_eq!(
+            json.spec.params.constraint,
+            Some(Constraint::JsonSchema(json!({"type": "object"})))
+        );
+        let biased =
+            chat(json!({"messages": [user], "logit_bias": {"42": -100}, "min_tokens": 3})).unwrap();
+        assert_eq!(biased.spec.params.logit_bias, vec![(42, -100.0)]);
+        assert_eq!(biased.spec.params.min_tokens, 3);
+    }
+
     #[test]
     fn wrong_types_and_ranges_name_the_field() {
         let user = json!([{"role": "user", "content": "x"}]);
@@ -500,12 +818,37 @@ mod tests {
             (json!({"messages": user, "top_p": 0}), "top_p"),
             (
                 json!({"messages": user, "tools": [{"type": "function"}]}),
+                "tools[0]",
+            ),
+            (
+                json!({"messages": user, "response_format": {"type": "xml"}}),
+                "response_format",
+            ),
+            (
+                json!({"messages": user, "response_format": {"type": "json_object"}, "tools": [weather()]}),
+                "response_format",
+            ),
+            (
+                json!({"messages": user, "tool_choice": "required"}),
+                "tool_choice",
+            ),
+            (
+                json!({"messages": user, "tools": [weather()], "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+                "tool_choice",
+            ),
+            (
+                json!({"messages": user, "tools": [weather(), weather()]}),
                 "tools",
             ),
             (
-                json!({"messages": user, "response_format": {"type": "json_object"}}),
-                "response_format",
+                json!({"messages": user, "logit_bias": {"x": 1}}),
+                "logit_bias",
             ),
+            (
+                json!({"messages": user, "logit_bias": {"5": 150}}),
+                "logit_bias",
+            ),
+            (json!({"messages": user, "min_tokens": 600}), "min_tokens"),
             (json!({"messages": user, "model": 3}), "model"),
             (json!({"messages": []}), "messages"),
             (json!({"messages": "hi"}), "messages"),

@@ -4,9 +4,10 @@
 //! stream's head waits for the first token, so a request refused before it
 //! (queue full, prompt too long) still gets its HTTP status.
 
+use crate::core::tools::{self, Answer, ToolCall};
 use crate::core::{Event, TokenLogprobs};
 use crate::server::http::Response;
-use crate::server::openai::{self, ApiRequest, Endpoint, Reply};
+use crate::server::openai::{self, ApiRequest, Endpoint, Reply, reply};
 use crate::server::session::{Api, Host, Message, Outbox, Session};
 
 pub struct OpenAi {
@@ -20,6 +21,8 @@ struct Live {
     reply: Reply,
     stream: bool,
     include_usage: bool,
+    /// The reply is tools' JSON: kept whole and read at the end.
+    tools: bool,
     /// The stream's head has been sent.
     started: bool,
     /// Text and log-probabilities so far (not streaming), or not yet sent
@@ -51,6 +54,7 @@ impl Session for OpenAi {
             spec,
             stream,
             include_usage,
+            tools,
         } = match openai::parse(self.endpoint, &body, host.defaults()) {
             Ok(r) => r,
             Err(e) => {
@@ -91,6 +95,7 @@ impl Session for OpenAi {
             ),
             stream,
             include_usage,
+            tools,
             started: false,
             text: String::new(),
             logprobs: Vec::new(),
@@ -107,7 +112,7 @@ impl Session for OpenAi {
             Event::Queued { .. } | Event::Tokens { .. } | Event::Stopped => {}
             Event::Token { text, logprobs, .. } => {
                 live.logprobs.extend(logprobs.as_deref().cloned());
-                if !live.stream {
+                if !live.stream || live.tools {
                     live.text.push_str(text);
                     return;
                 }
@@ -119,13 +124,58 @@ impl Session for OpenAi {
                 out.stream(live.reply.chunk(text, &live.logprobs, first));
                 live.logprobs.clear();
             }
+            Event::End { stats, .. } if live.tools => {
+                let answer = tools::parse_answer(&live.text);
+                let calls: Vec<ToolCall> = match answer {
+                    Some(Answer::Calls(calls)) => calls
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (name, arguments))| ToolCall {
+                            id: format!(
+                                "call_{}_{i}",
+                                live.reply.id().trim_start_matches("chatcmpl-")
+                            ),
+                            name,
+                            arguments,
+                        })
+                        .collect(),
+                    Some(Answer::Text(text)) => {
+                        live.text = text;
+                        Vec::new()
+                    }
+                    // Cut short (`max_tokens`): the JSON as it is.
+                    None => Vec::new(),
+                };
+                if calls.is_empty() {
+                    live.tools = false;
+                    if live.stream && !live.text.is_empty() {
+                        let first = live.start(out);
+                        out.stream(live.reply.chunk(&live.text, &live.logprobs, first));
+                        live.logprobs.clear();
+                    }
+                    return self.on_event(_id, event, out);
+                }
+                if live.stream {
+                    live.start(out);
+                    out.stream(live.reply.calls_chunk(&calls));
+                    out.stream(
+                        live.reply
+                            .last_chunks("tool_calls", stats, live.include_usage),
+                    );
+                    out.end_stream();
+                } else {
+                    let body = live.reply.complete_calls(&calls, stats);
+                    out.respond(Response::new(200, "application/json", body));
+                }
+            }
             Event::End { reason, stats, .. } => {
                 if live.stream {
                     live.start(out);
                     if !live.logprobs.is_empty() {
                         out.stream(live.reply.chunk("", &live.logprobs, false));
                     }
-                    out.stream(live.reply.last_chunks(*reason, stats, live.include_usage));
+                    let finish = reply::finish_reason(*reason);
+                    out.stream(live.reply.last_chunks(finish, stats, live.include_usage));
                     out.end_stream();
                 } else {
                     let body = live
