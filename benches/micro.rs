@@ -143,7 +143,7 @@ fn reactor_run(n: u64, flush_each: bool) -> Duration {
     let engine_waker = waker.clone();
     let (sink, source) = engine::events(move || engine_waker.wake().unwrap());
     let mut ws = server_ws(tcp_pair());
-    let mut session = WsV1;
+    let mut session = WsV1::default();
     let mut out = Outbox::default();
     let start = Instant::now();
     let engine = std::thread::spawn(move || {

@@ -124,6 +124,14 @@ impl From<&Status> for WireStatus {
     }
 }
 
+/// A tool call in `end`.
+#[derive(Debug, Serialize)]
+pub struct WireToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: serde_json::Value,
+}
+
 /// One token and its log-probability, as `token.logprobs` shows it.
 #[derive(Debug, Serialize)]
 pub struct WireCandidate {
@@ -182,6 +190,12 @@ pub enum ServerMsg<'a> {
         id: &'a str,
         reason: &'a str,
         stats: WireStats,
+        /// With tools: the answer in words (`tool_choice` auto)...
+        #[serde(skip_serializing_if = "Option::is_none")]
+        content: Option<&'a str>,
+        /// ...or the calls (`reason` is then `tool_calls`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tool_calls: Option<Vec<WireToolCall>>,
     },
     /// The answer to `tokenize`.
     Tokens {
@@ -255,7 +269,9 @@ mod tests {
             ServerMsg::End {
                 id: "r1",
                 reason: "eos",
-                stats: (&stats).into()
+                stats: (&stats).into(),
+                content: None,
+                tool_calls: None,
             }
             .to_json(),
             r#"{"op":"end","id":"r1","reason":"eos","stats":{"prompt_tokens":3,"cached_tokens":0,"truncated_tokens":0,"completion_tokens":2,"ttft_ms":1.5,"ms":3.0,"tps":100.0}}"#

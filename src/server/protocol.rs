@@ -9,6 +9,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::core::tools::{Tool, ToolCall, ToolChoice, Tools, Turn};
 use crate::core::{
     ChatMessage, Constraint, ErrorCode, InvalidParam, PromptInput, Role, SamplingParams, Truncate,
 };
@@ -58,6 +59,8 @@ pub struct InferRequest {
     /// `params` laid over the server's defaults, validated.
     pub params: SamplingParams,
     pub truncate: Truncate,
+    /// The model is offered tools: its reply is JSON, read at its end.
+    pub tools: bool,
 }
 
 #[derive(Deserialize)]
@@ -71,7 +74,12 @@ enum WireTruncate {
 #[serde(deny_unknown_fields)]
 struct WireMessage {
     role: WireRole,
-    content: String,
+    /// Optional only beside `tool_calls`.
+    content: Option<String>,
+    /// An assistant turn's calls, as an earlier `end` gave them.
+    tool_calls: Option<Vec<WireCall>>,
+    /// A `tool` message: the call it answers.
+    tool_call_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -80,20 +88,108 @@ enum WireRole {
     System,
     User,
     Assistant,
+    Tool,
 }
 
-impl From<WireMessage> for ChatMessage {
-    fn from(m: WireMessage) -> ChatMessage {
-        let role = match m.role {
-            WireRole::System => Role::System,
-            WireRole::User => Role::User,
-            WireRole::Assistant => Role::Assistant,
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireCall {
+    id: Option<String>,
+    name: String,
+    /// An object, or its JSON text.
+    #[serde(default)]
+    arguments: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireTool {
+    name: String,
+    description: Option<String>,
+    parameters: Option<Value>,
+}
+
+impl WireMessage {
+    fn into_turn(self, i: usize) -> Result<Turn, String> {
+        let content = match (self.content, &self.tool_calls) {
+            (Some(c), _) => c,
+            (None, Some(_)) => String::new(),
+            (None, None) => return Err(format!("messages[{i}]: missing field `content`")),
         };
-        ChatMessage {
-            role,
-            content: m.content,
+        match (self.role, self.tool_calls, self.tool_call_id) {
+            (WireRole::Tool, None, call_id) => Ok(Turn::Result { call_id, content }),
+            (WireRole::Assistant, Some(calls), None) => Ok(Turn::Calls {
+                content,
+                calls: calls
+                    .into_iter()
+                    .map(|c| ToolCall {
+                        id: c.id.unwrap_or_default(),
+                        name: c.name,
+                        arguments: match c.arguments {
+                            Value::String(s) => s,
+                            Value::Null => "{}".into(),
+                            v => v.to_string(),
+                        },
+                    })
+                    .collect(),
+            }),
+            (_, Some(_), _) => Err(format!(
+                "messages[{i}]: tool_calls are for assistant messages"
+            )),
+            (_, _, Some(_)) => Err(format!("messages[{i}]: tool_call_id is for tool messages")),
+            (role, None, None) => {
+                let role = match role {
+                    WireRole::System => Role::System,
+                    WireRole::User => Role::User,
+                    WireRole::Assistant | WireRole::Tool => Role::Assistant,
+                };
+                Ok(Turn::Message(ChatMessage { role, content }))
+            }
         }
     }
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls` of an `infer`.
+fn tools(
+    list: Option<Vec<WireTool>>,
+    choice: Option<Value>,
+    parallel: Option<bool>,
+) -> Result<Option<Tools>, String> {
+    if list.is_none() && choice.is_none() {
+        return Ok(None);
+    }
+    let choice = match choice {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) if s == "auto" => ToolChoice::Auto,
+        Some(Value::String(s)) if s == "none" => ToolChoice::None,
+        Some(Value::String(s)) if s == "required" => ToolChoice::Required,
+        Some(v) => match v.get("name").and_then(Value::as_str) {
+            Some(name) => ToolChoice::Function(name.to_owned()),
+            None => {
+                return Err(
+                    "tool_choice must be \"auto\", \"none\", \"required\" or {\"name\": ...}"
+                        .into(),
+                );
+            }
+        },
+    };
+    let tools = Tools {
+        tools: list
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| Tool {
+                name: t.name,
+                description: t.description,
+                parameters: t
+                    .parameters
+                    .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}})),
+            })
+            .collect(),
+        choice,
+        parallel: parallel.unwrap_or(false),
+    };
+    tools.validate()?;
+    Ok(Some(tools))
 }
 
 /// Per-request generation parameters as sent; `None` keeps the server's default.
@@ -271,6 +367,9 @@ struct InferWire {
     #[serde(default)]
     params: Params,
     truncate: Option<WireTruncate>,
+    tools: Option<Vec<WireTool>>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -283,11 +382,13 @@ struct TokenizeWire {
     messages: Option<Vec<WireMessage>>,
 }
 
-/// Exactly one of `prompt` and `messages`, not empty.
+/// Exactly one of `prompt` and `messages`, not empty; `tools` shape the
+/// conversation (see `core::tools`).
 fn input(
     id: Option<&str>,
     prompt: Option<String>,
     messages: Option<Vec<WireMessage>>,
+    tools: Option<&Tools>,
 ) -> Result<PromptInput, ProtoError> {
     match (prompt, messages) {
         (Some(_), Some(_)) => Err(ProtoError::bad(
@@ -298,9 +399,20 @@ fn input(
         (Some(p), None) if p.is_empty() => Err(ProtoError::bad(id, "\"prompt\" is empty")),
         (Some(p), None) => Ok(PromptInput::Text(p)),
         (None, Some(m)) if m.is_empty() => Err(ProtoError::bad(id, "\"messages\" is empty")),
-        (None, Some(m)) => Ok(PromptInput::Messages(
-            m.into_iter().map(Into::into).collect(),
-        )),
+        (None, Some(m)) => {
+            let turns = m
+                .into_iter()
+                .enumerate()
+                .map(|(i, m)| m.into_turn(i))
+                .collect::<Result<Vec<Turn>, String>>()
+                .map_err(|e| ProtoError::bad(id, e))?;
+            let none = Tools {
+                tools: Vec::new(),
+                choice: ToolChoice::None,
+                parallel: false,
+            };
+            Ok(PromptInput::Messages(tools.unwrap_or(&none).render(turns)))
+        }
     }
 }
 
@@ -323,7 +435,7 @@ struct TokenizeBody {
 pub fn parse_tokenize_body(body: &[u8]) -> Result<PromptInput, String> {
     let wire: TokenizeBody =
         serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
-    input(None, wire.prompt, wire.messages).map_err(|e| e.message)
+    input(None, wire.prompt, wire.messages, None).map_err(|e| e.message)
 }
 
 /// Parses one client text frame; request parameters are laid over `defaults`.
@@ -365,11 +477,28 @@ pub fn parse(text: &str, defaults: &SamplingParams) -> Result<ClientMsg, ProtoEr
     match op {
         "infer" => {
             let wire = InferWire::deserialize(&value).map_err(field_err)?;
-            let input = input(id, wire.prompt, wire.messages)?;
-            let params = wire
+            let tools = tools(wire.tools, wire.tool_choice, wire.parallel_tool_calls)
+                .map_err(|m| ProtoError::bad(id, m))?;
+            if tools.is_some() && wire.prompt.is_some() {
+                return Err(ProtoError::bad(
+                    id,
+                    "tools need \"messages\", not \"prompt\"",
+                ));
+            }
+            let input = input(id, wire.prompt, wire.messages, tools.as_ref())?;
+            let mut params = wire
                 .params
                 .resolve(defaults)
                 .map_err(|m| ProtoError::bad(id, m))?;
+            if let Some(c) = tools.as_ref().and_then(Tools::constraint) {
+                if params.constraint.is_some() {
+                    return Err(ProtoError::bad(
+                        id,
+                        "tools and params.json_schema (or regex, choice, grammar) both constrain the reply: give one",
+                    ));
+                }
+                params.constraint = Some(c);
+            }
             let truncate = match wire.truncate {
                 None | Some(WireTruncate::None) => Truncate::None,
                 Some(WireTruncate::Left) => Truncate::Left,
@@ -379,11 +508,12 @@ pub fn parse(text: &str, defaults: &SamplingParams) -> Result<ClientMsg, ProtoEr
                 input,
                 params,
                 truncate,
+                tools: tools.as_ref().is_some_and(Tools::active),
             })))
         }
         "tokenize" => {
             let wire = TokenizeWire::deserialize(&value).map_err(field_err)?;
-            let input = input(id, wire.prompt, wire.messages)?;
+            let input = input(id, wire.prompt, wire.messages, None)?;
             Ok(ClientMsg::Tokenize { id: wire.id, input })
         }
         "abort" => {

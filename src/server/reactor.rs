@@ -298,7 +298,7 @@ impl Reactor {
         match input {
             Input::Opened => {
                 if let Some(conn) = self.conns.get_mut(slot) {
-                    conn.session = Some(Box::new(WsV1));
+                    conn.session = Some(Box::new(WsV1::default()));
                 }
                 self.with_session(slot, |s, host, out| s.opened(host, out));
             }

@@ -2,14 +2,20 @@
 //! `status`), events out (`hello`, `queued`, `token`, `end`, `error`,
 //! `status`). See docs/protocol.md.
 
+use std::collections::HashMap;
+
+use crate::core::tools::{self, Answer};
 use crate::core::{ErrorCode, Event, RequestKind, RequestSpec, Truncate};
-use crate::server::messages::{Hello, Limits, ServerMsg};
+use crate::server::messages::{Hello, Limits, ServerMsg, WireToolCall};
 use crate::server::protocol::{self, ClientMsg};
 use crate::server::requests::Refused;
 use crate::server::session::{Api, Host, Message, Outbox, Session, SubmitError};
 
 #[derive(Debug, Default)]
-pub struct WsV1;
+pub struct WsV1 {
+    /// The text so far of requests offered tools, by id: read at their end.
+    tool_replies: HashMap<String, String>,
+}
 
 impl Session for WsV1 {
     fn api(&self) -> Api {
@@ -66,8 +72,12 @@ impl Session for WsV1 {
                     kind: RequestKind::Generate,
                     truncate: req.truncate,
                 };
-                if let Err(e) = host.submit(req.id.as_deref(), spec) {
-                    out.push(refusal(req.id.as_deref(), e));
+                match host.submit(req.id.as_deref(), spec) {
+                    Ok(id) if req.tools => {
+                        self.tool_replies.insert(id, String::new());
+                    }
+                    Ok(_) => {}
+                    Err(e) => out.push(refusal(req.id.as_deref(), e)),
                 }
             }
             Ok(ClientMsg::Tokenize { id, input }) => {
@@ -102,21 +112,56 @@ impl Session for WsV1 {
                 prob,
                 logprobs,
                 ..
-            } => ServerMsg::Token {
-                id,
-                content: text,
-                prob: *prob,
-                logprobs: logprobs.as_deref().map(Into::into),
+            } => {
+                if let Some(reply) = self.tool_replies.get_mut(id) {
+                    reply.push_str(text);
+                }
+                ServerMsg::Token {
+                    id,
+                    content: text,
+                    prob: *prob,
+                    logprobs: logprobs.as_deref().map(Into::into),
+                }
+                .to_json()
             }
-            .to_json(),
-            Event::End { reason, stats, .. } => ServerMsg::End {
-                id,
-                reason: reason.as_str(),
-                stats: stats.into(),
+            Event::End { reason, stats, .. } => {
+                let answer = self
+                    .tool_replies
+                    .remove(id)
+                    .and_then(|text| tools::parse_answer(&text));
+                let (content, tool_calls) = match answer {
+                    Some(Answer::Text(text)) => (Some(text), None),
+                    Some(Answer::Calls(calls)) => {
+                        let calls = calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, (name, arguments))| WireToolCall {
+                                id: format!("call_{id}_{i}"),
+                                arguments: serde_json::from_str(&arguments)
+                                    .unwrap_or(serde_json::Value::String(arguments)),
+                                name,
+                            })
+                            .collect();
+                        (None, Some(calls))
+                    }
+                    None => (None, None),
+                };
+                ServerMsg::End {
+                    id,
+                    reason: if tool_calls.is_some() {
+                        "tool_calls"
+                    } else {
+                        reason.as_str()
+                    },
+                    stats: stats.into(),
+                    content: content.as_deref(),
+                    tool_calls,
+                }
+                .to_json()
             }
-            .to_json(),
             Event::Tokens { count, .. } => ServerMsg::Tokens { id, count: *count }.to_json(),
             Event::Error { error, .. } => {
+                self.tool_replies.remove(id);
                 ServerMsg::error(Some(id), error.code(), &error.to_string())
             }
             Event::Stopped => return,
@@ -150,7 +195,7 @@ mod tests {
 
     fn send(host: &mut FakeHost, msg: Value) -> Vec<Value> {
         let mut out = Outbox::default();
-        WsV1.on_message(Message::Text(&msg.to_string()), host, &mut out);
+        WsV1::default().on_message(Message::Text(&msg.to_string()), host, &mut out);
         out.texts()
             .iter()
             .map(|s| serde_json::from_str(s).unwrap())
@@ -160,7 +205,7 @@ mod tests {
     #[test]
     fn hello_says_what_the_server_can_do() {
         let mut out = Outbox::default();
-        WsV1.opened(&mut FakeHost::default(), &mut out);
+        WsV1::default().opened(&mut FakeHost::default(), &mut out);
         let hello: Value = serde_json::from_str(out.texts()[0]).unwrap();
         assert_eq!(hello["op"], "hello");
         assert_eq!(hello["protocol"], 1);
@@ -191,12 +236,74 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_to_tools_ends_with_its_calls_or_its_answer() {
+        let mut host = FakeHost::default();
+        let mut s = WsV1::default();
+        let mut out = Outbox::default();
+        let tool = json!({"name": "f", "parameters": {"type": "object"}});
+        for (id, choice) in [("c", "required"), ("a", "auto")] {
+            let msg = json!({"op": "infer", "id": id, "messages": [{"role": "user", "content": "x"}],
+                "tools": [tool], "tool_choice": choice});
+            s.on_message(Message::Text(&msg.to_string()), &mut host, &mut out);
+        }
+        let (_, spec) = &host.submitted[0];
+        assert!(matches!(
+            spec.params.constraint,
+            Some(crate::core::Constraint::JsonSchema(_))
+        ));
+        let token = |text: &str| Event::Token {
+            key: 1,
+            text: text.into(),
+            prob: 0.5,
+            logprobs: None,
+        };
+        let end = Event::End {
+            key: 1,
+            reason: FinishReason::Eos,
+            stats: Stats::default(),
+        };
+        s.on_event("c", &token(r#"{"tool_calls": [{"name": "f", "#), &mut out);
+        s.on_event("c", &token(r#""arguments": {"x": 1}}]}"#), &mut out);
+        s.on_event("c", &end, &mut out);
+        s.on_event("a", &token(r#"{"response": "hi"}"#), &mut out);
+        s.on_event("a", &end, &mut out);
+        let texts: Vec<Value> = out
+            .texts()
+            .iter()
+            .map(|t| serde_json::from_str(t).unwrap())
+            .collect();
+        let ends: Vec<&Value> = texts.iter().filter(|m| m["op"] == "end").collect();
+        assert_eq!(ends[0]["reason"], "tool_calls");
+        assert_eq!(
+            ends[0]["tool_calls"],
+            json!([{"id": "call_c_0", "name": "f", "arguments": {"x": 1}}])
+        );
+        assert_eq!(
+            (ends[1]["reason"].as_str(), ends[1]["content"].as_str()),
+            (Some("eos"), Some("hi"))
+        );
+        assert!(s.tool_replies.is_empty());
+        // Refused: tools with a prompt, a constraint beside them, a bad choice.
+        for bad in [
+            json!({"op": "infer", "prompt": "x", "tools": [tool]}),
+            json!({"op": "infer", "messages": [{"role": "user", "content": "x"}], "tools": [tool],
+                "params": {"regex": "a"}}),
+            json!({"op": "infer", "messages": [{"role": "user", "content": "x"}], "tools": [tool],
+                "tool_choice": {"name": "g"}}),
+            json!({"op": "infer", "messages": [{"role": "user", "tool_calls": []}]}),
+        ] {
+            let out = send(&mut host, bad.clone());
+            assert_eq!(out[0]["code"], "bad_request", "{bad}: {out:?}");
+        }
+    }
+
+    #[test]
     fn tokenize_is_a_request_whose_answer_is_a_count() {
         let mut host = FakeHost::default();
         assert!(send(&mut host, json!({"op":"tokenize","id":"t","prompt":"Hi"})).is_empty());
         assert_eq!(host.submitted[0].1.kind, RequestKind::CountTokens);
         let mut out = Outbox::default();
-        WsV1.on_event("t", &Event::Tokens { key: 1, count: 3 }, &mut out);
+        WsV1::default().on_event("t", &Event::Tokens { key: 1, count: 3 }, &mut out);
         assert_eq!(out.texts(), [r#"{"op":"tokens","id":"t","count":3}"#]);
     }
 
@@ -235,7 +342,7 @@ mod tests {
             (&json!("q"), &json!("bad_request"))
         );
         let mut out = Outbox::default();
-        WsV1.on_message(Message::Binary(b"x"), &mut host, &mut out);
+        WsV1::default().on_message(Message::Binary(b"x"), &mut host, &mut out);
         assert!(out.texts()[0].contains("binary frames"));
         let out = send(&mut host, json!({"op":"status"}));
         assert_eq!(out[0]["slots"], 4);
@@ -245,7 +352,7 @@ mod tests {
     #[test]
     fn engine_events_become_v1_messages() {
         let mut out = Outbox::default();
-        let mut s = WsV1;
+        let mut s = WsV1::default();
         s.on_event(
             "r",
             &Event::Queued {

@@ -75,6 +75,18 @@ async def infer(ws, rid, prompt, params):
             return text, m
 
 
+async def infer_messages(ws, rid, messages, extra):
+    await ws.send(json.dumps({"op": "infer", "id": rid, "messages": messages, **extra,
+                              "params": {"temp": 0, "max_tokens": 16}}))
+    text = ""
+    while True:
+        m = json.loads(await ws.recv())
+        if m["op"] == "token":
+            text += m["content"]
+        elif m["op"] in ("end", "error"):
+            return text, m
+
+
 async def many(prompt, params, n=20, width=4):
     """n generations, `width` at a time on as many connections (a seed each)."""
     results = []
@@ -155,6 +167,30 @@ async def websocket_checks():
                               {"temp": 0, "max_tokens": 3, "logit_bias": [[first["token"], -100]]})
         assert not text.startswith(first["text"]), (text, first)
         ok("token logprobs on protocol v1, and logit_bias bans the greedy pick")
+
+        # Tools on protocol v1: the same JSON, the calls in `end`.
+        tool = {"name": "set_alarm", "description": "Sets an alarm",
+                "parameters": {"type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23},
+                               "minute": {"type": "integer", "minimum": 0, "maximum": 59}},
+                               "required": ["hour", "minute"], "additionalProperties": False}}
+        messages = [{"role": "user", "content": "Wake me up at half past seven."}]
+        await ws.send(json.dumps({"op": "infer", "id": "t1", "messages": messages, "tools": [tool],
+                                  "tool_choice": "required", "params": {"temp": 1.0, "seed": 5}}))
+        while True:
+            m = json.loads(await ws.recv())
+            if m["op"] in ("end", "error"):
+                break
+        assert m["op"] == "end" and m["reason"] == "tool_calls", m
+        call = m["tool_calls"][0]
+        assert call["name"] == "set_alarm" and call["id"], call
+        jsonschema.validate(call["arguments"], tool["parameters"])
+        messages += [{"role": "assistant", "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": call["id"], "content": "alarm set"}]
+        text, end = await infer_messages(ws, "t2", messages, {"tools": [tool], "tool_choice": "none"})
+        assert end["op"] == "end" and "tool_calls" not in end and end["stats"]["prompt_tokens"] > 40, end
+        text, end = await infer_messages(ws, "t3", messages[:1], {"tools": [tool], "tool_choice": {"name": "nope"}})
+        assert end["op"] == "error" and "nope" in end["message"], end
+        ok(f"tools on protocol v1: a required call validates ({call['arguments']}) and its result renders")
 
 
 def openai_checks():
