@@ -9,6 +9,11 @@
 //! control tokens and each message's text without. Templates may change the
 //! text they are given (Gemma's trims it): the real messages are rendered too,
 //! and the message text is shaped the way that reproduces that rendering.
+//!
+//! A conversation that ends with an assistant message is continued (assistant
+//! prefill, as llama-server does): the prompt stops right after that
+//! message's text, without the template's end of turn, so the reply carries
+//! on from it.
 
 use crate::core::{ChatMessage, PromptInput, RequestError, Role, Truncate};
 use crate::engine::backend::{Backend, BackendError, Token};
@@ -54,8 +59,15 @@ pub fn tokens<B: Backend>(backend: &B, input: &PromptInput) -> Result<Vec<Token>
         .into_iter()
         .find(|shape| assemble(&pieces, &contents, *shape) == expected)
         .unwrap_or(shapes[0]);
+    let prefill = messages.last().is_some_and(|m| m.role == Role::Assistant);
+    let last = messages.len() - 1;
     let mut out = Vec::new();
+    let mut ended = false;
     for (i, piece) in pieces.into_iter().enumerate() {
+        if ended {
+            break;
+        }
+        ended = prefill && piece == Piece::Message(last);
         let first = i == 0;
         let toks = match piece {
             Piece::Template(text) if text.is_empty() && !first => continue,
@@ -167,6 +179,29 @@ mod tests {
             role: Role::User,
             content: content.into(),
         }])
+    }
+
+    #[test]
+    fn a_last_assistant_message_is_continued() {
+        let fake = Fake::default();
+        let backend = fake.backend();
+        let turns = |last: Role| {
+            PromptInput::Messages(vec![
+                ChatMessage {
+                    role: Role::User,
+                    content: "Name a colour.".into(),
+                },
+                ChatMessage {
+                    role: last,
+                    content: "The colour is".into(),
+                },
+            ])
+        };
+        let text = |t: Vec<Token>| -> String { t.iter().map(|&x| fake::char_of(x)).collect() };
+        let prefilled = text(tokens(&backend, &turns(Role::Assistant)).unwrap());
+        assert!(prefilled.ends_with("assistant\nThe colour is"), "{prefilled:?}");
+        let asked = text(tokens(&backend, &turns(Role::User)).unwrap());
+        assert!(asked.ends_with("model\n"), "{asked:?}");
     }
 
     #[test]
