@@ -14,9 +14,21 @@ pub enum Constraint {
     Choice(Vec<String>),
     /// A context-free grammar in llguidance's Lark syntax.
     Lark(String),
+    /// A grammar in llama.cpp's GBNF (its `root` rule is the start).
+    Gbnf(String),
 }
 
 impl Constraint {
+    /// A grammar as a client sent it: GBNF (llama-server's `grammar`) when
+    /// it defines rules with `::=`, which Lark never does; Lark otherwise.
+    pub fn grammar(text: String) -> Constraint {
+        if text.contains("::=") {
+            Constraint::Gbnf(text)
+        } else {
+            Constraint::Lark(text)
+        }
+    }
+
     /// What it is, as error messages name it.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -24,6 +36,7 @@ impl Constraint {
             Constraint::Regex(_) => "regex",
             Constraint::Choice(_) => "choice list",
             Constraint::Lark(_) => "grammar",
+            Constraint::Gbnf(_) => "GBNF grammar",
         }
     }
 
@@ -31,7 +44,7 @@ impl Constraint {
     pub fn size(&self) -> usize {
         match self {
             Constraint::JsonSchema(v) => v.to_string().len(),
-            Constraint::Regex(s) | Constraint::Lark(s) => s.len(),
+            Constraint::Regex(s) | Constraint::Lark(s) | Constraint::Gbnf(s) => s.len(),
             Constraint::Choice(options) => options.iter().map(|o| o.len() + 1).sum(),
         }
     }

@@ -64,6 +64,12 @@ pub enum BackendError {
     State(String),
     #[error("constrained decoding is unavailable: {0}")]
     Grammars(String),
+    #[error("invalid GBNF grammar: {0}")]
+    Grammar(String),
+    /// The grammar allows nothing more that may be sampled (it is complete
+    /// and its end-of-generation token is banned).
+    #[error("the grammar is complete")]
+    GrammarComplete,
 }
 
 /// A sampled token and the probability the model gave it: the softmax of the
@@ -128,7 +134,9 @@ pub trait Backend {
         batch: &[BatchToken],
         should_abort: &(dyn Fn() -> bool + Sync),
     ) -> Result<(), DecodeError>;
-    fn sampler(&self, params: &SamplingParams, seed: u32) -> Self::Sampler;
+    /// A sampler for validated `params`; a GBNF constraint that does not
+    /// parse is an error (`BackendError::Grammar`).
+    fn sampler(&self, params: &SamplingParams, seed: u32) -> Result<Self::Sampler, BackendError>;
     /// Samples from batch row `row` of the last decode, among the tokens
     /// `filter` allows.
     fn sample(

@@ -256,11 +256,15 @@ impl Backend for FakeBackend {
         Ok(())
     }
 
-    fn sampler(&self, params: &SamplingParams, _seed: u32) -> FakeSampler {
-        FakeSampler {
+    /// GBNF is llama.cpp's: the fake has none.
+    fn sampler(&self, params: &SamplingParams, _seed: u32) -> Result<FakeSampler, BackendError> {
+        if let Some(crate::core::Constraint::Gbnf(_)) = params.constraint {
+            return Err(BackendError::Grammar("the fake backend has no GBNF".into()));
+        }
+        Ok(FakeSampler {
             next: 0,
             top: params.logprobs,
-        }
+        })
     }
 
     /// The reply's next character; one `filter` refuses gives way to the

@@ -97,6 +97,11 @@ impl Grammars {
             Constraint::Regex(rx) => TopLevelGrammar::from_regex(rx),
             Constraint::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
             Constraint::Choice(options) => TopLevelGrammar::from_lark(choice_grammar(options)),
+            Constraint::Gbnf(_) => {
+                return Err(GuideError(
+                    "GBNF grammars are llama.cpp's: the backend's sampler follows them".into(),
+                ));
+            }
         };
         // llguidance's documented speeds: lexer fuel ~14-50k per ms, Earley
         // items ~20k per ms.

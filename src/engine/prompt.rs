@@ -199,7 +199,10 @@ mod tests {
         };
         let text = |t: Vec<Token>| -> String { t.iter().map(|&x| fake::char_of(x)).collect() };
         let prefilled = text(tokens(&backend, &turns(Role::Assistant)).unwrap());
-        assert!(prefilled.ends_with("assistant\nThe colour is"), "{prefilled:?}");
+        assert!(
+            prefilled.ends_with("assistant\nThe colour is"),
+            "{prefilled:?}"
+        );
         let asked = text(tokens(&backend, &turns(Role::User)).unwrap());
         assert!(asked.ends_with("model\n"), "{asked:?}");
     }

@@ -15,7 +15,7 @@ use crate::core::{
     Candidate, EngineState, Event, FinishReason, Request, RequestError, RequestKey, RequestKind,
     Status, TokenLogprobs,
 };
-use crate::engine::backend::{Backend, BatchToken, DecodeError, Filter, Token};
+use crate::engine::backend::{Backend, BackendError, BatchToken, DecodeError, Filter, Token};
 use crate::engine::channel::{Command, EventSink};
 use crate::engine::guide::{Guide, GuideLimits, TokenMask};
 use crate::engine::hooks::Hooks;
@@ -85,10 +85,12 @@ enum Outcome {
     Error(RequestError),
 }
 
-/// A queued request: its progress so far and its compiled constraint.
-struct Waiting {
+/// A queued request: its progress so far, its sampler and its compiled
+/// constraint, both made on arrival so that a bad one is refused at once.
+struct Waiting<S> {
     req: Request,
     progress: Progress,
+    sampler: S,
     guide: Option<Guide>,
 }
 
@@ -100,7 +102,7 @@ pub struct Engine<'a, B: Backend> {
     /// Admitted sequences, in admission order (prefill goes first-come first-served).
     active: Vec<Seq<B::Sampler>>,
     /// Requests the scheduler holds in its queue, with what is known of them.
-    waiting: HashMap<RequestKey, Waiting>,
+    waiting: HashMap<RequestKey, Waiting<B::Sampler>>,
     batch: Vec<BatchToken>,
     stopping: bool,
     store: Option<&'a Store>,
@@ -339,8 +341,16 @@ impl<'a, B: Backend> Engine<'a, B> {
             };
             return self.report(&req, Outcome::Error(e), &progress);
         }
-        let guide = match self.check_tokens(&req).and_then(|()| self.guide(&req)) {
-            Ok(guide) => guide,
+        let prepared = self.check_tokens(&req).and_then(|()| {
+            let seed = req.params.seed.unwrap_or_else(random_seed);
+            let sampler = self
+                .backend
+                .sampler(&req.params, seed)
+                .map_err(|e| RequestError::Constraint(e.to_string()))?;
+            Ok((sampler, self.guide(&req)?))
+        });
+        let (sampler, guide) = match prepared {
+            Ok(p) => p,
             Err(e) => return self.report(&req, Outcome::Error(e), &progress),
         };
         let job = Job {
@@ -358,6 +368,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let waiting = Waiting {
                     req,
                     progress,
+                    sampler,
                     guide,
                 };
                 self.waiting.insert(waiting.req.key, waiting);
@@ -393,6 +404,9 @@ impl<'a, B: Backend> Engine<'a, B> {
         let Some(constraint) = &req.params.constraint else {
             return Ok(None);
         };
+        if let crate::core::Constraint::Gbnf(_) = constraint {
+            return Ok(None); // the sampler follows it
+        }
         let t0 = Instant::now();
         let grammars = self
             .backend
@@ -446,18 +460,18 @@ impl<'a, B: Backend> Engine<'a, B> {
             let Waiting {
                 req,
                 mut progress,
+                sampler,
                 guide,
             } = self
                 .waiting
                 .remove(&job.key)
                 .expect("admitted requests are waiting");
             self.apply(&admitted.ops);
-            let seed = req.params.seed.unwrap_or_else(random_seed);
             progress.cached_tokens = admitted.cached_tokens;
             self.active.push(Seq {
                 banned: banned(&req.params, self.backend.eog_tokens(), true),
                 guide,
-                sampler: self.backend.sampler(&req.params, seed),
+                sampler,
                 stream: crate::engine::text::TextStream::new(req.params.stop.clone()),
                 id: admitted.seq,
                 decoded: job.tokens[..admitted.cached_tokens].to_vec(),
@@ -595,11 +609,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             m.num_set() <= eog.len() && m.iter().all(|t| eog.contains(&(t as Token)))
         };
         if mask.is_some_and(|m| only_eog(&m)) {
-            // The constrained text is complete: end it now, whatever
-            // `min_tokens` or `ignore_eos` say.
-            let (key, text) = (s.req.key, s.stream.finish());
-            self.send_text(key, text, 1.0, None);
-            return Some(Outcome::End(FinishReason::Eos));
+            return Some(self.complete(i));
         }
         let filter = Filter {
             mask,
@@ -607,6 +617,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         };
         let sampled = match self.backend.sample(&mut s.sampler, row, &filter) {
             Ok(x) => x,
+            Err(BackendError::GrammarComplete) => return Some(self.complete(i)),
             Err(e) => return Some(Outcome::Error(RequestError::EngineFailed(e.to_string()))),
         };
         s.progress.first_token.get_or_insert_with(Instant::now);
@@ -661,6 +672,16 @@ impl<'a, B: Backend> Engine<'a, B> {
         } else {
             None
         }
+    }
+
+    /// Ends sequence `i` whose constrained text is complete (nothing but an
+    /// end-of-generation token may follow), whatever `min_tokens` or
+    /// `ignore_eos` say.
+    fn complete(&mut self, i: usize) -> Outcome {
+        let s = &mut self.active[i];
+        let (key, text) = (s.req.key, s.stream.finish());
+        self.send_text(key, text, 1.0, None);
+        Outcome::End(FinishReason::Eos)
     }
 
     /// Sends text; a token with log-probabilities goes out even when its

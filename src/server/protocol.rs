@@ -341,7 +341,7 @@ impl Params {
                 ),
                 ("params.regex", self.regex.map(Constraint::Regex)),
                 ("params.choice", self.choice.map(Constraint::Choice)),
-                ("params.grammar", self.grammar.map(Constraint::Lark)),
+                ("params.grammar", self.grammar.map(Constraint::grammar)),
             ])?,
         };
         if let Some(Constraint::Choice(options)) = &params.constraint

@@ -125,6 +125,12 @@ async def websocket_checks():
         assert re.fullmatch(r"The answer is (yes|no)\.", text), (text, end)
     ok("a Lark grammar is followed")
 
+    gbnf = 'root ::= "The answer is " answer "."\nanswer ::= "yes" | "no"'
+    outs = await many("Question: is water wet?\n", {**base, "grammar": gbnf}, n=4)
+    for text, end in outs:
+        assert end["reason"] == "eos" and re.fullmatch(r"The answer is (yes|no)\.", text), (text, end)
+    ok("a GBNF grammar (llama.cpp's sampler) is followed")
+
     async with websockets.connect(ws_url) as ws:
         await ws.recv()
         # Bad input: each a clear bad_request, before any token; the
@@ -134,6 +140,8 @@ async def websocket_checks():
             ({"json_schema": "a string"}, "params.json_schema must be a JSON schema"),
             ({"regex": "([a-z]"}, "invalid regex"),
             ({"grammar": "start: item\nitem: other"}, "invalid grammar"),
+            ({"grammar": 'root ::= root "a"'}, "left recursion"),
+            ({"grammar": 'item ::= "a"'}, "root"),
             ({"regex": "[^\\s\\S]"}, "matches no text"),
             ({"grammar": "start: A\nA: /a+/ & /b+/"}, "matches no text"),
             ({"json_schema": {"type": "integer", "minimum": 5, "maximum": 3}}, "Unsatisfiable"),

@@ -19,7 +19,7 @@ use std::sync::Once;
 
 use llama_cpp_sys_2 as sys;
 
-use crate::core::SamplingParams;
+use crate::core::{Constraint, SamplingParams};
 use crate::engine::backend::{BackendError, BatchToken, DecodeError, Filter, Sampled, Token};
 
 /// Initialises the llama.cpp backend once per process and routes its logs into
@@ -665,6 +665,9 @@ pub struct Sampler {
     greedy: bool,
     /// Report the log-probabilities of this many most likely tokens.
     top: Option<usize>,
+    /// llama.cpp's GBNF sampler, outside the chain: a pick is checked
+    /// against it, and only a pick it refuses costs a pass over the vocabulary.
+    grammar: Option<NonNull<sys::llama_sampler>>,
 }
 
 impl Sampler {
@@ -672,8 +675,17 @@ impl Sampler {
     /// vocabulary); `n_ctx` stands for a look-back of -1. The order is
     /// llama.cpp's own (common/sampling): biases, penalties, DRY, top-k,
     /// typical, top-p, min-p, XTC, temperature, then the draw.
-    pub fn new(params: &SamplingParams, seed: u32, vocab: Vocab<'_>, n_ctx: i32) -> Sampler {
+    pub fn new(
+        params: &SamplingParams,
+        seed: u32,
+        vocab: Vocab<'_>,
+        n_ctx: i32,
+    ) -> Result<Sampler, BackendError> {
         let spec = params;
+        let grammar = match &spec.constraint {
+            Some(Constraint::Gbnf(text)) => Some(grammar_sampler(vocab, text)?),
+            _ => None,
+        };
         let n_vocab = vocab.n_tokens();
         let whole = |n: i32| if n < 0 { n_ctx } else { n };
         let repeat_last_n = whole(spec.repeat_last_n);
@@ -769,12 +781,13 @@ impl Sampler {
                 add(sys::llama_sampler_init_dist(seed));
             }
         }
-        Sampler {
+        Ok(Sampler {
             chain,
             candidates: Vec::new(),
             greedy: spec.temp <= 0.0 && !penalized && !dry && spec.logit_bias.is_empty(),
             top: spec.logprobs.map(usize::from),
-        }
+            grammar,
+        })
     }
 
     /// Samples from batch row `row` of the last decode among the tokens
@@ -788,9 +801,34 @@ impl Sampler {
         filter: &Filter<'_>,
     ) -> Result<Sampled, BackendError> {
         let logits = ctx.logits(row)?;
-        if self.greedy {
-            let token = argmax(logits, filter).ok_or(BackendError::NothingSampled)?;
-            return Ok(self.sampled(logits, token));
+        let mut token = self.pick(logits, filter, false)?;
+        if let Some(grammar) = self.grammar
+            && !grammar_allows(grammar, token)
+        {
+            token = self.pick(logits, filter, true)?;
+        }
+        if !self.greedy {
+            // SAFETY: the chain is valid; accept only updates its history.
+            unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), token) };
+        }
+        if let Some(grammar) = self.grammar {
+            // SAFETY: the grammar sampler is valid and `token` is one it
+            // allows (checked above), so accepting it keeps its stacks non-empty.
+            unsafe { sys::llama_sampler_accept(grammar.as_ptr(), token) };
+        }
+        Ok(self.sampled(logits, token))
+    }
+
+    /// One pick by the chain among the allowed tokens; `with_grammar` first
+    /// applies the grammar to every candidate.
+    fn pick(
+        &mut self,
+        logits: &[f32],
+        filter: &Filter<'_>,
+        with_grammar: bool,
+    ) -> Result<Token, BackendError> {
+        if self.greedy && !with_grammar {
+            return argmax(logits, filter).ok_or(BackendError::NothingSampled);
         }
         self.candidates.clear();
         let all = filter.mask.is_none() && filter.banned.is_empty();
@@ -814,6 +852,10 @@ impl Sampler {
             selected: -1,
             sorted: false,
         };
+        if let (true, Some(grammar)) = (with_grammar, self.grammar) {
+            // SAFETY: as below; the grammar sampler only sets refused logits to -inf.
+            unsafe { sys::llama_sampler_apply(grammar.as_ptr(), &mut arr) };
+        }
         // SAFETY: `arr` points into `self.candidates`, alive and unaliased for the
         // call; the chain only rewrites/shrinks the array in place.
         unsafe { sys::llama_sampler_apply(self.chain.as_ptr(), &mut arr) };
@@ -822,10 +864,13 @@ impl Sampler {
         }
         // SAFETY: the chain may have shrunk `size` but `data` still points into our buffer.
         let kept = unsafe { std::slice::from_raw_parts(arr.data, arr.size) };
-        let token = kept[arr.selected as usize].id;
-        // SAFETY: the chain is valid; accept only updates its history.
-        unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), token) };
-        Ok(self.sampled(logits, token))
+        let chosen = kept[arr.selected as usize];
+        if chosen.logit == f32::NEG_INFINITY {
+            // The grammar refused everything left: it is complete and its
+            // end-of-generation token is banned.
+            return Err(BackendError::GrammarComplete);
+        }
+        Ok(chosen.id)
     }
 
     fn sampled(&self, logits: &[f32], token: Token) -> Sampled {
@@ -889,9 +934,61 @@ fn softmax_at(logits: &[f32], token: Token) -> f32 {
 
 impl Drop for Sampler {
     fn drop(&mut self) {
-        // SAFETY: we own the chain, which frees the samplers added to it.
-        unsafe { sys::llama_sampler_free(self.chain.as_ptr()) }
+        // SAFETY: we own the chain, which frees the samplers added to it,
+        // and the grammar sampler.
+        unsafe {
+            sys::llama_sampler_free(self.chain.as_ptr());
+            if let Some(g) = self.grammar {
+                sys::llama_sampler_free(g.as_ptr());
+            }
+        }
     }
+}
+
+/// llama.cpp's sampler for a GBNF grammar (start rule `root`); a grammar
+/// that does not parse is refused with llama.cpp's reason.
+fn grammar_sampler(
+    vocab: Vocab<'_>,
+    text: &str,
+) -> Result<NonNull<sys::llama_sampler>, BackendError> {
+    let text =
+        CString::new(text).map_err(|_| BackendError::Grammar("it contains a NUL byte".into()))?;
+    let (sampler, errors) = capturing_errors(|| {
+        // SAFETY: the vocab is valid while the model lives; both strings are
+        // NUL-terminated and only read during the call (the parser reports
+        // its errors through the log and returns null, it does not throw).
+        unsafe { sys::llama_sampler_init_grammar(vocab.ptr, text.as_ptr(), c"root".as_ptr()) }
+    });
+    NonNull::new(sampler).ok_or_else(|| {
+        let reason = errors
+            .iter()
+            .map(|e| {
+                e.trim_start_matches("parse: error parsing grammar: ")
+                    .trim()
+            })
+            .find(|e| !e.is_empty())
+            .unwrap_or("llama.cpp could not parse it");
+        BackendError::Grammar(reason.to_owned())
+    })
+}
+
+/// Whether the grammar allows `token` next (a one-candidate pass).
+fn grammar_allows(grammar: NonNull<sys::llama_sampler>, token: Token) -> bool {
+    let mut one = [sys::llama_token_data {
+        id: token,
+        logit: 0.0,
+        p: 0.0,
+    }];
+    let mut arr = sys::llama_token_data_array {
+        data: one.as_mut_ptr(),
+        size: 1,
+        selected: -1,
+        sorted: false,
+    };
+    // SAFETY: `arr` points at `one`, alive for the call; the grammar sampler
+    // only rewrites the candidate's logit.
+    unsafe { sys::llama_sampler_apply(grammar.as_ptr(), &mut arr) };
+    one[0].logit != f32::NEG_INFINITY
 }
 
 #[cfg(test)]

@@ -286,7 +286,7 @@ impl Backend for LlamaBackend<'_> {
         self.ctx.decode(&self.batch, should_abort)
     }
 
-    fn sampler(&self, params: &SamplingParams, seed: u32) -> Sampler {
+    fn sampler(&self, params: &SamplingParams, seed: u32) -> Result<Sampler, BackendError> {
         Sampler::new(params, seed, self.model.vocab(), self.ctx.n_ctx() as i32)
     }
 

@@ -138,15 +138,26 @@ pub fn parse(
         Endpoint::Completions => PromptInput::Text(prompt(&f)?),
     };
     let mut params = params(endpoint, &f, defaults)?;
-    let format = response_format(&f)?;
-    let from_tools = tools.as_ref().and_then(Tools::constraint);
-    if format.is_some() && from_tools.is_some() {
-        return Err(BadRequest::new(
-            "response_format",
-            "response_format and tools both constrain the reply: give one (or tool_choice \"none\")",
-        ));
-    }
-    params.constraint = format.or(from_tools);
+    // response_format, llama-server's own `json_schema` and `grammar`, tools:
+    // at most one of them.
+    let json_schema = f
+        .get("json_schema")
+        .map(|s| protocol::json_schema("json_schema", s.clone()))
+        .transpose()
+        .map_err(|m| BadRequest::new("json_schema", m))?;
+    let grammar = f
+        .string("grammar")?
+        .map(|g| Constraint::grammar(g.to_owned()));
+    params.constraint = protocol::one_constraint([
+        ("response_format", response_format(&f)?),
+        ("json_schema", json_schema),
+        ("grammar", grammar),
+        ("tools", tools.as_ref().and_then(Tools::constraint)),
+    ])
+    .map_err(|m| {
+        let param = m.split(' ').next().unwrap_or_default().to_owned();
+        BadRequest::new(&param, m)
+    })?;
     let tools = tools.as_ref().is_some_and(Tools::active);
     let stream = f.boolean("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
