@@ -42,9 +42,9 @@ fn schema() -> Value {
     json!({"type": "array", "items": person, "minItems": 4, "maxItems": 4})
 }
 
-/// The same language in both grammar dialects: six comma-separated words.
-const LARK: &str = "start: WORD (\", \" WORD)~5 \".\"\nWORD: /[a-z]{2,12}/";
-const GBNF: &str = "root ::= word (\", \" word){5} \".\"\nword ::= [a-z] [a-z] [a-z]? [a-z]? [a-z]? [a-z]? [a-z]? [a-z]? [a-z]? [a-z]? [a-z]? [a-z]?";
+/// The same language in both grammar dialects: 24 comma-separated words.
+const LARK: &str = "start: WORD (\", \" WORD)~23 \".\"\nWORD: /[a-z]{2,12}/";
+const GBNF: &str = "root ::= word (\", \" word){23} \".\"\nword ::= [a-z] [a-z] [a-z]? [a-z]? [a-z]? [a-z]? [a-z]? [a-z]? [a-z]? [a-z]? [a-z]? [a-z]?";
 
 fn main() {
     let threads = threads();
@@ -60,7 +60,9 @@ fn main() {
         ("GBNF grammar (llama.cpp)", json!({"grammar": GBNF})),
     ];
     let mut single = Vec::new();
-    println!("\n| single stream ({threads} threads, {runs} runs) | decode tok/s | vs unconstrained | tokens |");
+    println!(
+        "\n| single stream ({threads} threads, {runs} runs) | decode tok/s | vs unconstrained | tokens |"
+    );
     println!("|---|---|---|---|");
     let mut base = 0.0;
     for (name, extra) in &cases {
@@ -69,7 +71,8 @@ fn main() {
             base = tps;
         }
         println!("| {name} | {tps:.1} | {:.2} | {tokens:.0} |", tps / base);
-        single.push(json!({"case": name, "decode_tps": tps, "ratio": tps / base, "tokens": tokens}));
+        single
+            .push(json!({"case": name, "decode_tps": tps, "ratio": tps / base, "tokens": tokens}));
     }
 
     let mut report = json!({"threads": threads, "single": single});
@@ -78,10 +81,15 @@ fn main() {
         let ls = LlamaServer::start(&bin, &model_path(), threads);
         let plain = ls.decode_tps(&json!({}), runs);
         let constrained = ls.decode_tps(&json!({"json_schema": schema()}), runs);
-        println!("\n| llama-server, same requests | decode tok/s | vs unconstrained | ours / llama-server |");
+        println!(
+            "\n| llama-server, same requests | decode tok/s | vs unconstrained | ours / llama-server |"
+        );
         println!("|---|---|---|---|");
         let ours = |i: usize| report["single"][i]["decode_tps"].as_f64().unwrap();
-        println!("| unconstrained | {plain:.1} | 1.00 | {:.2} |", ours(0) / plain);
+        println!(
+            "| unconstrained | {plain:.1} | 1.00 | {:.2} |",
+            ours(0) / plain
+        );
         println!(
             "| JSON schema (llama.cpp grammar) | {constrained:.1} | {:.2} | {:.2} |",
             constrained / plain,
@@ -104,7 +112,10 @@ fn single_stream(port: u16, extra: &Value, runs: usize) -> (f64, f64) {
     let mut tokens = 0.0;
     for run in 0..runs + 1 {
         let mut params = json!({"temp": 0.8, "seed": run, "max_tokens": 256});
-        params.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        params
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         let msg = json!({"op": "infer", "id": "s", "prompt": PROMPT, "params": params});
         ws.send(Message::text(msg.to_string())).unwrap();
         let s = collect(&mut ws, "s", Instant::now());
@@ -127,31 +138,35 @@ fn batch(port: u16, runs: usize) -> Value {
     let mut p50s = Vec::new();
     for (name, fourth) in [
         ("unconstrained 4th", json!({"temp": 0.8})),
-        ("JSON-constrained 4th", json!({"temp": 0.8, "json_schema": schema()})),
+        (
+            "JSON-constrained 4th",
+            json!({"temp": 0.8, "json_schema": schema()}),
+        ),
     ] {
         let mut gaps = Vec::new();
         let mut fourth_tps = Vec::new();
         for run in 0..runs {
-            let mut conns: Vec<_> = (0..4).map(|_| connect(port)).collect();
-            let mut sent = Vec::new();
-            for (i, ws) in conns.iter_mut().enumerate() {
-                let params = if i == 3 {
-                    let mut p = fourth.clone();
-                    p["seed"] = json!(run);
-                    p["max_tokens"] = json!(200);
-                    p
-                } else {
-                    json!({"temp": 0, "max_tokens": 96, "ignore_eos": true})
-                };
-                let msg = json!({"op": "infer", "id": "b", "prompt": PROMPT, "params": params});
-                ws.send(Message::text(msg.to_string())).unwrap();
-                sent.push(Instant::now());
-            }
-            let streams: Vec<Stream> = conns
-                .iter_mut()
-                .zip(sent)
-                .map(|(ws, t)| collect(ws, "b", t))
+            let conns: Vec<_> = (0..4).map(|_| connect(port)).collect();
+            // A reader per stream, so each token's arrival is seen when it comes.
+            let readers: Vec<_> = conns
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut ws)| {
+                    let params = if i == 3 {
+                        let mut p = fourth.clone();
+                        p["seed"] = json!(run);
+                        p["max_tokens"] = json!(200);
+                        p
+                    } else {
+                        json!({"temp": 0, "max_tokens": 96, "ignore_eos": true})
+                    };
+                    let msg = json!({"op": "infer", "id": "b", "prompt": PROMPT, "params": params});
+                    ws.send(Message::text(msg.to_string())).unwrap();
+                    let sent = Instant::now();
+                    std::thread::spawn(move || collect(&mut ws, "b", sent))
+                })
                 .collect();
+            let streams: Vec<Stream> = readers.into_iter().map(|r| r.join().unwrap()).collect();
             for s in &streams[..3] {
                 // Gaps while the fourth was still running: the ones it can touch.
                 let fourth_end = *streams[3].arrivals.last().unwrap();
@@ -167,11 +182,17 @@ fn batch(port: u16, runs: usize) -> Value {
         gaps.sort_by(f64::total_cmp);
         let at = |q: f64| gaps[((gaps.len() - 1) as f64 * q) as usize];
         let (p50, p99) = (at(0.5), at(0.99));
-        println!("| {name} | {p50:.1} | {p99:.1} | {:.1} |", median(fourth_tps.clone()));
+        println!(
+            "| {name} | {p50:.1} | {p99:.1} | {:.1} |",
+            median(fourth_tps.clone())
+        );
         p50s.push(p50);
         out[name] = json!({"itl_p50_ms": p50, "itl_p99_ms": p99, "gaps": gaps.len()});
     }
-    println!("\nITL p50 beside a constrained stream / beside an unconstrained one: {:.2}", p50s[1] / p50s[0]);
+    println!(
+        "\nITL p50 beside a constrained stream / beside an unconstrained one: {:.2}",
+        p50s[1] / p50s[0]
+    );
     out
 }
 
@@ -196,7 +217,14 @@ impl LlamaServer {
             .port();
         let child = Command::new(bin)
             .args(["-m", model.to_str().unwrap(), "--host", "127.0.0.1"])
-            .args(["--port", &port.to_string(), "-t", &threads.to_string(), "-np", "4"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "-t",
+                &threads.to_string(),
+                "-np",
+                "4",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -229,7 +257,11 @@ impl LlamaServer {
         if s.write_all(req.as_bytes()).is_err() || s.read_to_string(&mut text).is_err() {
             return (0, String::new());
         }
-        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
         let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_owned();
         (status, body)
     }
@@ -239,7 +271,9 @@ impl LlamaServer {
         for run in 0..runs + 1 {
             let mut body = json!({"prompt": PROMPT, "temperature": 0.8, "seed": run, "n_predict": 256,
                 "cache_prompt": false});
-            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             let (status, text) = self.post("/completion", Some(&body));
             assert_eq!(status, 200, "{text}");
             let v: Value = serde_json::from_str(&text).expect("llama-server's JSON");

@@ -77,6 +77,15 @@ pub enum Answer {
 }
 
 impl Tools {
+    /// No tools: a conversation's earlier calls and results still render.
+    pub fn none() -> Tools {
+        Tools {
+            tools: Vec::new(),
+            choice: ToolChoice::None,
+            parallel: false,
+        }
+    }
+
     /// Checks the tools and the choice against each other.
     pub fn validate(&self) -> Result<(), String> {
         let mut seen = std::collections::HashSet::new();

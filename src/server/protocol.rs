@@ -406,12 +406,10 @@ fn input(
                 .map(|(i, m)| m.into_turn(i))
                 .collect::<Result<Vec<Turn>, String>>()
                 .map_err(|e| ProtoError::bad(id, e))?;
-            let none = Tools {
-                tools: Vec::new(),
-                choice: ToolChoice::None,
-                parallel: false,
-            };
-            Ok(PromptInput::Messages(tools.unwrap_or(&none).render(turns)))
+            Ok(PromptInput::Messages(match tools {
+                Some(t) => t.render(turns),
+                None => Tools::none().render(turns),
+            }))
         }
     }
 }

@@ -126,13 +126,7 @@ pub fn parse(
             let turns = messages(&f)?;
             PromptInput::Messages(match &tools {
                 Some(t) => t.render(turns),
-                None => turns
-                    .into_iter()
-                    .map(|t| match t {
-                        Turn::Message(m) => m,
-                        _ => unreachable!("calls and results come with tools"),
-                    })
-                    .collect(),
+                None => Tools::none().render(turns),
             })
         }
         Endpoint::Completions => PromptInput::Text(prompt(&f)?),
