@@ -247,6 +247,8 @@ fn an_idle_server_uses_no_cpu() {
     let server = Server::start(&[]);
     let mut c = server.connect();
     assert_eq!(c.infer("w", "Hi", json!({"max_tokens":4})).op(), "end");
+    // Start-up work: constrained decoding is prepared on a thread of its own.
+    server.wait_log("constrained decoding ready");
     std::thread::sleep(Duration::from_millis(300));
     let before = cpu_ticks(server.child.id());
     std::thread::sleep(Duration::from_secs(3));

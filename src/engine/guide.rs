@@ -11,6 +11,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crossbeam_channel::{Receiver, Sender};
+
 use llguidance::api::{GrammarInit, ParserLimits, TopLevelGrammar};
 use llguidance::toktrie::{ApproximateTokEnv, InferenceCapabilities, TokRxInfo, TokTrie};
 use llguidance::{JsonCompileOptions, Logger, Matcher, ParserFactory};
@@ -69,8 +71,8 @@ impl Grammars {
         let mut factory = ParserFactory::new_simple(&(env as _))
             .map_err(|e| GuideError(format!("cannot prepare constrained decoding: {e}")))?;
         factory.quiet();
-        log::debug!(
-            "constrained decoding ready for {} tokens in {:.0} ms",
+        log::info!(
+            "constrained decoding ready: {} tokens in {:.0} ms",
             tokens.len(),
             t0.elapsed().as_secs_f64() * 1e3
         );
@@ -135,10 +137,7 @@ impl Grammars {
                 GuideError(format!("invalid {}: {}", constraint.kind(), first_line(&e)))
             }
         })?;
-        let mut guide = Guide {
-            matcher: Matcher::new(Ok(parser)),
-            mask: None,
-        };
+        let mut guide = Guide::new(Matcher::new(Ok(parser)));
         match guide.mask() {
             Ok(mask) if mask.is_zero() => Err(nothing("")),
             Ok(_) => Ok(guide),
@@ -180,37 +179,105 @@ fn first_line(s: &str) -> &str {
 }
 
 /// One request's constraint while it generates.
+///
+/// Its next mask can be computed on the `MaskWorker` while the engine
+/// decodes the step that needs it: `accept` takes the sampled token at once
+/// (that is cheap) and hands the matcher over; `mask` takes it back.
 pub struct Guide {
-    matcher: Matcher,
-    /// The mask for the next token, once computed.
-    mask: Option<TokenMask>,
+    state: State,
 }
 
+enum State {
+    /// The matcher is here, with the next mask once computed.
+    Here(Box<Matcher>, Option<TokenMask>),
+    /// The worker computes the next mask.
+    Away(Receiver<Computed>),
+}
+
+type Computed = (Box<Matcher>, Result<TokenMask, GuideError>);
+
 impl Guide {
+    fn new(matcher: Matcher) -> Guide {
+        Guide {
+            state: State::Here(Box::new(matcher), None),
+        }
+    }
+
     /// The tokens that may come next (an end-of-generation token among them
     /// once the text so far is complete).
     pub fn mask(&mut self) -> Result<&TokenMask, GuideError> {
-        if self.mask.is_none() {
-            let mask = self
-                .matcher
-                .compute_mask()
-                .map_err(|e| GuideError(first_line(&e.to_string()).to_owned()))?;
-            self.mask = Some(mask);
+        if let State::Away(rx) = &self.state {
+            let (matcher, mask) = rx
+                .recv()
+                .map_err(|_| GuideError("the mask worker is gone".into()))?;
+            self.state = State::Here(matcher, Some(mask?));
         }
-        Ok(self.mask.as_ref().expect("computed above"))
+        let State::Here(matcher, mask) = &mut self.state else {
+            unreachable!("taken back above")
+        };
+        if mask.is_none() {
+            *mask = Some(compute(matcher)?);
+        }
+        Ok(mask.as_ref().expect("computed above"))
     }
 
-    /// Takes the sampled token; an error means it broke the constraint.
-    pub fn accept(&mut self, token: Token) -> Result<(), GuideError> {
-        self.mask = None;
-        self.matcher
+    /// Takes the sampled token (an error means it broke the constraint);
+    /// with a `worker`, the next mask is computed there meanwhile.
+    pub fn accept(&mut self, token: Token, worker: Option<&MaskWorker>) -> Result<(), GuideError> {
+        self.mask()?;
+        let State::Here(matcher, mask) = &mut self.state else {
+            unreachable!("mask() takes the matcher back")
+        };
+        *mask = None;
+        matcher
             .consume_token(token as u32)
-            .map_err(|e| GuideError(first_line(&e.to_string()).to_owned()))
+            .map_err(|e| GuideError(first_line(&e.to_string()).to_owned()))?;
+        if let Some(worker) = worker
+            && !matcher.is_stopped()
+        {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let State::Here(matcher, _) = std::mem::replace(&mut self.state, State::Away(rx))
+            else {
+                unreachable!("matched above")
+            };
+            if let Err(job) = worker.jobs.send((matcher, tx)) {
+                // No worker: compute here, at the next `mask`.
+                self.state = State::Here(job.into_inner().0, None);
+            }
+        }
+        Ok(())
     }
 
     /// The text is complete and nothing can follow it.
     pub fn is_done(&self) -> bool {
-        self.matcher.is_stopped()
+        matches!(&self.state, State::Here(m, _) if m.is_stopped())
+    }
+}
+
+fn compute(matcher: &mut Matcher) -> Result<TokenMask, GuideError> {
+    matcher
+        .compute_mask()
+        .map_err(|e| GuideError(first_line(&e.to_string()).to_owned()))
+}
+
+/// A thread that computes constrained requests' next masks while the
+/// engine decodes; it ends when the engine drops it.
+pub struct MaskWorker {
+    jobs: Sender<(Box<Matcher>, Sender<Computed>)>,
+}
+
+impl MaskWorker {
+    pub fn spawn() -> std::io::Result<MaskWorker> {
+        let (jobs, rx) = crossbeam_channel::unbounded::<(Box<Matcher>, Sender<Computed>)>();
+        std::thread::Builder::new()
+            .name("masks".into())
+            .spawn(move || {
+                for (mut matcher, reply) in rx {
+                    let mask = compute(&mut matcher);
+                    let _ = reply.send((matcher, mask));
+                }
+            })?;
+        Ok(MaskWorker { jobs })
     }
 }
 
@@ -249,7 +316,7 @@ mod tests {
                 .unwrap_or_else(|| {
                     panic!("nothing allowed at {:?}", String::from_utf8_lossy(rest))
                 });
-            guide.accept(t).unwrap();
+            guide.accept(t, None).unwrap();
             rest = &rest[len..];
         }
         guide.is_done() || guide.mask().unwrap().is_allowed(eos as u32)
@@ -274,10 +341,34 @@ mod tests {
         assert!(drive(&mut guide, &tokens, eos, r#"{"name": "abc"}"#));
         let mut guide = g.compile(&Constraint::JsonSchema(schema), &limits).unwrap();
         for &b in br#"{"name": "#.iter() {
-            guide.accept(b as Token).unwrap();
+            guide.accept(b as Token, None).unwrap();
         }
         assert!(!guide.mask().unwrap().is_allowed(b'q' as u32));
-        assert!(guide.accept(b'q' as Token).is_err());
+        assert!(guide.accept(b'q' as Token, None).is_err());
+    }
+
+    #[test]
+    fn masks_computed_on_the_worker_are_the_same() {
+        let (g, _, eos) = grammars();
+        let worker = MaskWorker::spawn().unwrap();
+        let rx = Constraint::Regex("ab(c|d)".into());
+        let limits = GuideLimits::default();
+        let (mut here, mut away) = (
+            g.compile(&rx, &limits).unwrap(),
+            g.compile(&rx, &limits).unwrap(),
+        );
+        for &b in b"ab" {
+            here.accept(b as Token, None).unwrap();
+            away.accept(b as Token, Some(&worker)).unwrap();
+            assert!(!away.is_done());
+            assert_eq!(
+                here.mask().unwrap().to_list(),
+                away.mask().unwrap().to_list()
+            );
+        }
+        assert!(away.accept(b'x' as Token, Some(&worker)).is_err());
+        here.accept(b'c' as Token, Some(&worker)).unwrap();
+        assert!(here.is_done() || here.mask().unwrap().is_allowed(eos as u32));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::core::{
 };
 use crate::engine::backend::{Backend, BackendError, BatchToken, DecodeError, Filter, Token};
 use crate::engine::channel::{Command, EventSink};
-use crate::engine::guide::{Guide, GuideLimits, TokenMask};
+use crate::engine::guide::{Guide, GuideLimits, MaskWorker, TokenMask};
 use crate::engine::hooks::Hooks;
 use crate::engine::persist::Store;
 use crate::engine::planner::{self, Budget, Work};
@@ -106,6 +106,8 @@ pub struct Engine<'a, B: Backend> {
     batch: Vec<BatchToken>,
     stopping: bool,
     store: Option<&'a Store>,
+    /// Computes constrained requests' next masks while a decode runs.
+    masks: Option<MaskWorker>,
     /// `scheduler.cache_changes()` at the last save, and when it was.
     saved: (u64, Instant),
 }
@@ -131,6 +133,9 @@ impl<'a, B: Backend> Engine<'a, B> {
             batch: Vec::with_capacity(cfg.n_batch),
             stopping: false,
             store,
+            masks: MaskWorker::spawn()
+                .inspect_err(|e| log::warn!("masks are computed between decodes: no thread ({e})"))
+                .ok(),
             saved: (0, Instant::now()),
         };
         engine.publish();
@@ -633,7 +638,8 @@ impl<'a, B: Backend> Engine<'a, B> {
             };
             return Some(Outcome::End(reason));
         }
-        if let Some(Err(e)) = s.guide.as_mut().map(|g| g.accept(sampled.token)) {
+        let masks = self.masks.as_ref();
+        if let Some(Err(e)) = s.guide.as_mut().map(|g| g.accept(sampled.token, masks)) {
             return Some(Outcome::Error(RequestError::Constraint(e.0)));
         }
         s.progress.sampling += t0.elapsed();
