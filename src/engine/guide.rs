@@ -33,6 +33,34 @@ pub struct GuideLimits {
     pub compile_ms: u64,
 }
 
+impl GuideLimits {
+    /// Refuses a constraint over `max_bytes`, whoever compiles it.
+    pub fn check(&self, constraint: &Constraint) -> Result<(), GuideError> {
+        let size = constraint.size();
+        if size > self.max_bytes {
+            return Err(GuideError(format!(
+                "the {} is {size} bytes; this server accepts at most {} (constraints.max_bytes)",
+                constraint.kind(),
+                self.max_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Runs llguidance on a client's constraint: a panic inside it (a bug
+/// some input finds) becomes that request's error, not the engine's end.
+fn unpanicked<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("llguidance failed on it ({what})")
+    })
+}
+
 impl Default for GuideLimits {
     fn default() -> Self {
         GuideLimits {
@@ -86,14 +114,7 @@ impl Grammars {
         constraint: &Constraint,
         limits: &GuideLimits,
     ) -> Result<Guide, GuideError> {
-        let size = constraint.size();
-        if size > limits.max_bytes {
-            return Err(GuideError(format!(
-                "the {} is {size} bytes; this server accepts at most {} (constraints.max_bytes)",
-                constraint.kind(),
-                limits.max_bytes
-            )));
-        }
+        limits.check(constraint)?;
         let grammar = match constraint {
             Constraint::JsonSchema(schema) => TopLevelGrammar::from_json_schema(compact(schema)),
             Constraint::Regex(rx) => TopLevelGrammar::from_regex(rx),
@@ -114,12 +135,15 @@ impl Grammars {
             verbose_errors: false,
             ..ParserLimits::default()
         };
-        let parser = self.factory.create_parser_from_init_ext(
-            GrammarInit::Serialized(grammar),
-            Logger::new(0, 0),
-            InferenceCapabilities::default(),
-            parser_limits,
-        );
+        let parser = unpanicked(|| {
+            self.factory.create_parser_from_init_ext(
+                GrammarInit::Serialized(grammar),
+                Logger::new(0, 0),
+                InferenceCapabilities::default(),
+                parser_limits,
+            )
+        })
+        .and_then(|r| r.map_err(|e| e.to_string()));
         // An empty first mask, or llguidance stopping at once (its stop
         // reasons say `NoExtension...`), means nothing can be generated: no
         // token of this vocabulary starts a match.
@@ -130,7 +154,6 @@ impl Grammars {
             ))
         };
         let parser = parser.map_err(|e| {
-            let e = e.to_string();
             if e.starts_with("NoExtension") {
                 nothing("")
             } else {
@@ -229,9 +252,9 @@ impl Guide {
             unreachable!("mask() takes the matcher back")
         };
         *mask = None;
-        matcher
-            .consume_token(token as u32)
-            .map_err(|e| GuideError(first_line(&e.to_string()).to_owned()))?;
+        unpanicked(|| matcher.consume_token(token as u32))
+            .and_then(|r| r.map_err(|e| first_line(&e.to_string()).to_owned()))
+            .map_err(GuideError)?;
         if let Some(worker) = worker
             && !matcher.is_stopped()
         {
@@ -255,9 +278,9 @@ impl Guide {
 }
 
 fn compute(matcher: &mut Matcher) -> Result<TokenMask, GuideError> {
-    matcher
-        .compute_mask()
-        .map_err(|e| GuideError(first_line(&e.to_string()).to_owned()))
+    unpanicked(|| matcher.compute_mask())
+        .and_then(|r| r.map_err(|e| first_line(&e.to_string()).to_owned()))
+        .map_err(GuideError)
 }
 
 /// A thread that computes constrained requests' next masks while the

@@ -347,12 +347,13 @@ impl<'a, B: Backend> Engine<'a, B> {
             return self.report(&req, Outcome::Error(e), &progress);
         }
         let prepared = self.check_tokens(&req).and_then(|()| {
+            let guide = self.guide(&req)?;
             let seed = req.params.seed.unwrap_or_else(random_seed);
             let sampler = self
                 .backend
                 .sampler(&req.params, seed)
                 .map_err(|e| RequestError::Constraint(e.to_string()))?;
-            Ok((sampler, self.guide(&req)?))
+            Ok((sampler, guide))
         });
         let (sampler, guide) = match prepared {
             Ok(p) => p,
@@ -409,6 +410,10 @@ impl<'a, B: Backend> Engine<'a, B> {
         let Some(constraint) = &req.params.constraint else {
             return Ok(None);
         };
+        let limits = &self.cfg.guide_limits;
+        limits
+            .check(constraint)
+            .map_err(|e| RequestError::Constraint(e.0))?;
         if let crate::core::Constraint::Gbnf(_) = constraint {
             return Ok(None); // the sampler follows it
         }
@@ -418,7 +423,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             .grammars()
             .map_err(|e| RequestError::Constraint(e.to_string()))?;
         let guide = grammars
-            .compile(constraint, &self.cfg.guide_limits)
+            .compile(constraint, limits)
             .map_err(|e| RequestError::Constraint(e.0))?;
         log::debug!(
             request = req.id.as_str();

@@ -148,6 +148,7 @@ async def websocket_checks():
             ({"choice": []}, "params.choice"),
             ({"regex": "a", "choice": ["a"]}, "both constraints"),
             ({"json_schema": {"enum": ["x" * 40] * 2000}}, "at most 65536"),
+            ({"grammar": "root ::= " + " | ".join(['"%s"' % ("y" * 60)] * 1200)}, "at most 65536"),
             ({"logit_bias": {"999999999": 1}}, "vocabulary has"),
             ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
         ]
@@ -175,6 +176,18 @@ async def websocket_checks():
                               {"temp": 0, "max_tokens": 3, "logit_bias": [[first["token"], -100]]})
         assert not text.startswith(first["text"]), (text, first)
         ok("token logprobs on protocol v1, and logit_bias bans the greedy pick")
+
+        # The samplers people tune, together, on a real model.
+        text, end = await infer(ws, "tuned", "Once upon a time", {
+            "temp": 1.0, "seed": 7, "max_tokens": 24, "typical_p": 0.9, "xtc_probability": 0.5,
+            "xtc_threshold": 0.1, "dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2,
+            "min_tokens": 8, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repeat_penalty": 1.1})
+        assert end["op"] == "end" and end["stats"]["completion_tokens"] >= 8, end
+        stop_id = first["token"]
+        text, end = await infer(ws, "stopid", "The capital of France is",
+                                {"temp": 0, "max_tokens": 8, "stop_token_ids": [stop_id]})
+        assert end["reason"] == "stop" and text == "", (text, end)
+        ok("typical-p, XTC, DRY, min_tokens and penalties together; a stop token id ends the reply")
 
         # Tools on protocol v1: the same JSON, the calls in `end`.
         tool = {"name": "set_alarm", "description": "Sets an alarm",
