@@ -18,7 +18,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -194,19 +194,6 @@ fn batch(port: u16, runs: usize) -> Value {
         p50s[1] / p50s[0]
     );
     out
-}
-
-/// llama-server built by benches/llama-tools.sh, killed on drop.
-struct LlamaServer {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl LlamaServer {

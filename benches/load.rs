@@ -32,7 +32,7 @@ mod common;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,7 +43,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tungstenite::{Message, WebSocket};
 
-use common::{manifest_dir, model_path, start_server, write_report};
+use common::{LlamaServer, manifest_dir, model_path, start_server, write_report};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Load generator: inference-core vs llama-server")]
@@ -814,19 +814,6 @@ fn read_sse<T>(
 }
 
 // ---------------------------------------------------------------- servers
-
-/// llama-server, killed on drop.
-struct LlamaServer {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn start_llama_server(bin: &Path, model: &Path, args: &Args, threads: usize) -> LlamaServer {
     let port = TcpListener::bind("127.0.0.1:0")

@@ -5,8 +5,6 @@
 
 mod util;
 
-use std::process::Command;
-
 use serde_json::json;
 use util::{Client, Server};
 
@@ -15,23 +13,8 @@ const MODEL: &str = "gemma-3-270m-q4_k_m";
 #[test]
 fn constrained_output_always_parses_and_tool_calls_round_trip() {
     let server = Server::start(&[]);
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/clients/structured_check.py"
-        ))
-        .arg(server.port.to_string())
-        .arg(MODEL)
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("all ok"),
-        "structured_check.py failed:\n{stdout}\n{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log_text()
-    );
-    eprint!("{stdout}");
+    let port = server.port.to_string();
+    util::client_check(&server, "structured_check.py", &[&port, MODEL]);
     assert!(!server.log_text().contains("panicked"));
 }
 

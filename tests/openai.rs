@@ -17,23 +17,10 @@ const MODEL: &str = "gemma-3-270m-q4_k_m";
 
 /// Runs the `openai` package's checks (tests/clients/openai_check.py).
 fn openai_check(server: &Server, key: Option<&str>) {
-    let mut cmd = Command::new("python3");
-    cmd.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/openai_check.py"
-    ))
-    .arg(format!("http://127.0.0.1:{}", server.port))
-    .arg(MODEL);
-    cmd.args(key);
-    let out = cmd.output().expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("all ok"),
-        "openai_check.py failed:\n{stdout}\n{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log_text()
-    );
-    eprint!("{stdout}");
+    let base = format!("http://127.0.0.1:{}", server.port);
+    let mut args = vec![base.as_str(), MODEL];
+    args.extend(key);
+    util::client_check(server, "openai_check.py", &args);
 }
 
 #[test]

@@ -40,6 +40,19 @@ pub fn llama_tool(name: &str) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// llama-server (built by benches/llama-tools.sh), killed on drop.
+pub struct LlamaServer {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub struct Server {
     child: Child,
     pub port: u16,

@@ -171,6 +171,25 @@ impl Server {
 
 /// `base` (a JSON object) with the fields of `extra` added: a message and its
 /// input (`prompt` or `messages`).
+/// Runs a client script of tests/clients/ against `server` with `args`; it
+/// must exit 0 and print "all ok" (its "ok: ..." lines go to the test's log).
+pub fn client_check(server: &Server, script: &str, args: &[&str]) {
+    let path = format!("{}/tests/clients/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("all ok"),
+        "{script} failed:\n{stdout}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    eprint!("{stdout}");
+}
+
 pub fn with(mut base: Value, extra: &Value) -> Value {
     base.as_object_mut()
         .expect("an object")
