@@ -1,0 +1,382 @@
+//! A request's sampler: llama.cpp's sampler chain in llama.cpp's order, its
+//! GBNF grammar sampler, and the model's own probabilities of each pick.
+
+use std::ffi::CString;
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+use super::{Context, Vocab, capturing_errors};
+use crate::core::{Constraint, SamplingParams};
+use crate::engine::backend::{BackendError, Filter, Sampled, Token};
+
+/// A llama.cpp sampler chain plus the candidate buffer it works on.
+pub struct Sampler {
+    chain: NonNull<sys::llama_sampler>,
+    candidates: Vec<sys::llama_token_data>,
+    /// Plain greedy (nothing that rewrites logits): pick the argmax straight
+    /// from the logits, skipping the copy of the vocabulary into `candidates`.
+    greedy: bool,
+    /// Report the log-probabilities of this many most likely tokens.
+    top: Option<usize>,
+    /// llama.cpp's GBNF sampler, outside the chain: a pick is checked
+    /// against it, and only a pick it refuses costs a pass over the vocabulary.
+    grammar: Option<NonNull<sys::llama_sampler>>,
+}
+
+impl Sampler {
+    /// A chain for validated `params` (token ids in `logit_bias` within the
+    /// vocabulary); `n_ctx` stands for a look-back of -1. The order is
+    /// llama.cpp's own (common/sampling): biases, penalties, DRY, top-k,
+    /// typical, top-p, min-p, XTC, temperature, then the draw.
+    pub fn new(
+        params: &SamplingParams,
+        seed: u32,
+        vocab: Vocab<'_>,
+        n_ctx: i32,
+    ) -> Result<Sampler, BackendError> {
+        let spec = params;
+        let grammar = match &spec.constraint {
+            Some(Constraint::Gbnf(text)) => Some(grammar_sampler(vocab, text)?),
+            _ => None,
+        };
+        let n_vocab = vocab.n_tokens();
+        let whole = |n: i32| if n < 0 { n_ctx } else { n };
+        let repeat_last_n = whole(spec.repeat_last_n);
+        let penalized = repeat_last_n != 0
+            && (spec.repeat_penalty != 1.0
+                || spec.frequency_penalty != 0.0
+                || spec.presence_penalty != 0.0);
+        let dry = spec.dry_multiplier > 0.0;
+        // SAFETY: plain constructor; the chain owns every sampler added to it.
+        let chain =
+            unsafe { sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params()) };
+        let chain = NonNull::new(chain).expect("llama_sampler_chain_init returned null");
+        let add = |s: *mut sys::llama_sampler| {
+            if !s.is_null() {
+                // SAFETY: `s` is a freshly created sampler; the chain takes ownership.
+                unsafe { sys::llama_sampler_chain_add(chain.as_ptr(), s) }
+            }
+        };
+        let breakers: Vec<std::ffi::CString> = spec
+            .dry_sequence_breakers
+            .iter()
+            .filter_map(|b| std::ffi::CString::new(b.as_str()).ok())
+            .collect();
+        let mut breaker_ptrs: Vec<*const std::ffi::c_char> =
+            breakers.iter().map(|b| b.as_ptr()).collect();
+        // SAFETY: the constructors below only read their arguments; `biases`
+        // and the breaker strings outlive the constructors, which copy them;
+        // the vocab is valid while the model lives.
+        unsafe {
+            if !spec.logit_bias.is_empty() {
+                let biases: Vec<sys::llama_logit_bias> = spec
+                    .logit_bias
+                    .iter()
+                    .map(|&(token, bias)| sys::llama_logit_bias {
+                        token,
+                        bias: if bias <= -100.0 {
+                            f32::NEG_INFINITY
+                        } else {
+                            bias
+                        },
+                    })
+                    .collect();
+                add(sys::llama_sampler_init_logit_bias(
+                    n_vocab,
+                    biases.len() as i32,
+                    biases.as_ptr(),
+                ));
+            }
+            if penalized {
+                add(sys::llama_sampler_init_penalties(
+                    n_vocab,
+                    repeat_last_n,
+                    spec.repeat_penalty,
+                    spec.frequency_penalty,
+                    spec.presence_penalty,
+                ));
+            }
+            if dry {
+                add(sys::llama_sampler_init_dry(
+                    vocab.ptr,
+                    spec.dry_multiplier,
+                    spec.dry_base,
+                    spec.dry_allowed_length as i32,
+                    whole(spec.dry_penalty_last_n),
+                    breaker_ptrs.as_mut_ptr(),
+                    breaker_ptrs.len(),
+                ));
+            }
+            if spec.temp <= 0.0 {
+                add(sys::llama_sampler_init_greedy());
+            } else {
+                if spec.top_k > 0 {
+                    add(sys::llama_sampler_init_top_k(spec.top_k));
+                }
+                if spec.typical_p < 1.0 {
+                    add(sys::llama_sampler_init_typical(spec.typical_p, 1));
+                }
+                if spec.top_p < 1.0 {
+                    add(sys::llama_sampler_init_top_p(spec.top_p, 1));
+                }
+                if spec.min_p > 0.0 {
+                    add(sys::llama_sampler_init_min_p(spec.min_p, 1));
+                }
+                if spec.xtc_probability > 0.0 {
+                    add(sys::llama_sampler_init_xtc(
+                        spec.xtc_probability,
+                        spec.xtc_threshold,
+                        1,
+                        seed,
+                    ));
+                }
+                add(sys::llama_sampler_init_temp(spec.temp));
+                add(sys::llama_sampler_init_dist(seed));
+            }
+        }
+        Ok(Sampler {
+            chain,
+            candidates: Vec::new(),
+            greedy: spec.temp <= 0.0 && !penalized && !dry && spec.logit_bias.is_empty(),
+            top: spec.logprobs.map(usize::from),
+            grammar,
+        })
+    }
+
+    /// Samples from batch row `row` of the last decode among the tokens
+    /// `filter` allows, and records the token in the chain's history (for
+    /// repetition penalties). The probability is the model's own (softmax of
+    /// the raw logits), whatever the chain did.
+    pub fn sample(
+        &mut self,
+        ctx: &Context<'_>,
+        row: usize,
+        filter: &Filter<'_>,
+    ) -> Result<Sampled, BackendError> {
+        let logits = ctx.logits(row)?;
+        let mut token = self.pick(logits, filter, false)?;
+        if let Some(grammar) = self.grammar
+            && !grammar_allows(grammar, token)
+        {
+            token = self.pick(logits, filter, true)?;
+        }
+        if !self.greedy {
+            // SAFETY: the chain is valid; accept only updates its history.
+            unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), token) };
+        }
+        if let Some(grammar) = self.grammar {
+            // SAFETY: the grammar sampler is valid and `token` is one it
+            // allows (checked above), so accepting it keeps its stacks non-empty.
+            unsafe { sys::llama_sampler_accept(grammar.as_ptr(), token) };
+        }
+        Ok(self.sampled(logits, token))
+    }
+
+    /// One pick by the chain among the allowed tokens; `with_grammar` first
+    /// applies the grammar to every candidate.
+    fn pick(
+        &mut self,
+        logits: &[f32],
+        filter: &Filter<'_>,
+        with_grammar: bool,
+    ) -> Result<Token, BackendError> {
+        if self.greedy && !with_grammar {
+            return argmax(logits, filter).ok_or(BackendError::NothingSampled);
+        }
+        self.candidates.clear();
+        let all = filter.mask.is_none() && filter.banned.is_empty();
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|&(id, _)| all || filter.allows(id as Token))
+                .map(|(id, &logit)| sys::llama_token_data {
+                    id: id as Token,
+                    logit,
+                    p: 0.0,
+                }),
+        );
+        if self.candidates.is_empty() {
+            return Err(BackendError::NothingSampled);
+        }
+        let mut arr = sys::llama_token_data_array {
+            data: self.candidates.as_mut_ptr(),
+            size: self.candidates.len(),
+            selected: -1,
+            sorted: false,
+        };
+        if let (true, Some(grammar)) = (with_grammar, self.grammar) {
+            // SAFETY: as below; the grammar sampler only sets refused logits to -inf.
+            unsafe { sys::llama_sampler_apply(grammar.as_ptr(), &mut arr) };
+        }
+        // SAFETY: `arr` points into `self.candidates`, alive and unaliased for the
+        // call; the chain only rewrites/shrinks the array in place.
+        unsafe { sys::llama_sampler_apply(self.chain.as_ptr(), &mut arr) };
+        if arr.selected < 0 || arr.selected as usize >= arr.size {
+            return Err(BackendError::NothingSampled);
+        }
+        // SAFETY: the chain may have shrunk `size` but `data` still points into our buffer.
+        let kept = unsafe { std::slice::from_raw_parts(arr.data, arr.size) };
+        let chosen = kept[arr.selected as usize];
+        if chosen.logit == f32::NEG_INFINITY {
+            // The grammar refused everything left: it is complete and its
+            // end-of-generation token is banned.
+            return Err(BackendError::GrammarComplete);
+        }
+        Ok(chosen.id)
+    }
+
+    fn sampled(&self, logits: &[f32], token: Token) -> Sampled {
+        Sampled {
+            token,
+            prob: softmax_at(logits, token),
+            top: self.top.map(|k| top_logprobs(logits, k)),
+        }
+    }
+}
+
+/// The `k` most likely tokens with their log-probabilities (log-softmax of
+/// the raw logits), most likely first.
+fn top_logprobs(logits: &[f32], k: usize) -> Vec<(Token, f32)> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    if !max.is_finite() || k == 0 {
+        return Vec::new();
+    }
+    let log_sum = logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln() + max;
+    // The best k so far, most likely first (k is small: at most 20).
+    let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if best.len() < k || l > best[best.len() - 1].0 {
+            let at = best.partition_point(|b| b.0 >= l);
+            best.insert(at, (l, i));
+            best.truncate(k);
+        }
+    }
+    best.into_iter()
+        .map(|(l, i)| (i as Token, l - log_sum))
+        .collect()
+}
+
+/// The most likely token that `filter` allows.
+fn argmax(logits: &[f32], filter: &Filter<'_>) -> Option<Token> {
+    let mut best: Option<(Token, f32)> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if best.is_none_or(|b| l > b.1) && filter.allows(i as Token) {
+            best = Some((i as Token, l));
+        }
+    }
+    best.map(|b| b.0)
+}
+
+/// The probability of `token` under the softmax of `logits`. Terms more
+/// than 30 nats below the maximum change the sum by less than 1e-13 each and
+/// are skipped.
+fn softmax_at(logits: &[f32], token: Token) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    if !max.is_finite() {
+        return 1.0;
+    }
+    let floor = max - 30.0;
+    let sum: f32 = logits
+        .iter()
+        .filter(|&&l| l > floor)
+        .map(|&l| (l - max).exp())
+        .sum();
+    (logits[token as usize] - max).exp() / sum
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        // SAFETY: we own the chain, which frees the samplers added to it,
+        // and the grammar sampler.
+        unsafe {
+            sys::llama_sampler_free(self.chain.as_ptr());
+            if let Some(g) = self.grammar {
+                sys::llama_sampler_free(g.as_ptr());
+            }
+        }
+    }
+}
+
+/// llama.cpp's sampler for a GBNF grammar (start rule `root`); a grammar
+/// that does not parse is refused with llama.cpp's reason.
+fn grammar_sampler(
+    vocab: Vocab<'_>,
+    text: &str,
+) -> Result<NonNull<sys::llama_sampler>, BackendError> {
+    let text =
+        CString::new(text).map_err(|_| BackendError::Grammar("it contains a NUL byte".into()))?;
+    let (sampler, errors) = capturing_errors(|| {
+        // SAFETY: the vocab is valid while the model lives; both strings are
+        // NUL-terminated and only read during the call (the parser reports
+        // its errors through the log and returns null, it does not throw).
+        unsafe { sys::llama_sampler_init_grammar(vocab.ptr, text.as_ptr(), c"root".as_ptr()) }
+    });
+    NonNull::new(sampler).ok_or_else(|| {
+        let reason = errors
+            .iter()
+            .map(|e| {
+                e.trim_start_matches("parse: error parsing grammar: ")
+                    .trim()
+            })
+            .find(|e| !e.is_empty())
+            .unwrap_or("llama.cpp could not parse it");
+        BackendError::Grammar(reason.to_owned())
+    })
+}
+
+/// Whether the grammar allows `token` next (a one-candidate pass).
+fn grammar_allows(grammar: NonNull<sys::llama_sampler>, token: Token) -> bool {
+    let mut one = [sys::llama_token_data {
+        id: token,
+        logit: 0.0,
+        p: 0.0,
+    }];
+    let mut arr = sys::llama_token_data_array {
+        data: one.as_mut_ptr(),
+        size: 1,
+        selected: -1,
+        sorted: false,
+    };
+    // SAFETY: `arr` points at `one`, alive for the call; the grammar sampler
+    // only rewrites the candidate's logit.
+    unsafe { sys::llama_sampler_apply(grammar.as_ptr(), &mut arr) };
+    one[0].logit != f32::NEG_INFINITY
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_in_order() {
+        let logits = [0.0, 2.0, 1.0, f32::NEG_INFINITY];
+        let top = top_logprobs(&logits, 2);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        let total: f32 = [0.0f32, 2.0, 1.0].iter().map(|l| l.exp()).sum();
+        assert!((top[0].1 - (2.0 - total.ln())).abs() < 1e-6);
+        assert!((top[0].1.exp() - softmax_at(&logits, 1)).abs() < 1e-6);
+        assert_eq!(top_logprobs(&logits, 10).len(), 4);
+        assert!(top_logprobs(&logits, 0).is_empty());
+    }
+
+    #[test]
+    fn softmax_of_logits() {
+        let logits = [1.0, 1.0, f32::NEG_INFINITY];
+        assert!((softmax_at(&logits, 0) - 0.5).abs() < 1e-6);
+        assert_eq!(softmax_at(&logits, 2), 0.0);
+        assert_eq!(softmax_at(&[3.0], 0), 1.0);
+    }
+
+    #[test]
+    fn greedy_skips_banned_tokens_and_reports_the_models_probability() {
+        let logits = [0.0, 5.0, 5.0_f32.ln() + 5.0, 1.0];
+        let only = |banned: &'static [Token]| Filter { mask: None, banned };
+        assert_eq!(argmax(&logits, &only(&[])), Some(2));
+        assert_eq!(argmax(&logits, &only(&[2])), Some(1));
+        assert_eq!(argmax(&logits, &only(&[0, 1, 2, 3])), None);
+        let p = softmax_at(&logits, 2);
+        assert!(p > 0.8 && p < 0.85, "{p}");
+    }
+}
