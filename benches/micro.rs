@@ -230,6 +230,7 @@ fn scheduler_ops(c: &mut Criterion) {
                 key,
                 tokens: tokens.clone(),
                 max_tokens: 32,
+                priority: 0,
             })
             .unwrap();
             let admitted = s.admit();

@@ -16,6 +16,7 @@ pub use event::{Candidate, Event, TokenLogprobs};
 pub use outcome::{ErrorCode, FinishReason, RequestError, Stats};
 pub use params::{InvalidParam, MAX_STOP_LEN, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams};
 pub use request::{
-    ChatMessage, PromptInput, Request, RequestKey, RequestKind, RequestSpec, Role, Truncate,
+    ChatMessage, MAX_DEADLINE_MS, PromptInput, Request, RequestKey, RequestKind, RequestSpec, Role,
+    Truncate, Urgency,
 };
 pub use status::{EngineState, KvStatus, OpsStatus, Status};

@@ -11,6 +11,8 @@ pub enum FinishReason {
     Stop,
     /// The client aborted it.
     Abort,
+    /// Its `deadline_ms` passed, while it waited or ran.
+    Deadline,
 }
 
 impl FinishReason {
@@ -20,6 +22,7 @@ impl FinishReason {
             FinishReason::Length => "length",
             FinishReason::Stop => "stop",
             FinishReason::Abort => "abort",
+            FinishReason::Deadline => "deadline",
         }
     }
 }

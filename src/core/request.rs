@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::SamplingParams;
 
@@ -25,13 +25,34 @@ pub struct Request {
     pub received: Instant,
     /// Longest prompt accepted, in tokens; 0: only the context bounds it.
     pub max_prompt_tokens: usize,
+    pub urgency: Urgency,
 }
 
 impl Request {
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }
+
+    /// Its deadline has passed by `now`.
+    pub fn expired(&self, now: Instant) -> bool {
+        self.urgency
+            .deadline
+            .is_some_and(|d| now >= self.received + d)
+    }
 }
+
+/// How urgent a request is. `priority` orders the queue: higher first,
+/// first come first served within a level (a voice turn need not wait behind
+/// a batch job's queue). Past its `deadline`, counted from receipt, a request
+/// ends (`FinishReason::Deadline`), queued or running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Urgency {
+    pub priority: i32,
+    pub deadline: Option<Duration>,
+}
+
+/// Longest deadline a request may give (a day), in milliseconds.
+pub const MAX_DEADLINE_MS: u64 = 86_400_000;
 
 /// What is asked of the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +82,7 @@ pub struct RequestSpec {
     pub params: SamplingParams,
     pub kind: RequestKind,
     pub truncate: Truncate,
+    pub urgency: Urgency,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -8,8 +8,9 @@
 //! Policy: a request is admitted when a slot is free and the pages for its
 //! prompt plus `max_tokens` (capped at the context) are free or can be freed by
 //! evicting cached prefixes; it then can never run out of KV memory. The
-//! queue is strictly first-in first-out: a large request at the head is not
-//! overtaken. Pages it shares with a cached prefix are not counted twice.
+//! queue is ordered by priority, first-in first-out within a level: a large
+//! request at the head is not overtaken by one of its level or lower. Pages
+//! it shares with a cached prefix are not counted twice.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -34,6 +35,8 @@ pub struct Job {
     pub key: RequestKey,
     pub tokens: Vec<Token>,
     pub max_tokens: usize,
+    /// Higher is admitted first; equal ones in arrival order.
+    pub priority: i32,
 }
 
 #[derive(Debug, PartialEq)]
@@ -143,8 +146,12 @@ impl Scheduler {
                 waiting: self.queue.len(),
             });
         }
-        self.queue.push_back(Waiting { req, reported: 0 });
-        Ok(self.queue.len())
+        // Behind every request of its priority or higher, ahead of the rest.
+        let at = self
+            .queue
+            .partition_point(|w| w.req.priority >= req.priority);
+        self.queue.insert(at, Waiting { req, reported: 0 });
+        Ok(at + 1)
     }
 
     /// Whether the next request would be refused for the queue's length.
@@ -385,6 +392,7 @@ mod tests {
             key,
             tokens,
             max_tokens,
+            priority: 0,
         }
     }
 
@@ -410,6 +418,35 @@ mod tests {
         let admitted = s.admit();
         assert_eq!(admitted[0].0.key, 3);
         s.check().unwrap();
+    }
+
+    #[test]
+    fn higher_priority_goes_first_and_arrival_order_holds_within_a_level() {
+        let mut s = Scheduler::new(Config {
+            queue_limit: 8,
+            ..sched(256, 1, 4).cfg
+        });
+        let mut with = |key: RequestKey, priority: i32| {
+            let job = Job {
+                priority,
+                ..req(key, prompt(4, key as i32), 4)
+            };
+            s.submit(job).unwrap()
+        };
+        assert_eq!(with(1, 0), 1);
+        assert_eq!(with(2, 0), 2);
+        assert_eq!(with(3, 5), 1, "ahead of the lower level");
+        assert_eq!(with(4, 5), 2, "behind its own level");
+        assert_eq!(with(5, -1), 5);
+        let order: Vec<RequestKey> = std::iter::from_fn(|| {
+            let admitted = s.admit().pop().map(|(j, _)| j.key);
+            if let Some(k) = admitted {
+                s.finish(k, &[]);
+            }
+            admitted
+        })
+        .collect();
+        assert_eq!(order, [3, 4, 1, 2, 5]);
     }
 
     #[test]

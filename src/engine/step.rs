@@ -363,6 +363,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             key: req.key,
             tokens,
             max_tokens: req.params.max_tokens as usize,
+            priority: req.urgency.priority,
         };
         // Requests that arrived together: whoever can start now starts
         // first, so the limit counts only requests that would really wait.
@@ -432,25 +433,34 @@ impl<'a, B: Backend> Engine<'a, B> {
         Ok(Some(guide))
     }
 
-    /// Ends aborted requests, waiting or running, before the next step.
+    /// Ends aborted requests and those past their deadline, waiting or
+    /// running, before the next step.
     fn reap_cancelled(&mut self) {
-        let cancelled: Vec<RequestKey> = self
+        let now = Instant::now();
+        let ended = |r: &Request| {
+            if r.cancelled() {
+                Some(FinishReason::Abort)
+            } else if r.expired(now) {
+                Some(FinishReason::Deadline)
+            } else {
+                None
+            }
+        };
+        let gone: Vec<(RequestKey, FinishReason)> = self
             .waiting
             .values()
-            .filter(|w| w.req.cancelled())
-            .map(|w| w.req.key)
+            .filter_map(|w| ended(&w.req).map(|reason| (w.req.key, reason)))
             .collect();
-        for key in cancelled {
+        for (key, reason) in gone {
             self.scheduler.cancel_queued(key);
             let w = self.waiting.remove(&key).expect("listed above");
-            self.report(&w.req, Outcome::End(FinishReason::Abort), &w.progress);
+            self.report(&w.req, Outcome::End(reason), &w.progress);
         }
         let mut i = 0;
         while i < self.active.len() {
-            if self.active[i].req.cancelled() {
-                self.finish(i, Outcome::End(FinishReason::Abort));
-            } else {
-                i += 1;
+            match ended(&self.active[i].req) {
+                Some(reason) => self.finish(i, Outcome::End(reason)),
+                None => i += 1,
             }
         }
     }

@@ -92,6 +92,8 @@ struct Harness {
     fake: Fake,
     hooks: Arc<TestHooks>,
     next_key: u64,
+    /// Given to every request submitted.
+    urgency: crate::core::Urgency,
 }
 
 /// What one request produced.
@@ -137,6 +139,7 @@ impl Harness {
             fake,
             hooks,
             next_key: 1,
+            urgency: Default::default(),
         }
     }
 
@@ -165,6 +168,7 @@ impl Harness {
             cancel: cancel.clone(),
             received: Instant::now(),
             max_prompt_tokens: 0,
+            urgency: self.urgency,
         };
         self.engine.submit(req).map_err(|_| "engine gone").unwrap();
         (key, cancel)
@@ -712,4 +716,41 @@ fn min_tokens_holds_the_end_back_and_stop_tokens_end_a_reply() {
         (done.text.as_str(), done.end().0),
         ("hello ", FinishReason::Stop)
     );
+}
+
+#[test]
+fn priority_orders_the_queue_and_deadlines_end_requests_queued_or_running() {
+    let mut h = Harness::new(1);
+    h.fake.state().hold = true;
+    let (running, _) = h.submit("first");
+    h.wait_until("the first decode", |h| h.fake.state().holding);
+    let (low, _) = h.submit("low");
+    h.urgency.priority = 10;
+    let (high, _) = h.submit("high");
+    h.urgency = crate::core::Urgency {
+        priority: 0,
+        deadline: Some(Duration::from_millis(30)),
+    };
+    let (late, _) = h.submit("late");
+    std::thread::sleep(Duration::from_millis(60));
+    h.fake.state().hold = false;
+    let late = h.finish(late);
+    assert_eq!(late.end().0, FinishReason::Deadline);
+    assert_eq!(late.end().1.completion_tokens, 0);
+    assert_eq!(h.finish(running).text, "hello world");
+    let (high, low) = (h.finish(high), h.finish(low));
+    // The three arrived in one intake (the engine was inside the held decode).
+    assert_eq!(high.queued, [1], "the high one goes ahead of the low one");
+    assert_eq!(low.queued, [2, 1]);
+    // Running past its deadline: it ends between two tokens.
+    h.urgency.deadline = Some(Duration::from_millis(40));
+    let batches = h.fake.state().batches.len();
+    h.fake.state().hold_at_batch = Some(batches + 3);
+    let (slow, _) = h.submit("slow");
+    h.wait_until("held mid-reply", |h| h.fake.state().holding);
+    std::thread::sleep(Duration::from_millis(60));
+    h.fake.state().hold = false;
+    let slow = h.finish(slow);
+    assert_eq!(slow.end().0, FinishReason::Deadline);
+    assert!(slow.text.len() < "hello world".len(), "{:?}", slow.text);
 }

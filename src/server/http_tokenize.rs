@@ -37,6 +37,7 @@ impl Session for Tokenize {
             params: host.defaults().clone(),
             kind: RequestKind::CountTokens,
             truncate: Truncate::None,
+            urgency: Default::default(),
         };
         if let Err(e) = host.submit(None, spec) {
             out.respond(error(e.code(), &e.to_string()));

@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use crate::core::tools::{Tool, ToolCall, ToolChoice, Tools, Turn};
 use crate::core::{
-    ChatMessage, Constraint, ErrorCode, InvalidParam, PromptInput, Role, SamplingParams, Truncate,
+    ChatMessage, Constraint, ErrorCode, InvalidParam, MAX_DEADLINE_MS, PromptInput, Role,
+    SamplingParams, Truncate, Urgency,
 };
 
 /// The protocol version `hello` announces.
@@ -61,6 +62,7 @@ pub struct InferRequest {
     pub truncate: Truncate,
     /// The model is offered tools: its reply is JSON, read at its end.
     pub tools: bool,
+    pub urgency: Urgency,
 }
 
 #[derive(Deserialize)]
@@ -147,6 +149,23 @@ impl WireMessage {
             }
         }
     }
+}
+
+/// `priority` and `deadline_ms` (1 ms to a day), as both protocols take them.
+pub fn urgency(priority: Option<i32>, deadline_ms: Option<u64>) -> Result<Urgency, String> {
+    let deadline = match deadline_ms {
+        None => None,
+        Some(ms @ 1..=MAX_DEADLINE_MS) => Some(std::time::Duration::from_millis(ms)),
+        Some(ms) => {
+            return Err(format!(
+                "deadline_ms = {ms} is out of range: 1 to {MAX_DEADLINE_MS} (a day)"
+            ));
+        }
+    };
+    Ok(Urgency {
+        priority: priority.unwrap_or(0),
+        deadline,
+    })
 }
 
 /// `tools`, `tool_choice` and `parallel_tool_calls` of an `infer`.
@@ -370,6 +389,8 @@ struct InferWire {
     tools: Option<Vec<WireTool>>,
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
+    priority: Option<i32>,
+    deadline_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -507,6 +528,8 @@ pub fn parse(text: &str, defaults: &SamplingParams) -> Result<ClientMsg, ProtoEr
                 params,
                 truncate,
                 tools: tools.as_ref().is_some_and(Tools::active),
+                urgency: urgency(wire.priority, wire.deadline_ms)
+                    .map_err(|m| ProtoError::bad(id, m))?,
             })))
         }
         "tokenize" => {
@@ -541,6 +564,31 @@ mod tests {
 
     fn err(text: &str) -> ProtoError {
         parse(text).expect_err(text)
+    }
+
+    #[test]
+    fn priority_and_deadline_are_read_and_checked() {
+        let Ok(ClientMsg::Infer(req)) =
+            parse(r#"{"op":"infer","prompt":"x","priority":-3,"deadline_ms":250}"#)
+        else {
+            panic!()
+        };
+        assert_eq!(req.urgency.priority, -3);
+        assert_eq!(
+            req.urgency.deadline,
+            Some(std::time::Duration::from_millis(250))
+        );
+        for bad in [
+            r#"{"op":"infer","prompt":"x","deadline_ms":0}"#,
+            r#"{"op":"infer","prompt":"x","deadline_ms":100000000}"#,
+            r#"{"op":"infer","prompt":"x","priority":"high"}"#,
+        ] {
+            let e = err(bad);
+            assert!(
+                e.message.contains("deadline_ms") || e.message.contains("expected i32"),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]

@@ -738,6 +738,7 @@ impl Host for ConnHost<'_> {
             cancel: opened.cancel,
             received: Instant::now(),
             max_prompt_tokens: self.server.max_prompt_tokens,
+            urgency: spec.urgency,
         };
         if self.engine.submit(req).is_err() {
             self.table.finish(opened.key);

@@ -71,6 +71,7 @@ impl Session for WsV1 {
                     params: req.params,
                     kind: RequestKind::Generate,
                     truncate: req.truncate,
+                    urgency: req.urgency,
                 };
                 match host.submit(req.id.as_deref(), spec) {
                     Ok(id) if req.tools => {
@@ -86,6 +87,7 @@ impl Session for WsV1 {
                     params: host.defaults().clone(),
                     kind: RequestKind::CountTokens,
                     truncate: Truncate::None,
+                    urgency: Default::default(),
                 };
                 if let Err(e) = host.submit(id.as_deref(), spec) {
                     out.push(refusal(id.as_deref(), e));

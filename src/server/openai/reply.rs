@@ -273,7 +273,7 @@ fn tool_calls(calls: &[ToolCall], indexed: bool) -> Value {
 
 pub fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
-        FinishReason::Length => "length",
+        FinishReason::Length | FinishReason::Deadline => "length",
         FinishReason::Eos | FinishReason::Stop | FinishReason::Abort => "stop",
     }
 }

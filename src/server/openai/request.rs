@@ -153,6 +153,10 @@ pub fn parse(
         BadRequest::new(&param, m)
     })?;
     let tools = tools.as_ref().is_some_and(Tools::active);
+    let priority = f.integer("priority", i32::MIN.into(), i32::MAX.into())?;
+    let deadline = f.integer("deadline_ms", 1, crate::core::MAX_DEADLINE_MS as i64)?;
+    let urgency = protocol::urgency(priority.map(|p| p as i32), deadline.map(|d| d as u64))
+        .map_err(|m| BadRequest::new("deadline_ms", m))?;
     let stream = f.boolean("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None => false,
@@ -180,6 +184,7 @@ pub fn parse(
             params,
             kind: RequestKind::Generate,
             truncate: Truncate::None,
+            urgency,
         },
         stream,
         include_usage,
