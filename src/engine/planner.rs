@@ -1,8 +1,10 @@
 //! Step planning, sans-I/O: which tokens of which sequences go into the next
 //! decode. Generating sequences first (one token each, so no stream stalls
-//! behind a prompt), then prompt chunks in admission order while the budget
-//! lasts: `prefill_chunk` tokens while others generate, the whole batch when
-//! prompts are all there is.
+//! behind a prompt), then prompt chunks while the budget lasts:
+//! `prefill_chunk` tokens while others generate, the whole batch when prompts
+//! are all there is. Prompts go by priority, then the least left first, then
+//! admission order: a short prompt that arrives while a long one is being
+//! chunked starts at the next step instead of after the whole long prompt.
 
 /// What the planner needs to know of one admitted sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,6 +13,8 @@ pub struct SeqView {
     pub generating: bool,
     /// Prompt tokens not yet decoded.
     pub prompt_left: usize,
+    /// The request's priority (higher first).
+    pub priority: i32,
 }
 
 /// One sequence's share of a step.
@@ -49,13 +53,18 @@ pub fn plan(seqs: &[SeqView], budget: Budget) -> Vec<Work> {
     } else {
         budget.batch
     };
+    let mut prompts: Vec<usize> = (0..seqs.len())
+        .filter(|&i| !seqs[i].generating && seqs[i].prompt_left > 0)
+        .collect();
+    // Stable: admission order among equals.
+    prompts.sort_by_key(|&i| (std::cmp::Reverse(seqs[i].priority), seqs[i].prompt_left));
     let mut used = decodes;
-    for (s, w) in seqs.iter().zip(&mut work) {
-        if s.generating || s.prompt_left == 0 || used >= limit {
-            continue;
+    for i in prompts {
+        if used >= limit {
+            break;
         }
-        let n = s.prompt_left.min(limit - used);
-        *w = Work::Prefill(n);
+        let n = seqs[i].prompt_left.min(limit - used);
+        work[i] = Work::Prefill(n);
         used += n;
     }
     work
@@ -74,6 +83,7 @@ mod tests {
         SeqView {
             generating: true,
             prompt_left: 0,
+            priority: 0,
         }
     }
 
@@ -81,6 +91,7 @@ mod tests {
         SeqView {
             generating: false,
             prompt_left: n,
+            priority: 0,
         }
     }
 
@@ -95,7 +106,7 @@ mod tests {
         let seqs = [running(), prompt(1000), running(), prompt(50)];
         assert_eq!(
             plan(&seqs, BUDGET),
-            [Work::Decode, Work::Prefill(128), Work::Decode, Work::Idle]
+            [Work::Decode, Work::Prefill(78), Work::Decode, Work::Prefill(50)]
         );
     }
 
@@ -105,6 +116,24 @@ mod tests {
         assert_eq!(
             plan(&seqs, BUDGET),
             [Work::Decode, Work::Prefill(100), Work::Prefill(28)]
+        );
+    }
+
+    #[test]
+    fn a_short_prompt_goes_before_a_long_one_and_priority_before_both() {
+        let seqs = [running(), prompt(1000), prompt(20)];
+        assert_eq!(
+            plan(&seqs, BUDGET),
+            [Work::Decode, Work::Prefill(108), Work::Prefill(20)]
+        );
+        let urgent = SeqView {
+            priority: 5,
+            ..prompt(1000)
+        };
+        let seqs = [running(), prompt(20), urgent];
+        assert_eq!(
+            plan(&seqs, BUDGET),
+            [Work::Decode, Work::Idle, Work::Prefill(128)]
         );
     }
 

@@ -37,6 +37,7 @@ impl<S> Seq<S> {
         SeqView {
             generating: self.pending.is_some(),
             prompt_left: self.prompt.len().saturating_sub(self.decoded.len()),
+            priority: self.req.urgency.priority,
         }
     }
 
