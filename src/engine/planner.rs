@@ -106,7 +106,12 @@ mod tests {
         let seqs = [running(), prompt(1000), running(), prompt(50)];
         assert_eq!(
             plan(&seqs, BUDGET),
-            [Work::Decode, Work::Prefill(78), Work::Decode, Work::Prefill(50)]
+            [
+                Work::Decode,
+                Work::Prefill(78),
+                Work::Decode,
+                Work::Prefill(50)
+            ]
         );
     }
 
