@@ -55,6 +55,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         queue_limit: s.max_queue,
         cache_entries: s.prefix_cache_entries,
         prefill_chunk: s.prefill_chunk.max(1),
+        itl_target_ms: (s.itl_target_ms > 0.0).then_some(s.itl_target_ms),
         park_keep_bytes: config.idle.keep_prefixes_mb << 20,
         guide_limits: GuideLimits {
             max_bytes: config.constraints.max_bytes,

@@ -185,6 +185,9 @@ pub struct Scheduler {
     pub prefix_cache_entries: usize,
     /// Prompt tokens one step may carry while other requests are generating.
     pub prefill_chunk: usize,
+    /// Inter-token gap (ms) to keep for generating requests while prompts go
+    /// in; 0: off (every step carries `prefill_chunk`).
+    pub itl_target_ms: f64,
 }
 
 impl Default for Scheduler {
@@ -195,6 +198,7 @@ impl Default for Scheduler {
             max_queue: 64,
             prefix_cache_entries: 32,
             prefill_chunk: 128,
+            itl_target_ms: 0.0,
         }
     }
 }
@@ -501,6 +505,9 @@ impl Config {
             return bad(
                 "scheduler.slots and scheduler.page_size must be at least 1, and slots + prefix_cache_entries at most 256",
             );
+        }
+        if s.itl_target_ms.is_nan() || s.itl_target_ms < 0.0 {
+            return bad("scheduler.itl_target_ms must be 0 (off) or more");
         }
         if s.slots as u32 > self.model.batch_size {
             return bad("scheduler.slots must not exceed model.batch_size");

@@ -5,6 +5,10 @@
 //! are all there is. Prompts go by priority, then the least left first, then
 //! admission order: a short prompt that arrives while a long one is being
 //! chunked starts at the next step instead of after the whole long prompt.
+//!
+//! `Costs` learns what a step costs on this machine; with a target
+//! inter-token gap (`scheduler.itl_target_ms`) the engine sizes each step's
+//! prompt chunk from it, so running streams keep their gap while prompts go in.
 
 /// What the planner needs to know of one admitted sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +72,86 @@ pub fn plan(seqs: &[SeqView], budget: Budget) -> Vec<Work> {
         used += n;
     }
     work
+}
+
+/// What steps cost on this machine, learned from the steps the engine ran:
+/// a decode-only step's time by its number of rows, and the extra time per
+/// prompt token. With a target inter-token gap it says how many prompt
+/// tokens a step may carry beside the running streams.
+#[derive(Debug, Clone)]
+pub struct Costs {
+    /// EWMA of decode-only steps' time (ms), by rows; 0: not seen yet.
+    decode_ms: Vec<f64>,
+    /// EWMA of the extra time (ms) per prompt token; 0: not seen yet.
+    prompt_ms: f64,
+}
+
+/// Weight of the newest step in the averages.
+const ALPHA: f64 = 0.2;
+
+/// Prompt tokens a step carries at the least while others generate, so a
+/// prompt always progresses.
+pub const MIN_CHUNK: usize = 8;
+
+impl Costs {
+    pub fn new(slots: usize) -> Costs {
+        Costs {
+            decode_ms: vec![0.0; slots + 1],
+            prompt_ms: 0.0,
+        }
+    }
+
+    /// Records a step of `rows` decode rows and `prompt_tokens` prompt
+    /// tokens that took `ms`.
+    pub fn observe(&mut self, rows: usize, prompt_tokens: usize, ms: f64) {
+        if !ms.is_finite() || ms <= 0.0 {
+            return;
+        }
+        if prompt_tokens == 0 {
+            if let Some(d) = self.decode_ms.get_mut(rows).filter(|_| rows > 0) {
+                *d = ewma(*d, ms);
+            }
+            return;
+        }
+        let base = if rows == 0 {
+            Some(0.0)
+        } else {
+            self.decode(rows)
+        };
+        if let Some(base) = base {
+            let per = ((ms - base) / prompt_tokens as f64).max(0.0);
+            self.prompt_ms = ewma(self.prompt_ms, per);
+        }
+    }
+
+    /// A decode-only step of `rows`: as seen, or as the nearest smaller one seen.
+    fn decode(&self, rows: usize) -> Option<f64> {
+        self.decode_ms
+            .get(1..=rows.min(self.decode_ms.len() - 1))?
+            .iter()
+            .rev()
+            .copied()
+            .find(|&d| d > 0.0)
+    }
+
+    /// Prompt tokens a step beside `rows` decodes may carry to stay within
+    /// `target_ms`: between `MIN_CHUNK` and `cap`; `cap` until both costs
+    /// have been seen.
+    pub fn chunk(&self, rows: usize, target_ms: f64, cap: usize) -> usize {
+        let (Some(decode), true) = (self.decode(rows), self.prompt_ms > 0.0) else {
+            return cap;
+        };
+        let fits = ((target_ms - decode) / self.prompt_ms).floor().max(0.0) as usize;
+        fits.clamp(MIN_CHUNK.min(cap), cap)
+    }
+}
+
+fn ewma(old: f64, new: f64) -> f64 {
+    if old == 0.0 {
+        new
+    } else {
+        old + ALPHA * (new - old)
+    }
 }
 
 #[cfg(test)]
@@ -155,5 +239,25 @@ mod tests {
         );
         assert_eq!(plan(&[], BUDGET), []);
         assert_eq!(plan(&[prompt(0)], BUDGET), [Work::Idle]);
+    }
+
+    #[test]
+    fn the_chunk_keeps_a_step_within_the_target_once_costs_are_known() {
+        let mut c = Costs::new(4);
+        assert_eq!(c.chunk(2, 60.0, 128), 128, "nothing measured yet");
+        c.observe(2, 0, 30.0);
+        assert_eq!(c.chunk(2, 60.0, 128), 128, "no prompt cost yet");
+        c.observe(2, 100, 230.0); // 2 ms a prompt token
+        assert_eq!(c.chunk(2, 60.0, 128), 15);
+        // Three rows are not seen: two rows' cost stands in.
+        assert_eq!(c.chunk(3, 60.0, 128), 15);
+        assert_eq!(c.chunk(2, 30.0, 128), MIN_CHUNK, "prompts always progress");
+        assert_eq!(c.chunk(2, 10_000.0, 128), 128, "never above the cap");
+        // Averages move towards what is seen.
+        c.observe(2, 0, 40.0);
+        assert!((c.decode(2).unwrap() - 32.0).abs() < 1e-9);
+        c.observe(0, 0, f64::NAN);
+        c.observe(9, 0, 5.0); // more rows than slots: ignored
+        assert_eq!(c.decode(1), None);
     }
 }

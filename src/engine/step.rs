@@ -20,7 +20,7 @@ use crate::engine::channel::{Command, EventSink};
 use crate::engine::guide::{Guide, GuideLimits, MaskWorker, TokenMask};
 use crate::engine::hooks::Hooks;
 use crate::engine::persist::Store;
-use crate::engine::planner::{self, Budget, Work};
+use crate::engine::planner::{self, Budget, Costs, Work};
 use crate::engine::prompt;
 use crate::engine::scheduler::{self, Job, MemOp, Scheduler};
 use crate::engine::sequence::{Progress, Seq};
@@ -43,6 +43,10 @@ pub struct EngineConfig {
     pub cache_entries: usize,
     /// Prompt tokens a step may carry while other sequences are generating.
     pub prefill_chunk: usize,
+    /// Inter-token gap to keep for running streams while prompts go in: the
+    /// prompt chunk is sized from the measured step costs, at most
+    /// `prefill_chunk`. `None`: always `prefill_chunk`.
+    pub itl_target_ms: Option<f64>,
     /// Bytes of cached prefixes kept in memory while parked (most recent first).
     pub park_keep_bytes: usize,
     /// Where cached prefixes are saved for the next start; `None`: nowhere.
@@ -108,6 +112,8 @@ pub struct Engine<'a, B: Backend> {
     store: Option<&'a Store>,
     /// Computes constrained requests' next masks while a decode runs.
     masks: Option<MaskWorker>,
+    /// What steps cost here, measured.
+    costs: Costs,
     /// `scheduler.cache_changes()` at the last save, and when it was.
     saved: (u64, Instant),
 }
@@ -133,6 +139,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             batch: Vec::with_capacity(cfg.n_batch),
             stopping: false,
             store,
+            costs: Costs::new(cfg.slots),
             masks: MaskWorker::spawn()
                 .inspect_err(|e| log::warn!("masks are computed between decodes: no thread ({e})"))
                 .ok(),
@@ -518,9 +525,14 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Fills the batch with the planned work of every sequence.
     fn build_batch(&mut self) {
         let views: Vec<_> = self.active.iter().map(Seq::view).collect();
+        let decodes = views.iter().filter(|v| v.generating).count();
+        let prefill_chunk = match self.cfg.itl_target_ms {
+            Some(target) => self.costs.chunk(decodes, target, self.cfg.prefill_chunk),
+            None => self.cfg.prefill_chunk,
+        };
         let budget = Budget {
             batch: self.cfg.n_batch,
-            prefill_chunk: self.cfg.prefill_chunk,
+            prefill_chunk,
         };
         self.batch.clear();
         for (s, work) in self.active.iter_mut().zip(planner::plan(&views, budget)) {
@@ -578,7 +590,18 @@ impl<'a, B: Backend> Engine<'a, B> {
                 hooks.beat(); // polled between graph nodes: a long decode is not a stall
                 shutdown.load(Ordering::Relaxed) || flags.iter().all(|f| f.load(Ordering::Relaxed))
             };
-            match self.backend.decode(&self.batch, &should_abort) {
+            let t0 = Instant::now();
+            let result = self.backend.decode(&self.batch, &should_abort);
+            if result.is_ok() {
+                let rows = self
+                    .active
+                    .iter()
+                    .filter(|s| s.work == Work::Decode)
+                    .count();
+                let ms = t0.elapsed().as_secs_f64() * 1e3;
+                self.costs.observe(rows, self.batch.len() - rows, ms);
+            }
+            match result {
                 Err(DecodeError::NoKvSlot) => match self.scheduler.evict_lru() {
                     Some(op) => {
                         log::warn!(

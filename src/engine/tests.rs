@@ -24,6 +24,7 @@ fn config(slots: usize) -> EngineConfig {
         queue_limit: 4,
         cache_entries: 4,
         prefill_chunk: 8,
+        itl_target_ms: None,
         park_keep_bytes: 1 << 20,
         state: None,
         guide_limits: Default::default(),
