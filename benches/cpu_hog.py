@@ -26,7 +26,7 @@ async def measure(port):
     async with websockets.connect(f"ws://127.0.0.1:{port}/") as ws:
         await ws.recv()
         tps, ttft = [], []
-        for i in range(5):
+        for i in range(int(sys.argv[3]) if len(sys.argv) > 3 else 5):
             params = {"temp": 0, "max_tokens": 96, "ignore_eos": True}
             await ws.send(json.dumps({"op": "infer", "id": "r", "prompt": f"Story {i}: Once upon a time",
                                       "params": params}))

@@ -127,6 +127,9 @@ pub trait Backend {
     /// Appends the bytes of `token` (maybe part of a UTF-8 character).
     fn piece(&self, token: Token, out: &mut Vec<u8>);
 
+    /// Threads decodes may use (at most the configured number).
+    fn threads(&self) -> usize;
+    fn set_threads(&mut self, n: usize);
     /// Decodes `batch`; `should_abort` is polled while it runs (by llama.cpp,
     /// possibly from one of its worker threads).
     fn decode(

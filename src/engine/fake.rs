@@ -78,6 +78,7 @@ impl Fake {
             fake: self.clone(),
             cells: HashMap::new(),
             outputs: Vec::new(),
+            threads: 1,
         }
     }
 }
@@ -122,6 +123,7 @@ pub struct FakeBackend {
     /// Positions each sequence holds.
     cells: HashMap<SeqId, usize>,
     outputs: Vec<bool>,
+    threads: usize,
 }
 
 pub struct FakeSampler {
@@ -212,6 +214,14 @@ impl Backend for FakeBackend {
         if let Some(c) = char::from_u32(token as u32) {
             out.extend_from_slice(c.to_string().as_bytes());
         }
+    }
+
+    fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn set_threads(&mut self, n: usize) {
+        self.threads = n;
     }
 
     fn decode(

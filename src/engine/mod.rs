@@ -33,6 +33,7 @@ pub mod template;
 #[cfg(test)]
 mod tests;
 pub mod text;
+pub mod threads;
 
 pub use channel::{Command, EventSink, EventSource, events};
 pub use hooks::Hooks;

@@ -26,6 +26,7 @@ use crate::engine::scheduler::{self, Job, MemOp, Scheduler};
 use crate::engine::sequence::{Progress, Seq};
 use crate::engine::snapshot::Prefix;
 use crate::engine::text::Step;
+use crate::engine::threads::ThreadTuner;
 
 /// Scheduling settings; the model's own (context size, threads...) belong to
 /// its `Loader`.
@@ -114,6 +115,8 @@ pub struct Engine<'a, B: Backend> {
     masks: Option<MaskWorker>,
     /// What steps cost here, measured.
     costs: Costs,
+    /// Decode threads, by measurement (fewer when other processes take the cores).
+    threads: ThreadTuner,
     /// `scheduler.cache_changes()` at the last save, and when it was.
     saved: (u64, Instant),
 }
@@ -122,6 +125,7 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// A fresh engine over a fresh context: its KV bookkeeping and prefix
     /// cache describe that context, which starts empty.
     pub fn new(backend: B, cfg: &'a EngineConfig, io: &'a Io, store: Option<&'a Store>) -> Self {
+        let threads = backend.threads();
         let scheduler = Scheduler::new(scheduler::Config {
             n_ctx: backend.n_ctx(),
             page_size: cfg.page_size,
@@ -140,6 +144,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             stopping: false,
             store,
             costs: Costs::new(cfg.slots),
+            threads: ThreadTuner::new(threads),
             masks: MaskWorker::spawn()
                 .inspect_err(|e| log::warn!("masks are computed between decodes: no thread ({e})"))
                 .ok(),
@@ -599,7 +604,14 @@ impl<'a, B: Backend> Engine<'a, B> {
                     .filter(|s| s.work == Work::Decode)
                     .count();
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
-                self.costs.observe(rows, self.batch.len() - rows, ms);
+                let prompt_tokens = self.batch.len() - rows;
+                self.costs.observe(rows, prompt_tokens, ms);
+                if prompt_tokens == 0
+                    && let Some(n) = self.threads.observe(rows, ms)
+                {
+                    log::debug!("decoding with {n} threads");
+                    self.backend.set_threads(n);
+                }
             }
             match result {
                 Err(DecodeError::NoKvSlot) => match self.scheduler.evict_lru() {

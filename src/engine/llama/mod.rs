@@ -274,6 +274,14 @@ impl Backend for LlamaBackend<'_> {
         self.model.vocab().piece(token, out)
     }
 
+    fn threads(&self) -> usize {
+        self.ctx.threads()
+    }
+
+    fn set_threads(&mut self, n: usize) {
+        self.ctx.set_threads(n)
+    }
+
     fn decode(
         &mut self,
         batch: &[BatchToken],

@@ -466,6 +466,18 @@ impl<'m> Context<'m> {
         unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) }
     }
 
+    pub fn threads(&self) -> usize {
+        // SAFETY: the context pointer is valid.
+        unsafe { sys::llama_n_threads(self.ptr.as_ptr()) }.max(1) as usize
+    }
+
+    /// Threads for the next decodes, generation and prompts alike.
+    pub fn set_threads(&mut self, n: usize) {
+        let n = n.max(1) as i32;
+        // SAFETY: the context pointer is valid; this only sets its parameters.
+        unsafe { sys::llama_set_n_threads(self.ptr.as_ptr(), n, n) }
+    }
+
     /// Runs the batch. `should_abort` is polled by ggml between graph nodes, so
     /// a long prefill stops within milliseconds of being asked to.
     pub fn decode(

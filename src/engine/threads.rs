@@ -1,0 +1,180 @@
+//! How many threads llama.cpp decodes with, chosen by measurement.
+//!
+//! On a small box other processes take cores too, and ggml's threads wait
+//! for each other at every graph node: two threads on two cores of which
+//! one is taken decode slower than one thread alone (measured with a busy
+//! loop beside the server: 21-31 tok/s with two threads, 50 with one; 69
+//! with two when alone). So every `PROBE_EVERY` decode-only steps the tuner
+//! tries a neighbouring thread count for `PROBE_STEPS` steps and keeps the
+//! faster of the two. Sans-I/O: it sees step times and answers thread counts.
+
+/// Decode-only steps between two probes.
+pub const PROBE_EVERY: usize = 128;
+/// Steps a probe runs (after one to settle).
+pub const PROBE_STEPS: usize = 6;
+
+#[derive(Debug, Clone)]
+pub struct ThreadTuner {
+    max: usize,
+    current: usize,
+    /// Average decode-only step time at `current` threads since it was
+    /// chosen, and the rows it was measured with.
+    here: Option<Timing>,
+    /// While probing: the count probed from and its timing.
+    probe: Option<(usize, Timing)>,
+    steps: usize,
+    /// The next probe goes up (else down) when both are possible.
+    up: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Timing {
+    rows: usize,
+    ms: f64,
+    n: usize,
+}
+
+impl Timing {
+    fn add(slot: &mut Option<Timing>, rows: usize, ms: f64) {
+        match slot {
+            Some(t) if t.rows == rows => {
+                t.n += 1;
+                t.ms += (ms - t.ms) / t.n.min(32) as f64;
+            }
+            _ => *slot = Some(Timing { rows, ms, n: 1 }),
+        }
+    }
+}
+
+impl ThreadTuner {
+    pub fn new(max: usize) -> ThreadTuner {
+        ThreadTuner {
+            max: max.max(1),
+            current: max.max(1),
+            here: None,
+            probe: None,
+            steps: 0,
+            up: false,
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.current
+    }
+
+    /// Records a decode-only step of `rows` rows that took `ms`; returns the
+    /// thread count for the next steps when it changes.
+    pub fn observe(&mut self, rows: usize, ms: f64) -> Option<usize> {
+        if self.max == 1 || !ms.is_finite() || ms <= 0.0 {
+            return None;
+        }
+        self.steps += 1;
+        if let Some((from, before)) = self.probe {
+            if self.steps > 1 {
+                Timing::add(&mut self.here, rows, ms); // the first step settles
+            }
+            if self.steps <= PROBE_STEPS {
+                return None;
+            }
+            self.probe = None;
+            self.steps = 0;
+            let faster = self
+                .here
+                .is_some_and(|t| t.rows == before.rows && t.ms < before.ms * 0.95);
+            if faster {
+                return None; // keep the probed count
+            }
+            self.current = from;
+            self.here = Some(before);
+            return Some(from);
+        }
+        Timing::add(&mut self.here, rows, ms);
+        if self.steps < PROBE_EVERY {
+            return None;
+        }
+        let (Some(before), next) = (self.here, self.neighbour()) else {
+            return None;
+        };
+        self.probe = Some((self.current, before));
+        self.current = next;
+        self.here = None;
+        self.steps = 0;
+        Some(next)
+    }
+
+    fn neighbour(&mut self) -> usize {
+        let up = match (self.current > 1, self.current < self.max) {
+            (true, true) => {
+                self.up = !self.up;
+                self.up
+            }
+            (false, _) => true,
+            (_, false) => false,
+        };
+        if up {
+            self.current + 1
+        } else {
+            self.current - 1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `steps` decode-only steps of one row whose time `cost` gives per
+    /// thread count; returns the thread counts used.
+    fn run(t: &mut ThreadTuner, steps: usize, cost: impl Fn(usize) -> f64) -> Vec<usize> {
+        (0..steps)
+            .map(|_| {
+                let used = t.threads();
+                t.observe(1, cost(used));
+                used
+            })
+            .collect()
+    }
+
+    #[test]
+    fn alone_it_keeps_every_thread_and_only_probes() {
+        let mut t = ThreadTuner::new(2);
+        let used = run(&mut t, 3 * (PROBE_EVERY + PROBE_STEPS + 1), |n| {
+            30.0 / n as f64
+        });
+        assert_eq!(t.threads(), 2);
+        let probed = used.iter().filter(|&&n| n == 1).count();
+        assert_eq!(probed, 3 * (PROBE_STEPS + 1), "short probes only");
+    }
+
+    #[test]
+    fn with_the_cores_taken_it_drops_a_thread_and_climbs_back_when_they_are_free() {
+        let mut t = ThreadTuner::new(2);
+        // Contended: two threads take 45 ms a step, one 20 ms.
+        run(&mut t, PROBE_EVERY + PROBE_STEPS + 2, |n| {
+            if n == 2 { 45.0 } else { 20.0 }
+        });
+        assert_eq!(t.threads(), 1);
+        run(
+            &mut t,
+            2 * PROBE_EVERY,
+            |n| if n == 2 { 45.0 } else { 20.0 },
+        );
+        assert_eq!(t.threads(), 1, "the probe up lost");
+        // Free again: two threads win the next probe up.
+        run(&mut t, PROBE_EVERY + PROBE_STEPS + 2, |n| 30.0 / n as f64);
+        assert_eq!(t.threads(), 2);
+    }
+
+    #[test]
+    fn probes_compare_like_with_like_and_one_thread_never_probes() {
+        let mut t = ThreadTuner::new(2);
+        run(&mut t, PROBE_EVERY, |_| 30.0);
+        // The probe runs with other rows than before: no verdict, back to 2.
+        for _ in 0..=PROBE_STEPS {
+            t.observe(3, 10.0);
+        }
+        assert_eq!(t.threads(), 2);
+        let mut one = ThreadTuner::new(1);
+        assert_eq!(run(&mut one, 500, |_| 10.0), vec![1; 500]);
+    }
+}
