@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod connection;
 pub mod feed;
+pub mod fields;
 pub mod http;
 pub mod http1;
 pub mod http_tokenize;

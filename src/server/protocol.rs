@@ -11,9 +11,10 @@ use serde_json::Value;
 
 use crate::core::tools::{Tool, ToolCall, ToolChoice, Tools, Turn};
 use crate::core::{
-    ChatMessage, Constraint, ErrorCode, InvalidParam, MAX_DEADLINE_MS, PromptInput, Role,
-    SamplingParams, Truncate, Urgency,
+    ChatMessage, Constraint, ErrorCode, InvalidParam, PromptInput, Role, SamplingParams, Truncate,
+    Urgency,
 };
+use crate::server::fields::{json_schema, one_constraint, parse_logit_bias, urgency};
 
 /// The protocol version `hello` announces.
 pub const VERSION: u32 = 1;
@@ -151,23 +152,6 @@ impl WireMessage {
     }
 }
 
-/// `priority` and `deadline_ms` (1 ms to a day), as both protocols take them.
-pub fn urgency(priority: Option<i32>, deadline_ms: Option<u64>) -> Result<Urgency, String> {
-    let deadline = match deadline_ms {
-        None => None,
-        Some(ms @ 1..=MAX_DEADLINE_MS) => Some(std::time::Duration::from_millis(ms)),
-        Some(ms) => {
-            return Err(format!(
-                "deadline_ms = {ms} is out of range: 1 to {MAX_DEADLINE_MS} (a day)"
-            ));
-        }
-    };
-    Ok(Urgency {
-        priority: priority.unwrap_or(0),
-        deadline,
-    })
-}
-
 /// `tools`, `tool_choice` and `parallel_tool_calls` of an `infer`.
 fn tools(
     list: Option<Vec<WireTool>>,
@@ -249,54 +233,6 @@ struct Params {
     regex: Option<String>,
     choice: Option<Vec<String>>,
     grammar: Option<String>,
-}
-
-/// `{"token id": bias}` (OpenAI's form) or `[[id, bias], ...]` (llama-server's).
-pub fn parse_logit_bias(value: &Value) -> Result<Vec<(i32, f32)>, String> {
-    const SHAPE: &str = "must map token ids to biases: {\"42\": -100} or [[42, -100]]";
-    let pair = |id: Option<i32>, bias: Option<f64>| match (id, bias) {
-        (Some(id), Some(bias)) => Ok((id, bias as f32)),
-        _ => Err(SHAPE.to_owned()),
-    };
-    match value {
-        Value::Object(map) => map
-            .iter()
-            .map(|(k, v)| pair(k.parse().ok(), v.as_f64()))
-            .collect(),
-        Value::Array(items) => items
-            .iter()
-            .map(|item| match item.as_array().map(Vec::as_slice) {
-                Some([id, bias]) => pair(
-                    id.as_i64().and_then(|i| i32::try_from(i).ok()),
-                    bias.as_f64(),
-                ),
-                _ => Err(SHAPE.to_owned()),
-            })
-            .collect(),
-        _ => Err(SHAPE.to_owned()),
-    }
-}
-
-/// At most one constraint of the request's fields, named `field` for errors.
-pub fn one_constraint(
-    fields: [(&str, Option<Constraint>); 4],
-) -> Result<Option<Constraint>, String> {
-    let mut given = fields.into_iter().filter_map(|(n, c)| c.map(|c| (n, c)));
-    match (given.next(), given.next()) {
-        (Some((a, _)), Some((b, _))) => Err(format!(
-            "{a} and {b} are both constraints on the output: give one"
-        )),
-        (first, None) => Ok(first.map(|(_, c)| c)),
-        (None, Some(_)) => unreachable!("the second comes after the first"),
-    }
-}
-
-/// A JSON schema is an object or a boolean.
-pub fn json_schema(field: &str, schema: Value) -> Result<Constraint, String> {
-    match schema {
-        Value::Object(_) | Value::Bool(_) => Ok(Constraint::JsonSchema(schema)),
-        _ => Err(format!("{field} must be a JSON schema (an object)")),
-    }
 }
 
 impl Params {

@@ -10,7 +10,7 @@ use crate::core::{
     ChatMessage, Constraint, MAX_TOP_LOGPROBS, PromptInput, RequestKind, RequestSpec, Role,
     SamplingParams, Truncate,
 };
-use crate::server::protocol;
+use crate::server::fields;
 
 /// A request as the OpenAI API asked for it.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,13 +136,13 @@ pub fn parse(
     // at most one of them.
     let json_schema = f
         .get("json_schema")
-        .map(|s| protocol::json_schema("json_schema", s.clone()))
+        .map(|s| fields::json_schema("json_schema", s.clone()))
         .transpose()
         .map_err(|m| BadRequest::new("json_schema", m))?;
     let grammar = f
         .string("grammar")?
         .map(|g| Constraint::grammar(g.to_owned()));
-    params.constraint = protocol::one_constraint([
+    params.constraint = fields::one_constraint([
         ("response_format", response_format(&f)?),
         ("json_schema", json_schema),
         ("grammar", grammar),
@@ -155,7 +155,7 @@ pub fn parse(
     let tools = tools.as_ref().is_some_and(Tools::active);
     let priority = f.integer("priority", i32::MIN.into(), i32::MAX.into())?;
     let deadline = f.integer("deadline_ms", 1, crate::core::MAX_DEADLINE_MS as i64)?;
-    let urgency = protocol::urgency(priority.map(|p| p as i32), deadline.map(|d| d as u64))
+    let urgency = fields::urgency(priority.map(|p| p as i32), deadline.map(|d| d as u64))
         .map_err(|m| BadRequest::new("deadline_ms", m))?;
     let stream = f.boolean("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
@@ -461,7 +461,7 @@ fn response_format(f: &Fields) -> Result<Option<Constraint>, BadRequest> {
                 .and_then(|j| j.get("schema"))
                 .cloned()
                 .unwrap_or_else(|| serde_json::json!({"type": "object"}));
-            protocol::json_schema("response_format.json_schema.schema", schema)
+            fields::json_schema("response_format.json_schema.schema", schema)
                 .map(Some)
                 .map_err(|m| BadRequest::new("response_format.json_schema.schema", m))
         }
@@ -642,7 +642,7 @@ fn params(
             })?;
     }
     if let Some(v) = f.get("logit_bias") {
-        p.logit_bias = protocol::parse_logit_bias(v)
+        p.logit_bias = fields::parse_logit_bias(v)
             .map_err(|e| BadRequest::new("logit_bias", format!("logit_bias {e}")))?;
     }
     p.logprobs = match endpoint {
