@@ -270,6 +270,62 @@ pub fn parse_answer(text: &str) -> Option<Answer> {
         .map(|s| Answer::Text(s.to_owned()))
 }
 
+/// The answer's text so far while `{"response": "...` is still arriving
+/// (the constrained JSON is compact, so it starts exactly so), up to the last
+/// character that is whole; `None` while the reply is not (yet) an answer.
+pub fn partial_answer(text: &str) -> Option<String> {
+    let rest = text.strip_prefix(r#"{"response": ""#)?;
+    let mut out = String::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => break,
+            '\\' => {
+                let Some(e) = chars.next() else { break };
+                let simple = match e {
+                    'n' => Some('\n'),
+                    't' => Some('\t'),
+                    'r' => Some('\r'),
+                    'b' => Some('\u{8}'),
+                    'f' => Some('\u{c}'),
+                    'u' => None,
+                    other => Some(other), // \" \\ \/
+                };
+                match simple {
+                    Some(c) => out.push(c),
+                    None => {
+                        let hex: String = chars.by_ref().take(4).collect();
+                        let Some(unit) = whole_hex(&hex) else { break };
+                        if (0xD800..0xDC00).contains(&unit) {
+                            // A surrogate pair: the low half must follow.
+                            let low: String = chars.by_ref().take(6).collect();
+                            let Some(low) = low.strip_prefix("\\u").and_then(whole_hex) else {
+                                break;
+                            };
+                            match char::decode_utf16([unit, low]).next() {
+                                Some(Ok(c)) => out.push(c),
+                                _ => break,
+                            }
+                        } else {
+                            match char::from_u32(unit.into()) {
+                                Some(c) => out.push(c),
+                                None => break,
+                            }
+                        }
+                    }
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// Four hex digits, all there.
+fn whole_hex(hex: &str) -> Option<u16> {
+    (hex.len() == 4).then(|| u16::from_str_radix(hex, 16).ok())?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,6 +432,29 @@ mod tests {
         tools(ToolChoice::Function("get_weather".into()))
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn an_answer_streams_as_its_json_arrives() {
+        let whole = r#"{"response": "Hi \"you\"\n\u00e9\ud83d\ude00 end"}"#;
+        let Some(Answer::Text(full)) = parse_answer(whole) else {
+            panic!()
+        };
+        let mut sent = String::new();
+        for end in 0..=whole.len() {
+            let Some(so_far) = whole.get(..end).and_then(partial_answer) else {
+                continue;
+            };
+            assert!(so_far.starts_with(&sent), "{so_far:?} after {sent:?}");
+            assert!(
+                full.starts_with(&so_far),
+                "{so_far:?} is not a prefix of {full:?}"
+            );
+            sent = so_far;
+        }
+        assert_eq!(sent, full);
+        assert_eq!(partial_answer(r#"{"tool_calls": ["#), None);
+        assert_eq!(partial_answer(r#"{"resp"#), None);
     }
 
     #[test]

@@ -21,8 +21,11 @@ struct Live {
     reply: Reply,
     stream: bool,
     include_usage: bool,
-    /// The reply is tools' JSON: kept whole and read at the end.
+    /// The reply is tools' JSON: kept whole and read at the end...
     tools: bool,
+    /// ...except the text of an answer in words, streamed as it comes:
+    /// what of it was sent.
+    answered: String,
     /// The stream's head has been sent.
     started: bool,
     /// Text and log-probabilities so far (not streaming), or not yet sent
@@ -96,6 +99,7 @@ impl Session for OpenAi {
             stream,
             include_usage,
             tools,
+            answered: String::new(),
             started: false,
             text: String::new(),
             logprobs: Vec::new(),
@@ -114,6 +118,9 @@ impl Session for OpenAi {
                 live.logprobs.extend(logprobs.as_deref().cloned());
                 if !live.stream || live.tools {
                     live.text.push_str(text);
+                    if live.stream && live.tools {
+                        live.stream_answer(out);
+                    }
                     return;
                 }
                 // Log-probabilities of held-back tokens wait for their text.
@@ -148,9 +155,15 @@ impl Session for OpenAi {
                 };
                 if calls.is_empty() {
                     live.tools = false;
-                    if live.stream && !live.text.is_empty() {
+                    // What of an answer was not streamed yet.
+                    let rest = live
+                        .text
+                        .strip_prefix(live.answered.as_str())
+                        .unwrap_or_default()
+                        .to_owned();
+                    if live.stream && !rest.is_empty() {
                         let first = live.start(out);
-                        out.stream(live.reply.chunk(&live.text, &live.logprobs, first));
+                        out.stream(live.reply.chunk(&rest, &live.logprobs, first));
                         live.logprobs.clear();
                     }
                     return self.on_event(_id, event, out);
@@ -198,6 +211,23 @@ impl Session for OpenAi {
 }
 
 impl Live {
+    /// Streams what is new of an answer in words (`{"response": "..."}`)
+    /// under `tool_choice` auto; calls wait for the end.
+    fn stream_answer(&mut self, out: &mut Outbox) {
+        let Some(so_far) = tools::partial_answer(&self.text) else {
+            return;
+        };
+        let Some(new) = so_far
+            .strip_prefix(self.answered.as_str())
+            .filter(|n| !n.is_empty())
+        else {
+            return;
+        };
+        let first = self.start(out);
+        out.stream(self.reply.chunk(new, &[], first));
+        self.answered = so_far;
+    }
+
     /// Sends the stream's head if it is not out yet; returns whether it was
     /// just sent (the next chunk is the first).
     fn start(&mut self, out: &mut Outbox) -> bool {
@@ -266,6 +296,60 @@ mod tests {
         assert!(matches!(&items[2], Out::StreamData(d) if !d.contains("role")));
         assert!(matches!(&items[3], Out::StreamData(d) if d.ends_with("data: [DONE]\n\n")));
         assert_eq!(items[4], Out::StreamEnd);
+    }
+
+    #[test]
+    fn with_tools_an_answer_streams_as_it_comes_and_calls_come_whole_at_the_end() {
+        let tools = r#""tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]"#;
+        let body =
+            format!(r#"{{"stream":true,"messages":[{{"role":"user","content":"Hi"}}],{tools}}}"#);
+        let (mut s, _, mut out) = open(&body);
+        for piece in [r#"{"resp"#, r#"onse": "He"#, r#"llo \"#, r#"" you"}"#] {
+            s.on_event("req-1", &token(piece), &mut out);
+        }
+        s.on_event("req-1", &end(), &mut out);
+        let texts: Vec<String> = out
+            .items()
+            .iter()
+            .filter_map(|i| match i {
+                Out::StreamData(d) => Some(d.clone()),
+                _ => None,
+            })
+            .flat_map(|d| sse_contents(&d))
+            .collect();
+        assert_eq!(texts.concat(), "Hello \" you", "{:?}", out.items());
+        assert_eq!(texts[0], "He", "streamed before the end: {texts:?}");
+        let (mut s, _, mut out) = open(&body);
+        s.on_event(
+            "req-1",
+            &token(r#"{"tool_calls": [{"name": "f", "arguments": {}}]}"#),
+            &mut out,
+        );
+        assert!(out.items().is_empty(), "a call waits for the end");
+        s.on_event("req-1", &end(), &mut out);
+        let all: String = out
+            .items()
+            .iter()
+            .filter_map(|i| match i {
+                Out::StreamData(d) => Some(d.clone()),
+                _ => None,
+            })
+            .collect();
+        assert!(all.contains(r#""tool_calls""#) && all.contains(r#""finish_reason":"tool_calls""#));
+    }
+
+    /// The `delta.content` of each chunk in server-sent events.
+    fn sse_contents(data: &str) -> Vec<String> {
+        data.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .filter(|c| !c.is_empty())
+            .collect()
     }
 
     #[test]
