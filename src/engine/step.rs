@@ -196,6 +196,11 @@ impl<'a, B: Backend> Engine<'a, B> {
                 self.step();
             }
             self.publish();
+            if self.active.is_empty() && self.waiting.is_empty() && !self.stopping {
+                // Idle before the server hears of the last end: a client that
+                // asks for `status` right after it finds the engine idle.
+                hooks.set_state(EngineState::Idle);
+            }
             self.io.sink.wake();
             hooks.beat();
         }
