@@ -35,6 +35,18 @@ pub enum ToolChoice {
     Function(String),
 }
 
+impl ToolChoice {
+    /// `"auto"`, `"none"` or `"required"`, as both APIs name them.
+    pub fn named(name: &str) -> Option<ToolChoice> {
+        match name {
+            "auto" => Some(ToolChoice::Auto),
+            "none" => Some(ToolChoice::None),
+            "required" => Some(ToolChoice::Required),
+            _ => None,
+        }
+    }
+}
+
 /// A call the model made; `arguments` is JSON text, as OpenAI sends it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCall {
@@ -72,8 +84,7 @@ pub enum Turn {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
     Text(String),
-    /// Name and arguments (JSON text) of each call.
-    Calls(Vec<(String, String)>),
+    Calls(Vec<ToolCall>),
 }
 
 impl Tools {
@@ -249,17 +260,23 @@ impl Tools {
     }
 }
 
-/// Reads the model's constrained reply; `None` when it is not complete JSON
-/// (cut by `max_tokens`): the caller then sends the text as it is.
-pub fn parse_answer(text: &str) -> Option<Answer> {
+/// Reads the model's constrained reply, naming its calls `call_{ids}_{i}`;
+/// `None` when it is not complete JSON (cut by `max_tokens`): the caller
+/// then sends the text as it is.
+pub fn parse_answer(text: &str, ids: &str) -> Option<Answer> {
     let value: Value = serde_json::from_str(text.trim()).ok()?;
     if let Some(calls) = value.get("tool_calls").and_then(Value::as_array) {
         let calls = calls
             .iter()
-            .map(|c| {
+            .enumerate()
+            .map(|(i, c)| {
                 let name = c.get("name")?.as_str()?.to_owned();
                 let arguments = c.get("arguments").cloned().unwrap_or(json!({}));
-                Some((name, arguments.to_string()))
+                Some(ToolCall {
+                    id: format!("call_{ids}_{i}"),
+                    name,
+                    arguments: arguments.to_string(),
+                })
             })
             .collect::<Option<Vec<_>>>()?;
         return Some(Answer::Calls(calls));
@@ -437,7 +454,7 @@ mod tests {
     #[test]
     fn an_answer_streams_as_its_json_arrives() {
         let whole = r#"{"response": "Hi \"you\"\n\u00e9\ud83d\ude00 end"}"#;
-        let Some(Answer::Text(full)) = parse_answer(whole) else {
+        let Some(Answer::Text(full)) = parse_answer(whole, "r1") else {
             panic!()
         };
         let mut sent = String::new();
@@ -461,17 +478,22 @@ mod tests {
     fn answers_parse() {
         assert_eq!(
             parse_answer(
-                r#"{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}"#
+                r#"{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}"#,
+                "r1"
             ),
-            Some(Answer::Calls(vec![(
-                "get_weather".into(),
-                r#"{"city":"Oslo"}"#.into()
-            )]))
+            Some(Answer::Calls(vec![ToolCall {
+                id: "call_r1_0".into(),
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Oslo"}"#.into()
+            }]))
         );
         assert_eq!(
-            parse_answer(r#" {"response": "Hello"} "#),
+            parse_answer(r#" {"response": "Hello"} "#, "r1"),
             Some(Answer::Text("Hello".into()))
         );
-        assert_eq!(parse_answer(r#"{"tool_calls": [{"name": "get_"#), None);
+        assert_eq!(
+            parse_answer(r#"{"tool_calls": [{"name": "get_"#, "r1"),
+            None
+        );
     }
 }

@@ -48,17 +48,21 @@ impl GuideLimits {
     }
 }
 
-/// Runs llguidance on a client's constraint: a panic inside it (a bug
-/// some input finds) becomes that request's error, not the engine's end.
-fn unpanicked<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        format!("llguidance failed on it ({what})")
-    })
+/// Runs llguidance on a client's constraint: its error, or a panic inside
+/// it (a bug some input finds), becomes that request's error (the first line
+/// of it), not the engine's end.
+fn guarded<R>(f: impl FnOnce() -> anyhow::Result<R>) -> Result<R, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| first_line(&e.to_string()).to_owned()),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("llguidance failed on it ({what})"))
+        }
+    }
 }
 
 impl Default for GuideLimits {
@@ -135,15 +139,14 @@ impl Grammars {
             verbose_errors: false,
             ..ParserLimits::default()
         };
-        let parser = unpanicked(|| {
+        let parser = guarded(|| {
             self.factory.create_parser_from_init_ext(
                 GrammarInit::Serialized(grammar),
                 Logger::new(0, 0),
                 InferenceCapabilities::default(),
                 parser_limits,
             )
-        })
-        .and_then(|r| r.map_err(|e| e.to_string()));
+        });
         // An empty first mask, or llguidance stopping at once (its stop
         // reasons say `NoExtension...`), means nothing can be generated: no
         // token of this vocabulary starts a match.
@@ -157,7 +160,7 @@ impl Grammars {
             if e.starts_with("NoExtension") {
                 nothing("")
             } else {
-                GuideError(format!("invalid {}: {}", constraint.kind(), first_line(&e)))
+                GuideError(format!("invalid {}: {e}", constraint.kind()))
             }
         })?;
         let mut guide = Guide::new(Matcher::new(Ok(parser)));
@@ -252,9 +255,7 @@ impl Guide {
             unreachable!("mask() takes the matcher back")
         };
         *mask = None;
-        unpanicked(|| matcher.consume_token(token as u32))
-            .and_then(|r| r.map_err(|e| first_line(&e.to_string()).to_owned()))
-            .map_err(GuideError)?;
+        guarded(|| matcher.consume_token(token as u32)).map_err(GuideError)?;
         if let Some(worker) = worker
             && !matcher.is_stopped()
         {
@@ -278,9 +279,7 @@ impl Guide {
 }
 
 fn compute(matcher: &mut Matcher) -> Result<TokenMask, GuideError> {
-    unpanicked(|| matcher.compute_mask())
-        .and_then(|r| r.map_err(|e| first_line(&e.to_string()).to_owned()))
-        .map_err(GuideError)
+    guarded(|| matcher.compute_mask()).map_err(GuideError)
 }
 
 /// A thread that computes constrained requests' next masks while the

@@ -17,7 +17,7 @@ use crate::core::{
 };
 use crate::engine::backend::{Backend, BackendError, BatchToken, DecodeError, Filter, Token};
 use crate::engine::channel::{Command, EventSink};
-use crate::engine::guide::{Guide, GuideLimits, MaskWorker, TokenMask};
+use crate::engine::guide::{Guide, GuideError, GuideLimits, MaskWorker, TokenMask};
 use crate::engine::hooks::Hooks;
 use crate::engine::persist::Store;
 use crate::engine::planner::{self, Budget, Costs, Work};
@@ -429,20 +429,18 @@ impl<'a, B: Backend> Engine<'a, B> {
             return Ok(None);
         };
         let limits = &self.cfg.guide_limits;
-        limits
-            .check(constraint)
-            .map_err(|e| RequestError::Constraint(e.0))?;
+        let refused = |e: GuideError| RequestError::Constraint(e.0);
         if let crate::core::Constraint::Gbnf(_) = constraint {
-            return Ok(None); // the sampler follows it
+            // The sampler follows it; only its size is checked here
+            // (`compile` checks the others').
+            return limits.check(constraint).map(|()| None).map_err(refused);
         }
         let t0 = Instant::now();
         let grammars = self
             .backend
             .grammars()
             .map_err(|e| RequestError::Constraint(e.to_string()))?;
-        let guide = grammars
-            .compile(constraint, limits)
-            .map_err(|e| RequestError::Constraint(e.0))?;
+        let guide = grammars.compile(constraint, limits).map_err(refused)?;
         log::debug!(
             request = req.id.as_str();
             "request {}: {} compiled in {:.1} ms", req.id, constraint.kind(), t0.elapsed().as_secs_f64() * 1e3
@@ -669,7 +667,9 @@ impl<'a, B: Backend> Engine<'a, B> {
             m.num_set() <= eog.len() && m.iter().all(|t| eog.contains(&(t as Token)))
         };
         if mask.is_some_and(|m| only_eog(&m)) {
-            return Some(self.complete(i));
+            // Complete: nothing but its end may follow, whatever
+            // `min_tokens` or `ignore_eos` say.
+            return Some(self.end_here(i, 1.0, FinishReason::Eos));
         }
         let filter = Filter {
             mask,
@@ -677,21 +677,18 @@ impl<'a, B: Backend> Engine<'a, B> {
         };
         let sampled = match self.backend.sample(&mut s.sampler, row, &filter) {
             Ok(x) => x,
-            Err(BackendError::GrammarComplete) => return Some(self.complete(i)),
+            Err(BackendError::GrammarComplete) => {
+                return Some(self.end_here(i, 1.0, FinishReason::Eos));
+            }
             Err(e) => return Some(Outcome::Error(RequestError::EngineFailed(e.to_string()))),
         };
         s.progress.first_token.get_or_insert_with(Instant::now);
         let (key, prob) = (s.req.key, sampled.prob);
-        let stop_token = s.req.params.stop_token_ids.contains(&sampled.token);
-        if self.backend.is_eog(sampled.token) || stop_token {
-            let text = s.stream.finish();
-            self.send_text(key, text, prob, None);
-            let reason = if stop_token {
-                FinishReason::Stop
-            } else {
-                FinishReason::Eos
-            };
-            return Some(Outcome::End(reason));
+        if s.req.params.stop_token_ids.contains(&sampled.token) {
+            return Some(self.end_here(i, prob, FinishReason::Stop));
+        }
+        if self.backend.is_eog(sampled.token) {
+            return Some(self.end_here(i, prob, FinishReason::Eos));
         }
         let masks = self.masks.as_ref();
         if let Some(Err(e)) = s.guide.as_mut().map(|g| g.accept(sampled.token, masks)) {
@@ -735,14 +732,13 @@ impl<'a, B: Backend> Engine<'a, B> {
         }
     }
 
-    /// Ends sequence `i` whose constrained text is complete (nothing but an
-    /// end-of-generation token may follow), whatever `min_tokens` or
-    /// `ignore_eos` say.
-    fn complete(&mut self, i: usize) -> Outcome {
+    /// Ends sequence `i` on the spot, with the text it still holds back
+    /// (`prob`: the ending token's).
+    fn end_here(&mut self, i: usize, prob: f32, reason: FinishReason) -> Outcome {
         let s = &mut self.active[i];
         let (key, text) = (s.req.key, s.stream.finish());
-        self.send_text(key, text, 1.0, None);
-        Outcome::End(FinishReason::Eos)
+        self.send_text(key, text, prob, None);
+        Outcome::End(reason)
     }
 
     /// Sends text; a token with log-probabilities goes out even when its

@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+use crate::core::tools::ToolCall;
 use crate::core::{Candidate, ErrorCode, Stats, Status, TokenLogprobs};
 
 /// What `hello` tells a new client about the server.
@@ -124,12 +125,23 @@ impl From<&Status> for WireStatus {
     }
 }
 
-/// A tool call in `end`.
+/// A tool call in `end`, its arguments as JSON (not JSON text, as OpenAI's).
 #[derive(Debug, Serialize)]
 pub struct WireToolCall {
     pub id: String,
     pub name: String,
     pub arguments: serde_json::Value,
+}
+
+impl From<ToolCall> for WireToolCall {
+    fn from(c: ToolCall) -> Self {
+        WireToolCall {
+            arguments: serde_json::from_str(&c.arguments)
+                .unwrap_or(serde_json::Value::String(c.arguments)),
+            id: c.id,
+            name: c.name,
+        }
+    }
 }
 
 /// One token and its log-probability, as `token.logprobs` shows it.

@@ -163,18 +163,15 @@ fn tools(
     }
     let choice = match choice {
         None => ToolChoice::Auto,
-        Some(Value::String(s)) if s == "auto" => ToolChoice::Auto,
-        Some(Value::String(s)) if s == "none" => ToolChoice::None,
-        Some(Value::String(s)) if s == "required" => ToolChoice::Required,
-        Some(v) => match v.get("name").and_then(Value::as_str) {
-            Some(name) => ToolChoice::Function(name.to_owned()),
-            None => {
-                return Err(
-                    "tool_choice must be \"auto\", \"none\", \"required\" or {\"name\": ...}"
-                        .into(),
-                );
-            }
-        },
+        Some(v) => v
+            .as_str()
+            .and_then(ToolChoice::named)
+            .or_else(|| {
+                v.get("name")?
+                    .as_str()
+                    .map(|n| ToolChoice::Function(n.into()))
+            })
+            .ok_or("tool_choice must be \"auto\", \"none\", \"required\" or {\"name\": ...}")?,
     };
     let tools = Tools {
         tools: list

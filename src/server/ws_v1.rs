@@ -130,22 +130,13 @@ impl Session for WsV1 {
                 let answer = self
                     .tool_replies
                     .remove(id)
-                    .and_then(|text| tools::parse_answer(&text));
+                    .and_then(|text| tools::parse_answer(&text, id));
                 let (content, tool_calls) = match answer {
                     Some(Answer::Text(text)) => (Some(text), None),
-                    Some(Answer::Calls(calls)) => {
-                        let calls = calls
-                            .into_iter()
-                            .enumerate()
-                            .map(|(i, (name, arguments))| WireToolCall {
-                                id: format!("call_{id}_{i}"),
-                                arguments: serde_json::from_str(&arguments)
-                                    .unwrap_or(serde_json::Value::String(arguments)),
-                                name,
-                            })
-                            .collect();
-                        (None, Some(calls))
-                    }
+                    Some(Answer::Calls(calls)) => (
+                        None,
+                        Some(calls.into_iter().map(WireToolCall::from).collect()),
+                    ),
                     None => (None, None),
                 };
                 ServerMsg::End {

@@ -52,9 +52,7 @@ impl LlamaLoader {
             grammars: Arc::default(),
         }
     }
-}
 
-impl LlamaLoader {
     /// Builds the constraint compiler on a thread of its own, so that
     /// serving starts at once; a constrained request that comes before it
     /// is ready waits for it.

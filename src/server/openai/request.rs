@@ -392,19 +392,14 @@ fn tools(f: &Fields) -> Result<Option<Tools>, BadRequest> {
         .collect::<Result<Vec<Tool>, BadRequest>>()?;
     let choice = match f.get("tool_choice") {
         None => ToolChoice::Auto,
-        Some(Value::String(s)) => match s.as_str() {
-            "auto" => ToolChoice::Auto,
-            "none" => ToolChoice::None,
-            "required" => ToolChoice::Required,
-            other => {
-                return Err(BadRequest::new(
-                    "tool_choice",
-                    format!(
-                        "tool_choice {other:?} is not one of \"auto\", \"none\", \"required\" or a function"
-                    ),
-                ));
-            }
-        },
+        Some(Value::String(s)) => ToolChoice::named(s).ok_or_else(|| {
+            BadRequest::new(
+                "tool_choice",
+                format!(
+                    "tool_choice {s:?} is not one of \"auto\", \"none\", \"required\" or a function"
+                ),
+            )
+        })?,
         Some(v) => match v
             .get("function")
             .and_then(|f| f.get("name"))

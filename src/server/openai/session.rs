@@ -132,20 +132,9 @@ impl Session for OpenAi {
                 live.logprobs.clear();
             }
             Event::End { stats, .. } if live.tools => {
-                let answer = tools::parse_answer(&live.text);
-                let calls: Vec<ToolCall> = match answer {
-                    Some(Answer::Calls(calls)) => calls
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, (name, arguments))| ToolCall {
-                            id: format!(
-                                "call_{}_{i}",
-                                live.reply.id().trim_start_matches("chatcmpl-")
-                            ),
-                            name,
-                            arguments,
-                        })
-                        .collect(),
+                let ids = live.reply.id().trim_start_matches("chatcmpl-");
+                let calls: Vec<ToolCall> = match tools::parse_answer(&live.text, ids) {
+                    Some(Answer::Calls(calls)) => calls,
                     Some(Answer::Text(text)) => {
                         live.text = text;
                         Vec::new()
