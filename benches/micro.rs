@@ -36,7 +36,7 @@ use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 
 use inference_core::core::Event;
 use inference_core::engine::{self, kv, prefix, scheduler};
-use inference_core::server::http1;
+use inference_core::http1;
 use inference_core::server::messages::ServerMsg;
 use inference_core::server::openai::{Endpoint, Reply};
 use inference_core::server::session::{Out, Outbox, Session};

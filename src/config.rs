@@ -63,6 +63,13 @@ pub struct Cli {
     /// A file of API keys, one per line (# comments)
     #[arg(long, value_name = "FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// An upstream OpenAI-compatible server (vLLM, TGI, llama-server...) to
+    /// serve through, as a worker of the pool; repeat for several
+    #[arg(long = "upstream", value_name = "URL")]
+    pub upstreams: Vec<String>,
+    /// Start no llama.cpp engine in this process: only upstream workers serve
+    #[arg(long)]
+    pub no_local: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
@@ -79,6 +86,102 @@ pub struct Config {
     pub idle: Idle,
     pub state: State,
     pub watchdog: Watchdog,
+    pub pool: Pool,
+    /// The pool's workers; none: the one engine of `[model]`.
+    pub workers: Vec<WorkerConfig>,
+}
+
+/// The worker pool (docs/scale-out.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pool {
+    /// How requests are spread over the workers.
+    pub routing: Routing,
+    /// Start the engine of `[model]` as worker "local" when no `llama`
+    /// worker is listed (`--no-local` sets false).
+    pub local: bool,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            routing: Routing::Prefix,
+            local: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    /// The worker that was sent the longest shared prompt prefix (its cache
+    /// holds it), else the least loaded.
+    #[default]
+    Prefix,
+    LeastLoaded,
+    /// Each worker in turn (for comparison).
+    RoundRobin,
+}
+
+/// One `[[workers]]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum WorkerConfig {
+    /// A llama.cpp engine in this process, on the model of `[model]`.
+    Llama(LlamaWorker),
+    /// An OpenAI-compatible server over HTTP.
+    Openai(OpenAiWorker),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlamaWorker {
+    /// Empty: `llama-N`.
+    pub name: String,
+    /// 0: `model.threads`.
+    pub threads: usize,
+    /// Unset: `model.n_gpu_layers`.
+    pub n_gpu_layers: Option<GpuLayers>,
+    /// 0: `scheduler.slots`.
+    pub slots: usize,
+    /// 0: `model.ctx_size`.
+    pub ctx_size: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenAiWorker {
+    /// Empty: `upstream-N`.
+    pub name: String,
+    /// `http://host:port` (a `/v1` at the end is the API root, also accepted).
+    pub url: String,
+    /// Sent as `model`; empty: left out.
+    pub model: String,
+    /// Sent as `Authorization: Bearer`; empty: none.
+    pub api_key: String,
+    /// Requests it is sent at once; more wait in this server's queue.
+    pub max_inflight: usize,
+    /// A stream silent this long fails (queued upstream, a long prompt: be generous).
+    pub timeout_s: f64,
+    /// `GET /health` this often while it serves.
+    pub probe_every_s: f64,
+    /// A probe unanswered this long marks it down.
+    pub probe_timeout_s: f64,
+}
+
+impl Default for OpenAiWorker {
+    fn default() -> Self {
+        OpenAiWorker {
+            name: String::new(),
+            url: String::new(),
+            model: String::new(),
+            api_key: String::new(),
+            max_inflight: 8,
+            timeout_s: 120.0,
+            probe_every_s: 2.0,
+            probe_timeout_s: 2.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -464,6 +567,16 @@ impl Config {
         if let Some(f) = &cli.api_key_file {
             config.server.api_key_file = f.display().to_string();
         }
+        for url in &cli.upstreams {
+            config.workers.push(WorkerConfig::Openai(OpenAiWorker {
+                url: url.clone(),
+                ..OpenAiWorker::default()
+            }));
+        }
+        if cli.no_local {
+            config.pool.local = false;
+        }
+        config.name_workers();
         config.validate()?;
         Ok(config)
     }
@@ -527,9 +640,79 @@ impl Config {
         if self.watchdog.stall_s <= 0.0 || self.idle.park_after_s < 0.0 {
             return bad("watchdog.stall_s must be positive and idle.park_after_s not negative");
         }
+        self.validate_workers()?;
         self.defaults
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("defaults.{e}")))
+    }
+
+    /// Gives unnamed workers `llama-N` / `upstream-N`.
+    fn name_workers(&mut self) {
+        let (mut llama, mut upstream) = (0, 0);
+        for w in &mut self.workers {
+            let (name, n, prefix) = match w {
+                WorkerConfig::Llama(l) => (&mut l.name, &mut llama, "llama"),
+                WorkerConfig::Openai(o) => (&mut o.name, &mut upstream, "upstream"),
+            };
+            *n += 1;
+            if name.is_empty() {
+                *name = format!("{prefix}-{n}");
+            }
+        }
+    }
+
+    fn validate_workers(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let mut names = std::collections::HashSet::new();
+        if self.local_engine() {
+            names.insert("local");
+        }
+        for w in &self.workers {
+            let name = match w {
+                WorkerConfig::Llama(l) => {
+                    if l.slots > 0 && l.slots + self.scheduler.prefix_cache_entries > 256 {
+                        return bad(format!(
+                            "workers {:?}: slots + scheduler.prefix_cache_entries must be at most 256",
+                            l.name
+                        ));
+                    }
+                    &l.name
+                }
+                WorkerConfig::Openai(o) => {
+                    if o.url.is_empty() {
+                        return bad(format!(
+                            "workers {:?}: an openai worker needs a url",
+                            o.name
+                        ));
+                    }
+                    if o.max_inflight == 0
+                        || !(o.timeout_s > 0.0 && o.probe_every_s > 0.0 && o.probe_timeout_s > 0.0)
+                    {
+                        return bad(format!(
+                            "workers {:?}: max_inflight, timeout_s, probe_every_s and probe_timeout_s must be above 0",
+                            o.name
+                        ));
+                    }
+                    &o.name
+                }
+            };
+            if !names.insert(name.as_str()) {
+                return bad(format!("two workers are named {name:?}"));
+            }
+        }
+        if names.is_empty() {
+            return bad("no worker: --no-local (pool.local = false) needs an upstream (--upstream URL or [[workers]])".into());
+        }
+        Ok(())
+    }
+
+    /// Whether the engine of `[model]` runs as worker "local".
+    pub fn local_engine(&self) -> bool {
+        self.pool.local
+            && !self
+                .workers
+                .iter()
+                .any(|w| matches!(w, WorkerConfig::Llama(_)))
     }
 
     pub fn model_path(&self) -> PathBuf {

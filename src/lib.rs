@@ -9,6 +9,10 @@
 //! - `engine`: the thread that owns the model: supervisor, step loop, step
 //!   planner, scheduler, KV pages, prefix cache, and llama.cpp behind the
 //!   `Backend` seam (`engine::llama`, the only module with `unsafe`);
+//! - `http1`: the HTTP/1.1 codec (heads, bodies) the server and the upstream
+//!   client share;
+//! - `pool`: the workers behind the server (engines in this process,
+//!   upstream OpenAI-compatible servers), routing, failover and supervision;
 //! - `server`: the mio reactor, connections, one session per protocol
 //!   (WebSocket v1), the request table and plain HTTP routes;
 //! - `app`: builds the parts from a `Config` and runs them.
@@ -25,6 +29,8 @@ pub mod app;
 pub mod config;
 pub mod core;
 pub mod engine;
+pub mod http1;
 pub mod logging;
 pub mod ops;
+pub mod pool;
 pub mod server;

@@ -19,4 +19,4 @@ pub use request::{
     ChatMessage, MAX_DEADLINE_MS, PromptInput, Request, RequestKey, RequestKind, RequestSpec, Role,
     Truncate, Urgency,
 };
-pub use status::{EngineState, KvStatus, OpsStatus, Status};
+pub use status::{EngineState, KvStatus, OpsStatus, Status, WorkerStatus};

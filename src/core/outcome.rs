@@ -92,6 +92,16 @@ pub enum RequestError {
     Stalled,
     #[error("the engine stopped unexpectedly")]
     EngineGone,
+    /// The worker serving it failed after it had streamed tokens (before
+    /// that, the pool sends it to another worker).
+    #[error("worker {worker} failed: {why}")]
+    WorkerFailed { worker: String, why: String },
+    /// An upstream worker refused the request as malformed (its words).
+    #[error("the upstream worker {worker} refused the request: {message}")]
+    UpstreamRefused { worker: String, message: String },
+    /// Every worker of the pool is out of rotation.
+    #[error("no worker can serve the request: {0}")]
+    NoWorker(String),
 }
 
 impl RequestError {
@@ -105,12 +115,15 @@ impl RequestError {
             | RequestError::Template(_)
             | RequestError::Tokenize(_)
             | RequestError::Constraint(_)
-            | RequestError::UnknownToken { .. } => ErrorCode::BadRequest,
+            | RequestError::UnknownToken { .. }
+            | RequestError::UpstreamRefused { .. } => ErrorCode::BadRequest,
+            RequestError::NoWorker(_) => ErrorCode::Overloaded,
             RequestError::ShuttingDown => ErrorCode::ShuttingDown,
             RequestError::WakeFailed(_)
             | RequestError::EngineFailed(_)
             | RequestError::Stalled
-            | RequestError::EngineGone => ErrorCode::Internal,
+            | RequestError::EngineGone
+            | RequestError::WorkerFailed { .. } => ErrorCode::Internal,
         }
     }
 }

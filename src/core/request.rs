@@ -9,6 +9,10 @@ use super::SamplingParams;
 /// Identifies one request between the server and the engine; never reused.
 pub type RequestKey = u64;
 
+/// Cloned only by the worker pool, to send a request that has produced
+/// nothing yet to another worker when its own fails (the clone shares the
+/// abort flag).
+#[derive(Clone)]
 pub struct Request {
     pub key: RequestKey,
     /// The client's own id, for logs.

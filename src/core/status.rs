@@ -53,6 +53,29 @@ pub struct Status {
     pub kv: KvStatus,
     /// Engine state, temperature, throttle and GPU readings; absent fields are unknown.
     pub ops: OpsStatus,
+    /// The pool's workers (empty for the engine's own snapshot).
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One worker of the pool as `status` and `/metrics` show it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkerStatus {
+    pub name: String,
+    /// `llama` (in this process) or `openai` (an upstream server).
+    pub kind: &'static str,
+    /// `serving`, `starting`, `down` (out of rotation) or `stopped`.
+    pub state: &'static str,
+    /// Why it is out of rotation, while it is.
+    pub why: Option<String>,
+    pub in_flight: usize,
+    /// Tokens per second over the supervisor's last window.
+    pub tokens_per_s: f64,
+    pub tokens_total: u64,
+    /// Requests routed to it because it held their prompt's prefix.
+    pub prefix_hits: u64,
+    pub requests_total: u64,
+    /// Times it was taken out of rotation.
+    pub failures: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -215,6 +215,7 @@ impl Metrics {
             "Open client connections.",
             g.connections as f64,
         );
+        render_workers(o, &s.workers);
         if let Some(t) = g.monitor.temp_c {
             gauge(
                 o,
@@ -341,6 +342,61 @@ fn counter(o: &mut String, name: &str, help: &str, v: u64) {
 fn gauge(o: &mut String, name: &str, help: &str, v: f64) {
     header(o, name, "gauge", help);
     let _ = writeln!(o, "{PREFIX}_{name} {v}");
+}
+
+/// One line per worker for each of its gauges and counters, labelled
+/// `worker` (its name) and `kind`.
+fn render_workers(o: &mut String, workers: &[crate::core::WorkerStatus]) {
+    let rows: [(&str, &str, &str, fn(&crate::core::WorkerStatus) -> f64); 6] = [
+        (
+            "worker_up",
+            "gauge",
+            "1 while the worker is in rotation.",
+            |w| f64::from(u8::from(w.state == "serving")),
+        ),
+        (
+            "worker_in_flight",
+            "gauge",
+            "Requests the worker holds (running and queued).",
+            |w| w.in_flight as f64,
+        ),
+        (
+            "worker_tokens_total",
+            "counter",
+            "Tokens the worker generated.",
+            |w| w.tokens_total as f64,
+        ),
+        (
+            "worker_requests_total",
+            "counter",
+            "Requests routed to the worker.",
+            |w| w.requests_total as f64,
+        ),
+        (
+            "worker_prefix_routed_total",
+            "counter",
+            "Requests routed to the worker for the prompt prefix it holds.",
+            |w| w.prefix_hits as f64,
+        ),
+        (
+            "worker_failures_total",
+            "counter",
+            "Times the worker was taken out of rotation.",
+            |w| w.failures as f64,
+        ),
+    ];
+    for (name, kind, help, value) in rows {
+        header(o, name, kind, help);
+        for w in workers {
+            let _ = writeln!(
+                o,
+                "{PREFIX}_{name}{{worker=\"{}\",kind=\"{}\"}} {}",
+                w.name,
+                w.kind,
+                value(w)
+            );
+        }
+    }
 }
 
 #[cfg(test)]

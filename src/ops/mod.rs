@@ -12,7 +12,7 @@ pub mod vram;
 pub mod watchdog;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::config;
@@ -28,6 +28,11 @@ pub struct Ops {
     pub monitor: Arc<monitor::Shared>,
     pub fault: Fault,
     pub idle: config::Idle,
+    /// Several workers: the pool supervises each (stalls, slow ones), and
+    /// the watchdog only tells systemd whether the pool serves.
+    pub pooled: AtomicBool,
+    /// At least one worker of the pool is in rotation.
+    pub serving: AtomicBool,
 }
 
 impl Ops {
@@ -38,6 +43,8 @@ impl Ops {
             monitor,
             fault,
             idle,
+            pooled: AtomicBool::new(false),
+            serving: AtomicBool::new(true),
         }
     }
 

@@ -61,7 +61,8 @@ pub fn spawn(
                 std::thread::sleep(tick);
                 let hb = &ops.heartbeat;
                 let lag = hb.since_beat();
-                if hb.state() == EngineState::Busy && lag > stall {
+                let pooled = ops.pooled.load(Ordering::Relaxed);
+                if !pooled && hb.state() == EngineState::Busy && lag > stall {
                     log::error!(
                         "watchdog: the engine made no progress for {:.1} s with work pending: failing its requests and exiting with status {EXIT_STALL} for a restart",
                         lag.as_secs_f64()
@@ -69,8 +70,10 @@ pub fn spawn(
                     ops.metrics.stalls.fetch_add(1, Ordering::Relaxed);
                     restart(&ops, &wake, exit_now);
                 }
+                // A pool is healthy while one of its workers serves.
                 if let Some(period) = systemd
                     && last_ping.elapsed() >= period
+                    && ops.serving.load(Ordering::Relaxed)
                 {
                     notify(&[NotifyState::Watchdog]);
                     last_ping = Instant::now();
@@ -79,7 +82,7 @@ pub fn spawn(
                     ops.metrics
                         .decode_tps_milli
                         .store((tps * 1e3) as u64, Ordering::Relaxed);
-                    if cfg.min_tps > 0.0 && tps < cfg.min_tps {
+                    if !pooled && cfg.min_tps > 0.0 && tps < cfg.min_tps {
                         ops.metrics
                             .slow_worker_events
                             .fetch_add(1, Ordering::Relaxed);

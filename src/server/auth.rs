@@ -6,7 +6,7 @@
 
 use subtle::ConstantTimeEq;
 
-use crate::server::http1::Head;
+use crate::http1::Head;
 
 /// The subprotocol prefix that carries a key.
 const PROTOCOL_PREFIX: &str = "bearer.";
@@ -119,7 +119,7 @@ pub fn read_key_file(path: &std::path::Path) -> std::io::Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::http1::{Limits, parse_head};
+    use crate::http1::{Limits, parse_head};
 
     fn head(lines: &str) -> Head {
         let text = format!("{lines}\r\n\r\n");

@@ -24,9 +24,9 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+use crate::http1::{self, BodyReader, Head, Limits};
 use crate::server::auth::ApiKeys;
 use crate::server::http::{Response, WS_VERSION};
-use crate::server::http1::{self, BodyReader, Head, Limits};
 use crate::server::session::Session;
 
 /// What every connection is configured with.

@@ -3,7 +3,7 @@
 //! (404, 405, 426, 431, 503), every error in one JSON shape.
 
 use crate::core::ErrorCode;
-use crate::server::http1;
+use crate::http1;
 
 /// The page served at `GET /`: one self-contained file, no build step.
 const PAGE: &str = include_str!("page.html");
@@ -133,6 +133,8 @@ pub enum Health {
     Parked,
     /// Shutting down: 503, so a load balancer stops sending.
     Draining,
+    /// Every worker of the pool is out of rotation: 503.
+    Unavailable,
 }
 
 /// Answers a plain request that no session serves; `metrics` renders
@@ -155,6 +157,7 @@ pub fn route(
             .with_header("Access-Control-Max-Age", "600"),
         ("GET", "/health") => match health {
             Health::Draining => Response::json(503, r#"{"status":"draining"}"#),
+            Health::Unavailable => Response::json(503, r#"{"status":"unavailable"}"#),
             Health::Parked => Response::json(200, r#"{"status":"parked"}"#),
             Health::Ready => Response::json(200, r#"{"status":"ready"}"#),
         },

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::core::tools::ToolCall;
-use crate::core::{Candidate, ErrorCode, Stats, Status, TokenLogprobs};
+use crate::core::{Candidate, ErrorCode, Stats, Status, TokenLogprobs, WorkerStatus};
 
 /// What `hello` tells a new client about the server.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -86,6 +86,40 @@ pub struct WireStatus {
     pub gpu_power_w: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_util_pct: Option<u32>,
+    /// The pool's workers.
+    pub workers: Vec<WireWorker>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WireWorker {
+    pub name: String,
+    pub kind: &'static str,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    pub in_flight: usize,
+    pub tokens_per_s: f64,
+    pub tokens_total: u64,
+    pub requests_total: u64,
+    pub prefix_hits: u64,
+    pub failures: u64,
+}
+
+impl From<&WorkerStatus> for WireWorker {
+    fn from(w: &WorkerStatus) -> WireWorker {
+        WireWorker {
+            name: w.name.clone(),
+            kind: w.kind,
+            state: w.state,
+            why: w.why.clone(),
+            in_flight: w.in_flight,
+            tokens_per_s: (w.tokens_per_s * 10.0).round() / 10.0,
+            tokens_total: w.tokens_total,
+            requests_total: w.requests_total,
+            prefix_hits: w.prefix_hits,
+            failures: w.failures,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -121,6 +155,7 @@ impl From<&Status> for WireStatus {
             gpu_vram_free_mb: ops.gpu_vram_free_mb,
             gpu_power_w: ops.gpu_power_w,
             gpu_util_pct: ops.gpu_util_pct,
+            workers: s.workers.iter().map(WireWorker::from).collect(),
         }
     }
 }
@@ -252,7 +287,7 @@ mod tests {
         status.ops.throttled = Some(false);
         assert_eq!(
             ServerMsg::Status(&(&status).into()).to_json(),
-            r#"{"op":"status","slots":4,"busy_slots":1,"queued":0,"kv":{"page_size":0,"pages_total":256,"pages_owned":0,"pages_cached":0,"pages_free":0,"prefix_entries":0},"engine":"busy","throttled":false}"#
+            r#"{"op":"status","slots":4,"busy_slots":1,"queued":0,"kv":{"page_size":0,"pages_total":256,"pages_owned":0,"pages_cached":0,"pages_free":0,"prefix_entries":0},"engine":"busy","throttled":false,"workers":[]}"#
         );
     }
 

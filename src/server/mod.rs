@@ -8,7 +8,7 @@ pub mod connection;
 pub mod feed;
 pub mod fields;
 pub mod http;
-pub mod http1;
+
 pub mod http_tokenize;
 pub mod messages;
 pub mod openai;

@@ -24,14 +24,15 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::config;
 use crate::core::{Event, Request, RequestError, RequestKey, RequestSpec, SamplingParams, Status};
-use crate::engine::{EngineHandle, EventSource, Ready};
+use crate::engine::Ready;
+use crate::http1::{Head, Limits};
 use crate::ops::Ops;
 use crate::ops::watchdog;
+use crate::pool::Pool;
 use crate::server::auth::ApiKeys;
 use crate::server::connection::{Connection, Input, Liveness, SendError, Settings};
 use crate::server::http::{self, Health, Response};
 use crate::server::http_tokenize::Tokenize;
-use crate::server::http1::{Head, Limits};
 use crate::server::openai::{self, Endpoint, OpenAi};
 use crate::server::requests::{ConnId, RequestTable};
 use crate::server::session::{Api, Host, Message, Out, Outbox, ServerInfo, Session, SubmitError};
@@ -56,8 +57,7 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub struct Parts {
     pub poll: Poll,
     pub listener: TcpListener,
-    pub engine: EngineHandle,
-    pub events: EventSource,
+    pub pool: Pool,
     pub ready: Ready,
     pub ops: Arc<Ops>,
     /// Ends the process after a stall (see `watchdog::ExitNow`).
@@ -72,9 +72,7 @@ pub struct Reactor {
     conns: Slab<Connection>,
     next_generation: u64,
     table: RequestTable,
-    engine: EngineHandle,
-    events: EventSource,
-    engine_stopped: bool,
+    pool: Pool,
     ready: Ready,
     ops: Arc<Ops>,
     exit_now: watchdog::ExitNow,
@@ -98,8 +96,7 @@ impl Reactor {
         let Parts {
             poll,
             mut listener,
-            engine,
-            events,
+            pool,
             ready,
             ops,
             exit_now,
@@ -126,9 +123,7 @@ impl Reactor {
             conns: Slab::new(),
             next_generation: 0,
             table: RequestTable::new(s.max_inflight_per_connection),
-            engine,
-            events,
-            engine_stopped: false,
+            pool,
             ready,
             ops,
             exit_now,
@@ -198,16 +193,14 @@ impl Reactor {
             }
             self.sweep_deadlines();
             if let Some(deadline) = self.shutdown_deadline
-                && ((self.conns.is_empty() && self.engine_stopped) || Instant::now() >= deadline)
+                && ((self.conns.is_empty() && self.pool.stopped()) || Instant::now() >= deadline)
             {
                 break;
             }
-            if self.engine.is_finished() && !self.engine_stopped {
+            if self.pool.dead() {
                 self.drain_engine();
-                if !self.engine_stopped {
-                    self.fail_all(RequestError::EngineGone);
-                    anyhow::bail!("the engine thread stopped unexpectedly");
-                }
+                self.fail_all(RequestError::EngineGone);
+                anyhow::bail!("the engine thread stopped unexpectedly");
             }
         }
         log::info!("shutdown complete");
@@ -335,7 +328,7 @@ impl Reactor {
                 generation: conn.generation,
             },
             table: &mut self.table,
-            engine: &self.engine,
+            pool: &mut self.pool,
             ready: &self.ready,
             ops: &self.ops,
             server: &self.server,
@@ -406,6 +399,8 @@ impl Reactor {
     fn health(&self) -> Health {
         if self.shutdown_deadline.is_some() {
             Health::Draining
+        } else if !self.pool.serving() {
+            Health::Unavailable
         } else if self.ops.engine_state().is_parked() {
             Health::Parked
         } else {
@@ -433,7 +428,7 @@ impl Reactor {
             openai::models_route(method, path, model, self.started).unwrap_or_else(|| {
                 http::route(method, &head.target, self.health(), || {
                     self.ops
-                        .render_metrics(self.engine.status(), self.conns.len())
+                        .render_metrics(self.pool.status(), self.conns.len())
                 })
             });
         let mut out = Outbox::default();
@@ -442,13 +437,9 @@ impl Reactor {
     }
 
     fn drain_engine(&mut self) {
-        let events: Vec<Event> = self.events.drain().collect();
-        for event in events {
+        for event in self.pool.drain() {
             let key = match &event {
-                Event::Stopped => {
-                    self.engine_stopped = true;
-                    continue;
-                }
+                Event::Stopped => continue,
                 Event::Queued { key, .. }
                 | Event::Token { key, .. }
                 | Event::End { key, .. }
@@ -561,8 +552,12 @@ impl Reactor {
     }
 
     fn detach(&mut self, slot: usize, generation: u64, peer: &str, why: &str) {
-        for id in self.table.detach(ConnId { slot, generation }) {
+        let ids = self.table.detach(ConnId { slot, generation });
+        for id in &ids {
             log::info!("{peer}: request {id} aborted: {why}");
+        }
+        if !ids.is_empty() {
+            self.pool.nudge();
         }
     }
 
@@ -591,6 +586,11 @@ impl Reactor {
             return;
         }
         self.last_sweep = now;
+        let serving = self.pool.tick(now);
+        self.ops
+            .serving
+            .store(serving, std::sync::atomic::Ordering::Relaxed);
+        self.drain_engine();
         let ping_every = Duration::from_secs_f64(self.server.ping_interval_s);
         let pong_within = Duration::from_secs_f64(self.server.pong_timeout_s);
         let pinging = self.server.ping_interval_s > 0.0 && self.shutdown_deadline.is_none();
@@ -647,7 +647,7 @@ impl Reactor {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        self.engine.stop();
+        self.pool.stop();
         self.fail_all(RequestError::ShuttingDown);
         let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
         // What clients already sent (a starved loop may not have read it yet)
@@ -696,7 +696,7 @@ struct ConnHost<'a> {
     conn: ConnId,
     api: Api,
     table: &'a mut RequestTable,
-    engine: &'a EngineHandle,
+    pool: &'a mut Pool,
     ready: &'a Ready,
     ops: &'a Ops,
     server: &'a config::Server,
@@ -740,19 +740,20 @@ impl Host for ConnHost<'_> {
             max_prompt_tokens: self.server.max_prompt_tokens,
             urgency: spec.urgency,
         };
-        if self.engine.submit(req).is_err() {
+        if self.pool.submit(req).is_err() {
             self.table.finish(opened.key);
-            return Err(SubmitError::EngineGone);
+            return Err(SubmitError::NoWorker);
         }
         Ok(opened.id)
     }
 
     fn abort(&mut self, id: Option<&str>) {
         self.table.abort(self.conn, id);
+        self.pool.nudge();
     }
 
     fn status(&self) -> Status {
-        let mut status = self.engine.status();
+        let mut status = self.pool.status();
         status.ops = self.ops.status();
         status
     }

@@ -110,6 +110,8 @@ pub enum SubmitError {
     ShuttingDown,
     #[error("the engine is not running")]
     EngineGone,
+    #[error("no worker is serving: every worker of the pool is out of rotation")]
+    NoWorker,
 }
 
 impl SubmitError {
@@ -120,6 +122,7 @@ impl SubmitError {
             SubmitError::Refused(Refused::TooMany(_)) => ErrorCode::Overloaded,
             SubmitError::ShuttingDown => ErrorCode::ShuttingDown,
             SubmitError::EngineGone => ErrorCode::Internal,
+            SubmitError::NoWorker => ErrorCode::Overloaded,
         }
     }
 }

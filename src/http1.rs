@@ -159,12 +159,15 @@ pub fn parse_head(buf: &[u8], limits: Limits) -> Result<Option<Head>, HttpError>
     }))
 }
 
-/// Reads one request body, however it arrives in pieces.
+/// Reads one body, however it arrives in pieces: whole (`feed`, a
+/// request's) or as its data comes (`feed_into`, a streamed response's).
 #[derive(Debug)]
 pub struct BodyReader {
     framing: Framing,
     max: usize,
     body: Vec<u8>,
+    /// Data bytes read so far.
+    received: usize,
     chunk: Chunk,
 }
 
@@ -187,6 +190,7 @@ impl BodyReader {
             framing,
             max,
             body: Vec::new(),
+            received: 0,
             chunk: Chunk::Size,
         }
     }
@@ -194,28 +198,42 @@ impl BodyReader {
     /// Consumes what it can of `buf`; returns the bytes consumed and the
     /// body once complete.
     pub fn feed(&mut self, buf: &[u8]) -> Result<(usize, Option<Vec<u8>>), HttpError> {
+        let mut body = std::mem::take(&mut self.body);
+        let fed = self.feed_into(buf, &mut body);
+        self.body = body;
+        let (used, done) = fed?;
+        Ok((used, done.then(|| std::mem::take(&mut self.body))))
+    }
+
+    /// Consumes what it can of `buf`, appending the body's data to `data`;
+    /// returns the bytes consumed and whether the body is complete.
+    pub fn feed_into(
+        &mut self,
+        buf: &[u8],
+        data: &mut Vec<u8>,
+    ) -> Result<(usize, bool), HttpError> {
         match self.framing {
             Framing::Length(n) => {
-                let take = (n - self.body.len()).min(buf.len());
-                self.body.extend_from_slice(&buf[..take]);
-                let done = self.body.len() == n;
-                Ok((take, done.then(|| std::mem::take(&mut self.body))))
+                let take = (n - self.received).min(buf.len());
+                data.extend_from_slice(&buf[..take]);
+                self.received += take;
+                Ok((take, self.received == n))
             }
-            Framing::Chunked => self.feed_chunked(buf),
+            Framing::Chunked => self.feed_chunked(buf, data),
         }
     }
 
-    fn feed_chunked(&mut self, buf: &[u8]) -> Result<(usize, Option<Vec<u8>>), HttpError> {
+    fn feed_chunked(&mut self, buf: &[u8], data: &mut Vec<u8>) -> Result<(usize, bool), HttpError> {
         let mut pos = 0;
         loop {
             let rest = &buf[pos..];
             match self.chunk {
-                Chunk::Done => return Ok((pos, Some(std::mem::take(&mut self.body)))),
+                Chunk::Done => return Ok((pos, true)),
                 Chunk::Size => match httparse::parse_chunk_size(rest) {
                     Ok(httparse::Status::Complete((used, size))) => {
                         pos += used;
                         let size = usize::try_from(size).unwrap_or(usize::MAX);
-                        if size > self.max - self.body.len() {
+                        if size > self.max - self.received {
                             return Err(HttpError::BodyTooLarge(self.max));
                         }
                         self.chunk = if size == 0 {
@@ -227,22 +245,23 @@ impl BodyReader {
                     Ok(httparse::Status::Partial) if rest.len() > 1024 => {
                         return Err(HttpError::Malformed("chunk size line too long"));
                     }
-                    Ok(httparse::Status::Partial) => return Ok((pos, None)),
+                    Ok(httparse::Status::Partial) => return Ok((pos, false)),
                     Err(_) => return Err(HttpError::Malformed("bad chunk size")),
                 },
                 Chunk::Data(left) => {
                     let take = left.min(rest.len());
-                    self.body.extend_from_slice(&rest[..take]);
+                    data.extend_from_slice(&rest[..take]);
+                    self.received += take;
                     pos += take;
                     if take < left {
                         self.chunk = Chunk::Data(left - take);
-                        return Ok((pos, None));
+                        return Ok((pos, false));
                     }
                     self.chunk = Chunk::DataEnd;
                 }
                 Chunk::DataEnd => {
                     if rest.len() < 2 {
-                        return Ok((pos, None));
+                        return Ok((pos, false));
                     }
                     if &rest[..2] != b"\r\n" {
                         return Err(HttpError::Malformed("chunk data not followed by CRLF"));
@@ -256,7 +275,7 @@ impl BodyReader {
                         self.chunk = Chunk::Done;
                     }
                     Some(end) if end <= 1024 => pos += end + 2,
-                    None if rest.len() <= 1024 => return Ok((pos, None)),
+                    None if rest.len() <= 1024 => return Ok((pos, false)),
                     _ => return Err(HttpError::Malformed("trailer line too long")),
                 },
             }

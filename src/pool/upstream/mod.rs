@@ -1,0 +1,777 @@
+//! An upstream worker: an OpenAI-compatible server (vLLM, TGI,
+//! TensorRT-LLM, llama-server, another inference-core) reached over HTTP.
+//!
+//! One small I/O thread per upstream with a mio loop of its own drives every
+//! connection to it: one per request (streamed with server-sent events) and
+//! one for the health probe. It was chosen over driving them from the
+//! reactor so that events reach the reactor the way an engine's do (one
+//! channel, one wake-up per batch) and a slow or frozen upstream can never
+//! cost the reactor a syscall. Requests beyond `max_inflight` wait in its
+//! queue, highest priority first.
+//!
+//! Health: `GET /health` every `probe_every` while up; one that fails or
+//! does not answer within `probe_timeout` marks it down, and so does a
+//! refused or reset connection once the probe confirms it. Down, it fails
+//! every request it holds with `WorkerFailed` (the pool sends those that
+//! produced nothing to another worker) and probes with backoff until the
+//! upstream answers again.
+
+pub mod http;
+pub mod openai;
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::core::{Event, FinishReason, Request, RequestError, Stats, Status};
+use crate::engine::{self, EventSink, EventSource};
+use crate::pool::worker::{Health, Kind, Worker};
+use http::{Progress, Response, Sse, Target};
+
+const WAKER: Token = Token(usize::MAX);
+const PROBE: Token = Token(usize::MAX - 1);
+/// The loop's longest sleep: deadlines and timeouts are checked this often.
+const TICK: Duration = Duration::from_millis(50);
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub url: String,
+    pub target: Target,
+    /// Sent as `model`; empty: left out (the upstream serves its only one).
+    pub model: String,
+    pub api_key: String,
+    pub max_inflight: usize,
+    pub max_queue: usize,
+    /// A request whose stream sends nothing for this long fails.
+    pub timeout: Duration,
+    pub probe_every: Duration,
+    pub probe_timeout: Duration,
+}
+
+enum Command {
+    Submit(Box<Request>),
+    Nudge,
+    Stop,
+}
+
+/// What the I/O thread publishes.
+struct Shared {
+    health: Mutex<Health>,
+    tokens: AtomicU64,
+    running: AtomicUsize,
+    queued: AtomicUsize,
+}
+
+pub struct UpstreamWorker {
+    commands: Sender<Command>,
+    waker: Arc<Waker>,
+    events: EventSource,
+    shared: Arc<Shared>,
+    thread: std::thread::JoinHandle<()>,
+    max_inflight: usize,
+}
+
+impl UpstreamWorker {
+    /// Starts its I/O thread; `wake` wakes the reactor once per batch of events.
+    pub fn spawn(
+        cfg: UpstreamConfig,
+        wake: impl Fn() + Send + 'static,
+    ) -> io::Result<UpstreamWorker> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (sink, events) = engine::events(wake);
+        let shared = Arc::new(Shared {
+            health: Mutex::new(Health::Down("not probed yet".into())),
+            tokens: AtomicU64::new(0),
+            running: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+        });
+        let max_inflight = cfg.max_inflight;
+        let io = Io {
+            poll,
+            commands: rx,
+            sink,
+            shared: shared.clone(),
+            calls: Slab::new(),
+            queue: VecDeque::new(),
+            probe: None,
+            next_probe: Instant::now(),
+            backoff: FIRST_BACKOFF,
+            up: false,
+            sent: false,
+            cfg,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("upstream-{}", io.cfg.name))
+            .spawn(move || io.run())?;
+        Ok(UpstreamWorker {
+            commands: tx,
+            waker,
+            events,
+            shared,
+            thread,
+            max_inflight,
+        })
+    }
+
+    fn send(&self, command: Command) -> Result<(), Command> {
+        self.commands.send(command).map_err(|e| e.0)?;
+        let _ = self.waker.wake();
+        Ok(())
+    }
+}
+
+impl Worker for UpstreamWorker {
+    fn kind(&self) -> Kind {
+        Kind::OpenAi
+    }
+
+    fn submit(&self, req: Request) -> Result<(), Box<Request>> {
+        self.send(Command::Submit(Box::new(req)))
+            .map_err(|c| match c {
+                Command::Submit(req) => req,
+                _ => unreachable!(),
+            })
+    }
+
+    fn drain(&self, into: &mut Vec<Event>) {
+        into.extend(self.events.drain());
+    }
+
+    fn nudge(&self) {
+        let _ = self.send(Command::Nudge);
+    }
+
+    fn stop(&self) {
+        let _ = self.send(Command::Stop);
+    }
+
+    fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    fn status(&self) -> Status {
+        let running = self.shared.running.load(Ordering::Relaxed);
+        Status {
+            slots: self.max_inflight,
+            busy_slots: running,
+            queued: self.shared.queued.load(Ordering::Relaxed),
+            ..Status::default()
+        }
+    }
+
+    fn health(&self, _now: Instant) -> Health {
+        if self.thread.is_finished() {
+            return Health::Down("its I/O thread ended".into());
+        }
+        self.shared
+            .health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn tokens(&self) -> u64 {
+        self.shared.tokens.load(Ordering::Relaxed)
+    }
+
+    fn capacity(&self) -> usize {
+        self.max_inflight
+    }
+}
+
+/// One HTTP exchange in progress.
+struct Conn {
+    stream: TcpStream,
+    out: Vec<u8>,
+    written: usize,
+    resp: Response,
+    last_io: Instant,
+}
+
+/// How reading and writing went.
+enum Io_ {
+    Open,
+    /// The peer closed its side (EOF).
+    Closed,
+    Failed(io::Error),
+}
+
+impl Conn {
+    fn open(poll: &Poll, addr: SocketAddr, token: Token, bytes: Vec<u8>) -> io::Result<Conn> {
+        let mut stream = TcpStream::connect(addr)?;
+        poll.registry()
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        Ok(Conn {
+            stream,
+            out: bytes,
+            written: 0,
+            resp: Response::default(),
+            last_io: Instant::now(),
+        })
+    }
+
+    /// Writes what is left of the request, then reads what has come into
+    /// the response, until either would block.
+    fn drive(&mut self, now: Instant) -> Result<(Io_, Vec<Progress>), String> {
+        if let Ok(Some(e)) | Err(e) = self.stream.take_error() {
+            return Ok((Io_::Failed(e), Vec::new()));
+        }
+        while self.written < self.out.len() {
+            match self.stream.write(&self.out[self.written..]) {
+                Ok(n) => {
+                    self.written += n;
+                    self.last_io = now;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Ok((Io_::Failed(e), Vec::new())),
+            }
+        }
+        let mut progress = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Ok((Io_::Closed, progress)),
+                Ok(n) => {
+                    self.last_io = now;
+                    let p = self.resp.feed(&buf[..n]).map_err(|e| e.to_string())?;
+                    progress.push(p);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok((Io_::Open, progress));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    return Ok((Io_::Open, progress));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Ok((Io_::Failed(e), progress)),
+            }
+        }
+    }
+
+    fn close(mut self, poll: &Poll) {
+        let _ = poll.registry().deregister(&mut self.stream);
+    }
+}
+
+struct Call {
+    req: Request,
+    conn: Conn,
+    sse: Sse,
+    first: Option<Instant>,
+    completion: usize,
+    prompt_tokens: Option<usize>,
+    usage_completion: Option<usize>,
+    cached: Option<usize>,
+    finish: Option<FinishReason>,
+}
+
+struct Probe {
+    conn: Conn,
+    started: Instant,
+}
+
+/// The I/O thread's state.
+struct Io {
+    cfg: UpstreamConfig,
+    poll: Poll,
+    commands: Receiver<Command>,
+    sink: EventSink,
+    shared: Arc<Shared>,
+    calls: Slab<Call>,
+    queue: VecDeque<Request>,
+    probe: Option<Probe>,
+    next_probe: Instant,
+    backoff: Duration,
+    up: bool,
+    /// Events were sent since the last wake-up.
+    sent: bool,
+}
+
+impl Io {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        log::info!(
+            "worker {}: upstream {} (model {:?}, {} in flight at most)",
+            self.cfg.name,
+            self.cfg.url,
+            self.cfg.model,
+            self.cfg.max_inflight
+        );
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, Some(TICK))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                log::error!("worker {}: poll failed: {e}", self.cfg.name);
+                break;
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {}
+                    PROBE => self.drive_probe(now),
+                    Token(i) => self.drive_call(i, now),
+                }
+            }
+            if !self.take_commands() {
+                break;
+            }
+            self.sweep(now);
+            self.start_calls();
+            self.schedule_probe(now);
+            self.publish();
+        }
+        // Stopping: what is still here ends with the server.
+        for (_, call) in std::mem::take(&mut self.calls) {
+            call.conn.close(&self.poll);
+        }
+        self.sink.send(Event::Stopped);
+        self.sink.wake();
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.sink.send(event);
+        self.sent = true;
+    }
+
+    fn publish(&mut self) {
+        self.shared
+            .running
+            .store(self.calls.len(), Ordering::Relaxed);
+        self.shared
+            .queued
+            .store(self.queue.len(), Ordering::Relaxed);
+        if std::mem::take(&mut self.sent) {
+            self.sink.wake();
+        }
+    }
+
+    /// Takes new requests; false once told to stop.
+    fn take_commands(&mut self) -> bool {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Submit(req) => self.enqueue(*req),
+                Command::Nudge => {}
+                Command::Stop => return false,
+            }
+        }
+        true
+    }
+
+    fn enqueue(&mut self, req: Request) {
+        if !self.up {
+            let why = self.down_why();
+            return self.fail(req.key, why);
+        }
+        if self.calls.len() >= self.cfg.max_inflight && self.queue.len() >= self.cfg.max_queue {
+            let waiting = self.queue.len();
+            return self.emit(Event::Error {
+                key: req.key,
+                error: RequestError::QueueFull { waiting },
+            });
+        }
+        // Highest priority first, in arrival order within a level.
+        let at = self
+            .queue
+            .iter()
+            .position(|q| q.urgency.priority < req.urgency.priority)
+            .unwrap_or(self.queue.len());
+        let (key, waiting) = (req.key, self.calls.len() >= self.cfg.max_inflight);
+        self.queue.insert(at, req);
+        if waiting {
+            self.emit(Event::Queued {
+                key,
+                position: at + 1,
+            });
+        }
+    }
+
+    fn down_why(&self) -> String {
+        match &*self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) {
+            Health::Down(why) => why.clone(),
+            Health::Serving => "unreachable".into(),
+        }
+    }
+
+    fn fail(&mut self, key: u64, why: String) {
+        self.emit(Event::Error {
+            key,
+            error: RequestError::WorkerFailed {
+                worker: self.cfg.name.clone(),
+                why,
+            },
+        });
+    }
+
+    fn start_calls(&mut self) {
+        while self.up && self.calls.len() < self.cfg.max_inflight {
+            let Some(req) = self.queue.pop_front() else {
+                return;
+            };
+            let (path, body) = match openai::request_body(&req, &self.cfg.model) {
+                Ok(x) => x,
+                Err(error) => {
+                    self.emit(Event::Error {
+                        key: req.key,
+                        error,
+                    });
+                    continue;
+                }
+            };
+            let bytes = self
+                .cfg
+                .target
+                .request("POST", path, &self.cfg.api_key, Some(&body));
+            let slot = self.calls.vacant_key();
+            let opened = self
+                .address()
+                .and_then(|addr| Conn::open(&self.poll, addr, Token(slot), bytes));
+            match opened {
+                Ok(conn) => {
+                    self.calls.insert(Call {
+                        req,
+                        conn,
+                        sse: Sse::default(),
+                        first: None,
+                        completion: 0,
+                        prompt_tokens: None,
+                        usage_completion: None,
+                        cached: None,
+                        finish: None,
+                    });
+                }
+                Err(e) => {
+                    self.fail(req.key, format!("cannot connect to {}: {e}", self.cfg.url));
+                    self.next_probe = Instant::now();
+                }
+            }
+        }
+    }
+
+    fn address(&self) -> io::Result<SocketAddr> {
+        let t = &self.cfg.target;
+        (t.host.as_str(), t.port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::other(format!("{} resolves to no address", t.host)))
+    }
+
+    fn drive_call(&mut self, i: usize, now: Instant) {
+        let Some(call) = self.calls.get_mut(i) else {
+            return;
+        };
+        let driven = call.conn.drive(now);
+        let (io, _) = match driven {
+            Ok(x) => x,
+            Err(e) => return self.end_call(i, Err(format!("a malformed response: {e}"))),
+        };
+        if let Err(e) = self.read_stream(i, now) {
+            return self.end_call(i, Err(e));
+        }
+        let Some(call) = self.calls.get_mut(i) else {
+            return; // ended by its stream
+        };
+        match io {
+            Io_::Open => {}
+            Io_::Closed => {
+                let ended = call.conn.resp.closed();
+                if ended && call.conn.resp.status != 200 {
+                    let _ = self.read_stream(i, now);
+                }
+                if self.calls.contains(i) {
+                    self.end_call(
+                        i,
+                        Err("the upstream closed the stream before its end".into()),
+                    );
+                }
+            }
+            Io_::Failed(e) => {
+                self.next_probe = now;
+                let why = if call.conn.written == 0 {
+                    format!("cannot connect to {}: {e}", self.cfg.url)
+                } else {
+                    format!("the connection to {} failed: {e}", self.cfg.url)
+                };
+                self.end_call(i, Err(why));
+            }
+        }
+    }
+
+    /// Acts on the response data read so far: error bodies once whole,
+    /// stream events as they come.
+    fn read_stream(&mut self, i: usize, now: Instant) -> Result<(), String> {
+        let call = &mut self.calls[i];
+        let status = call.conn.resp.status;
+        if status == 0 {
+            return Ok(());
+        }
+        if status != 200 {
+            if !call.conn.resp.is_done() {
+                return Ok(());
+            }
+            let body = String::from_utf8_lossy(&call.conn.resp.data).into_owned();
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .map(|v| openai::error_message(&v))
+                .unwrap_or_else(|_| body.chars().take(300).collect());
+            let (key, worker) = (call.req.key, self.cfg.name.clone());
+            let refused = matches!(status, 400 | 413 | 422);
+            self.remove_call(i);
+            if refused {
+                self.emit(Event::Error {
+                    key,
+                    error: RequestError::UpstreamRefused { worker, message },
+                });
+            } else {
+                self.fail(key, format!("HTTP {status}: {message}"));
+            }
+            return Ok(());
+        }
+        let data = std::mem::take(&mut call.conn.resp.data);
+        let mut payloads = Vec::new();
+        call.sse.feed(&data, &mut payloads)?;
+        for payload in payloads {
+            if payload.trim() == "[DONE]" {
+                self.end_call(i, Ok(()));
+                return Ok(());
+            }
+            let chunk = openai::parse_chunk(&payload)?;
+            let call = &mut self.calls[i];
+            if chunk.prompt_tokens.is_some() {
+                call.prompt_tokens = chunk.prompt_tokens;
+                call.usage_completion = chunk.completion_tokens;
+            }
+            call.cached = chunk.cached_tokens.or(call.cached);
+            call.finish = chunk.finish.or(call.finish);
+            if !chunk.text.is_empty() {
+                call.first.get_or_insert(now);
+                call.completion += 1;
+                self.shared.tokens.fetch_add(1, Ordering::Relaxed);
+                let key = call.req.key;
+                self.emit(Event::Token {
+                    key,
+                    text: chunk.text,
+                    prob: f32::NAN,
+                    logprobs: None,
+                });
+            }
+        }
+        if self.calls[i].conn.resp.is_done() {
+            let call = &self.calls[i];
+            if call.finish.is_some() {
+                self.end_call(i, Ok(()));
+            } else {
+                self.end_call(i, Err("the stream ended without a finish reason".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a call out; its connection closes when it is dropped.
+    fn remove_call(&mut self, i: usize) -> Call {
+        let mut call = self.calls.remove(i);
+        let _ = self.poll.registry().deregister(&mut call.conn.stream);
+        call
+    }
+
+    /// Ends a call: `Ok` with its finish reason (or `reason` if given),
+    /// `Err` as a worker failure.
+    fn end_call(&mut self, i: usize, result: Result<(), String>) {
+        self.end_call_as(i, result, None);
+    }
+
+    fn end_call_as(&mut self, i: usize, result: Result<(), String>, reason: Option<FinishReason>) {
+        if !self.calls.contains(i) {
+            return;
+        }
+        let call = self.remove_call(i);
+        let key = call.req.key;
+        if let Err(why) = result {
+            return self.fail(key, why);
+        }
+        let now = Instant::now();
+        let completion = call.usage_completion.unwrap_or(call.completion);
+        let since = |t: Instant| now.saturating_duration_since(t).as_secs_f64();
+        let stats = Stats {
+            prompt_tokens: call.prompt_tokens.unwrap_or(0),
+            cached_tokens: call.cached.unwrap_or(0),
+            truncated_tokens: 0,
+            completion_tokens: completion,
+            ttft_ms: call.first.map_or(0.0, |f| {
+                f.saturating_duration_since(call.req.received).as_secs_f64() * 1e3
+            }),
+            ms: since(call.req.received) * 1e3,
+            tps: match call.first {
+                Some(f) if completion > 1 && since(f) > 0.0 => (completion - 1) as f64 / since(f),
+                _ => 0.0,
+            },
+        };
+        self.emit(Event::End {
+            key,
+            reason: reason.or(call.finish).unwrap_or(FinishReason::Eos),
+            stats,
+        });
+    }
+
+    /// Aborts, deadlines and silent streams, for calls and the queue; the
+    /// probe's timeout.
+    fn sweep(&mut self, now: Instant) {
+        let ended: Vec<(usize, Option<FinishReason>)> = self
+            .calls
+            .iter()
+            .filter_map(|(i, c)| {
+                if c.req.cancelled() {
+                    Some((i, Some(FinishReason::Abort)))
+                } else if c.req.expired(now) {
+                    Some((i, Some(FinishReason::Deadline)))
+                } else if now.saturating_duration_since(c.conn.last_io) > self.cfg.timeout {
+                    Some((i, None))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (i, reason) in ended {
+            match reason {
+                Some(r) => self.end_call_as(i, Ok(()), Some(r)),
+                None => {
+                    let why = format!(
+                        "no answer for {:.0} s (upstream timeout_s)",
+                        self.cfg.timeout.as_secs_f64()
+                    );
+                    self.next_probe = now;
+                    self.end_call(i, Err(why));
+                }
+            }
+        }
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for req in std::mem::take(&mut self.queue) {
+            let reason = if req.cancelled() {
+                FinishReason::Abort
+            } else if req.expired(now) {
+                FinishReason::Deadline
+            } else {
+                kept.push_back(req);
+                continue;
+            };
+            self.emit(Event::End {
+                key: req.key,
+                reason,
+                stats: Stats {
+                    ms: now.saturating_duration_since(req.received).as_secs_f64() * 1e3,
+                    ..Stats::default()
+                },
+            });
+        }
+        self.queue = kept;
+        if let Some(p) = &self.probe
+            && now.saturating_duration_since(p.started) > self.cfg.probe_timeout
+        {
+            let secs = self.cfg.probe_timeout.as_secs_f64();
+            self.probe_done(
+                now,
+                Err(format!("no answer to GET /health within {secs:.1} s")),
+            );
+        }
+    }
+
+    fn schedule_probe(&mut self, now: Instant) {
+        if self.probe.is_some() || now < self.next_probe {
+            return;
+        }
+        let bytes = self
+            .cfg
+            .target
+            .request("GET", "/health", &self.cfg.api_key, None);
+        match self
+            .address()
+            .and_then(|addr| Conn::open(&self.poll, addr, PROBE, bytes))
+        {
+            Ok(conn) => self.probe = Some(Probe { conn, started: now }),
+            Err(e) => self.probe_done(now, Err(format!("cannot connect: {e}"))),
+        }
+    }
+
+    fn drive_probe(&mut self, now: Instant) {
+        let Some(p) = &mut self.probe else {
+            return;
+        };
+        let result = match p.conn.drive(now) {
+            Err(e) => Err(e),
+            Ok((Io_::Failed(e), _)) => Err(format!("cannot connect: {e}")),
+            Ok((io, _)) => {
+                let resp = &mut p.conn.resp;
+                let done = resp.is_done() || (matches!(io, Io_::Closed) && resp.closed());
+                match (resp.status, done) {
+                    (200, true) => Ok(()),
+                    (0, _) if matches!(io, Io_::Closed) => {
+                        Err("the connection closed without an answer".into())
+                    }
+                    (status, true) => Err(format!(
+                        "GET /health answered {status}: {}",
+                        String::from_utf8_lossy(&resp.data)
+                            .chars()
+                            .take(200)
+                            .collect::<String>()
+                    )),
+                    (_, false) if matches!(io, Io_::Closed) => {
+                        Err("the connection closed mid-answer".into())
+                    }
+                    _ => return,
+                }
+            }
+        };
+        self.probe_done(now, result);
+    }
+
+    fn probe_done(&mut self, now: Instant, result: Result<(), String>) {
+        if let Some(p) = self.probe.take() {
+            p.conn.close(&self.poll);
+        }
+        let name = self.cfg.name.clone();
+        match result {
+            Ok(()) => {
+                if !self.up {
+                    log::info!("worker {name}: {} answers /health: serving", self.cfg.url);
+                }
+                self.up = true;
+                self.backoff = FIRST_BACKOFF;
+                self.next_probe = now + self.cfg.probe_every;
+                *self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) = Health::Serving;
+            }
+            Err(why) => {
+                let why = format!("{}: {why}", self.cfg.url);
+                if self.up {
+                    log::warn!("worker {name}: down: {why}");
+                }
+                self.up = false;
+                self.next_probe = now + self.backoff;
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                *self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Health::Down(why.clone());
+                // Everything it holds fails; the pool sends what produced
+                // nothing to another worker.
+                let keys: Vec<usize> = self.calls.iter().map(|(i, _)| i).collect();
+                for i in keys {
+                    self.end_call(i, Err(why.clone()));
+                }
+                for req in std::mem::take(&mut self.queue) {
+                    self.fail(req.key, why.clone());
+                }
+            }
+        }
+    }
+}
