@@ -679,10 +679,10 @@ impl Config {
                     &l.name
                 }
                 WorkerConfig::Openai(o) => {
-                    if o.url.is_empty() {
+                    if !o.url.starts_with("http://") {
                         return bad(format!(
-                            "workers {:?}: an openai worker needs a url",
-                            o.name
+                            "workers {:?}: url {:?} must start with http:// (https is not supported: reach the upstream on a private network or through a local TLS proxy)",
+                            o.name, o.url
                         ));
                     }
                     if o.max_inflight == 0

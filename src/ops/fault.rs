@@ -46,10 +46,11 @@ impl Fault {
         }
     }
 
-    /// Counts a token; true once the configured number has been reached.
+    /// Counts a token; true for the one that reaches the configured number
+    /// (with several engines, only the engine that samples it stalls).
     fn triggered(&self) -> bool {
         match self.stall_after_tokens {
-            Some(limit) => self.tokens.fetch_add(1, Ordering::Relaxed) + 1 >= limit,
+            Some(limit) => self.tokens.fetch_add(1, Ordering::Relaxed) + 1 == limit,
             None => false,
         }
     }

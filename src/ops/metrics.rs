@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::core::{EngineState, Status};
+use crate::core::{EngineState, Status, WorkerStatus};
 use crate::ops::monitor::Snapshot;
 
 const PREFIX: &str = "inference_core";
@@ -346,8 +346,14 @@ fn gauge(o: &mut String, name: &str, help: &str, v: f64) {
 
 /// One line per worker for each of its gauges and counters, labelled
 /// `worker` (its name) and `kind`.
-fn render_workers(o: &mut String, workers: &[crate::core::WorkerStatus]) {
-    let rows: [(&str, &str, &str, fn(&crate::core::WorkerStatus) -> f64); 6] = [
+fn render_workers(o: &mut String, workers: &[WorkerStatus]) {
+    type Row = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&WorkerStatus) -> f64,
+    );
+    let rows: [Row; 6] = [
         (
             "worker_up",
             "gauge",

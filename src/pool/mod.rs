@@ -37,6 +37,9 @@ use worker::{Kind, Worker};
 /// loading a model takes a while).
 pub type Restart = Arc<dyn Fn() -> Result<Box<dyn Worker>, String> + Send + Sync>;
 
+/// A restart's outcome: the worker's index and its new worker.
+type Restarted = (usize, Result<Box<dyn Worker>, String>);
+
 /// A worker as the pool is given it.
 pub struct Entry {
     pub name: String,
@@ -87,8 +90,8 @@ pub struct Pool {
     supervision: Supervision,
     /// Events the pool made itself (a failed worker's requests).
     pending: Vec<Event>,
-    restarted_tx: Sender<(usize, Result<Box<dyn Worker>, String>)>,
-    restarted: Receiver<(usize, Result<Box<dyn Worker>, String>)>,
+    restarted_tx: Sender<Restarted>,
+    restarted: Receiver<Restarted>,
     stopping: bool,
     buf: Vec<Event>,
 }
@@ -96,14 +99,21 @@ pub struct Pool {
 impl Pool {
     pub fn new(entries: Vec<Entry>, policy: Policy, supervision: Supervision) -> Pool {
         let (restarted_tx, restarted) = crossbeam_channel::unbounded();
+        let now = Instant::now();
         let slots: Vec<Slot> = entries
             .into_iter()
             .map(|e| Slot {
-                name: e.name,
+                name: e.name.clone(),
                 kind: e.worker.kind(),
+                watch: match e.worker.health(now) {
+                    worker::Health::Serving => Watch::default(),
+                    worker::Health::Down(why) => {
+                        log::warn!("worker {}: not serving yet: {why}", e.name);
+                        Watch::starting(now)
+                    }
+                },
                 worker: e.worker,
                 restart: e.restart,
-                watch: Watch::default(),
                 why: None,
                 restarting: false,
                 stopped: false,
@@ -453,9 +463,5 @@ impl Pool {
             });
         }
         total
-    }
-
-    pub fn policy(&self) -> Policy {
-        self.router.policy()
     }
 }

@@ -117,10 +117,6 @@ impl Router {
         }
     }
 
-    pub fn policy(&self) -> Policy {
-        self.policy
-    }
-
     /// Picks a worker among the eligible ones; `None` when there is none.
     pub fn choose(&mut self, hashes: &[u64], workers: &[Candidate]) -> Option<Choice> {
         let eligible = || workers.iter().enumerate().filter(|(_, w)| w.eligible);

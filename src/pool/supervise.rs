@@ -58,6 +58,15 @@ impl Default for Watch {
 }
 
 impl Watch {
+    /// For a worker not known to serve yet: it enters rotation the first
+    /// time it says it serves, without counting as a failure.
+    pub fn starting(now: Instant) -> Watch {
+        Watch {
+            out: Some(Out { until: now }),
+            ..Watch::default()
+        }
+    }
+
     pub fn in_rotation(&self) -> bool {
         self.out.is_none()
     }

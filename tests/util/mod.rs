@@ -458,3 +458,124 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// llama-server, built from llama.cpp's sources by `benches/llama-tools.sh
+/// llama-server` (scripts/test builds it): the stand-in for an upstream
+/// OpenAI-compatible engine (vLLM, TGI...). Killed on drop.
+pub struct Upstream {
+    pub child: Child,
+    pub port: u16,
+    args: Vec<String>,
+}
+
+impl Upstream {
+    /// Starts one with `slots` parallel slots and one thread on the default
+    /// model, on a free port; waits until `/health` says it is ready.
+    pub fn start(slots: usize) -> Upstream {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let model = model_path();
+        let args = [
+            "-m",
+            model.to_str().unwrap(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "-t",
+            "1",
+            "-c",
+            "2048",
+            "-np",
+            &slots.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut u = Upstream {
+            child: spawn_llama_server(&args),
+            port,
+            args,
+        };
+        u.wait_ready();
+        u
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends a signal (KILL, STOP, CONT) to it.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// After a SIGKILL: the same server again, on the same port.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_llama_server(&self.args);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("llama-server exited: {status}");
+            }
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ =
+                    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut text = String::new();
+                let _ = s.read_to_string(&mut text);
+                if text.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < START_TIMEOUT,
+                "llama-server did not get ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_llama_server(args: &[String]) -> Child {
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/llama-tools/bin/llama-server");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `benches/llama-tools.sh llama-server` (scripts/test does)",
+        bin.display()
+    );
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start llama-server")
+}
+
+/// The default model in the cache (as the server finds it).
+pub fn model_path() -> std::path::PathBuf {
+    inference_core::config::model_cache_dir().join(inference_core::config::DEFAULT_MODEL_FILE)
+}

@@ -99,6 +99,7 @@ impl UpstreamWorker {
             queued: AtomicUsize::new(0),
         });
         let max_inflight = cfg.max_inflight;
+        let (probed_tx, probed) = crossbeam_channel::bounded(1);
         let io = Io {
             poll,
             commands: rx,
@@ -111,11 +112,16 @@ impl UpstreamWorker {
             backoff: FIRST_BACKOFF,
             up: false,
             sent: false,
+            first_probe: Some(probed_tx),
             cfg,
         };
+        let wait = io.cfg.probe_timeout + Duration::from_millis(500);
         let thread = std::thread::Builder::new()
             .name(format!("upstream-{}", io.cfg.name))
             .spawn(move || io.run())?;
+        // Start serving knowing whether it answers (a dead one fails its
+        // first probe at once; a frozen one costs `probe_timeout`).
+        let _ = probed.recv_timeout(wait);
         Ok(UpstreamWorker {
             commands: tx,
             waker,
@@ -300,6 +306,8 @@ struct Io {
     up: bool,
     /// Events were sent since the last wake-up.
     sent: bool,
+    /// Told once the first probe has an answer.
+    first_probe: Option<Sender<()>>,
 }
 
 impl Io {
@@ -740,6 +748,9 @@ impl Io {
     fn probe_done(&mut self, now: Instant, result: Result<(), String>) {
         if let Some(p) = self.probe.take() {
             p.conn.close(&self.poll);
+        }
+        if let Some(tx) = self.first_probe.take() {
+            let _ = tx.send(());
         }
         let name = self.cfg.name.clone();
         match result {

@@ -76,6 +76,11 @@ pub fn request_body(req: &Request, model: &str) -> Result<(&'static str, String)
                 "response_format".into(),
                 json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": true}}),
             );
+            // llama-server reads `response_format` on chat only; on
+            // completions it takes its own `json_schema`.
+            if path == "/v1/completions" {
+                body.insert("json_schema".into(), schema.clone());
+            }
         }
         Some(Constraint::Gbnf(g)) => {
             body.insert("grammar".into(), json!(g));
