@@ -120,11 +120,15 @@ impl Router {
     /// Picks a worker among the eligible ones; `None` when there is none.
     pub fn choose(&mut self, hashes: &[u64], workers: &[Candidate]) -> Option<Choice> {
         let eligible = || workers.iter().enumerate().filter(|(_, w)| w.eligible);
+        // Ties go to the worker with the fewest prefixes remembered: a new
+        // prompt goes where it evicts least.
         let least_loaded = || {
             eligible()
                 .min_by(|(a, x), (b, y)| {
                     let (lx, ly) = (x.load * y.capacity.max(1), y.load * x.capacity.max(1));
-                    lx.cmp(&ly).then(a.cmp(b))
+                    lx.cmp(&ly)
+                        .then(self.remembered(*a).cmp(&self.remembered(*b)))
+                        .then(a.cmp(b))
                 })
                 .map(|(i, _)| i)
         };
@@ -170,6 +174,10 @@ impl Router {
         if let Some(seen) = self.seen.get_mut(worker) {
             *seen = Remembered::default();
         }
+    }
+
+    fn remembered(&self, worker: usize) -> usize {
+        self.seen.get(worker).map_or(0, |s| s.at.len())
     }
 
     fn shared(&self, worker: usize, hashes: &[u64]) -> usize {
