@@ -282,6 +282,24 @@ fn a_pure_front_serves_the_openai_api_from_an_upstream_and_says_when_it_cannot()
     // What the upstream cannot take is a clear error before anything runs.
     let out = c.infer("rx", "x", json!({"regex": "a+"}));
     assert_eq!(out.last["code"], "bad_request", "{}", out.last);
+    assert!(
+        out.last["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a regex"),
+        "{}",
+        out.last
+    );
+    c.send(json!({"op": "tokenize", "id": "count", "prompt": "x"}));
+    let answer = c.recv();
+    assert_eq!(answer["code"], "bad_request", "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs a llama worker"),
+        "{answer}"
+    );
 
     // With its only upstream gone, the front says so: 503 and clear errors.
     a.signal("KILL");

@@ -19,6 +19,9 @@ pub mod supervise;
 pub mod upstream;
 pub mod worker;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +49,15 @@ pub struct Entry {
     pub worker: Box<dyn Worker>,
     /// `None`: it is not restarted (an upstream is probed until it is back).
     pub restart: Option<Restart>,
+}
+
+/// Why the pool took no request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Every worker that could is out of rotation.
+    NoneServing,
+    /// Counting tokens needs a local engine and there is none.
+    CannotCount,
 }
 
 /// How the pool supervises.
@@ -136,11 +148,15 @@ impl Pool {
         }
     }
 
-    /// Sends a request to a worker; `Err` (with the request) when no worker
-    /// can take it now.
-    pub fn submit(&mut self, req: Request) -> Result<(), Box<Request>> {
+    /// Sends a request to a worker; says why when none can take it.
+    pub fn submit(&mut self, req: Request) -> Result<(), Refused> {
+        if req.kind == RequestKind::CountTokens && self.slots.iter().all(|s| s.kind != Kind::Llama)
+        {
+            return Err(Refused::CannotCount);
+        }
         let hashes = route::prefix_hashes(&req.input);
         self.place(req, hashes, Vec::new())
+            .map_err(|_| Refused::NoneServing)
     }
 
     fn place(

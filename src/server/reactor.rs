@@ -28,7 +28,7 @@ use crate::engine::Ready;
 use crate::http1::{Head, Limits};
 use crate::ops::Ops;
 use crate::ops::watchdog;
-use crate::pool::Pool;
+use crate::pool::{Pool, Refused};
 use crate::server::auth::ApiKeys;
 use crate::server::connection::{Connection, Input, Liveness, SendError, Settings};
 use crate::server::http::{self, Health, Response};
@@ -740,9 +740,12 @@ impl Host for ConnHost<'_> {
             max_prompt_tokens: self.server.max_prompt_tokens,
             urgency: spec.urgency,
         };
-        if self.pool.submit(req).is_err() {
+        if let Err(refused) = self.pool.submit(req) {
             self.table.finish(opened.key);
-            return Err(SubmitError::NoWorker);
+            return Err(match refused {
+                Refused::NoneServing => SubmitError::NoWorker,
+                Refused::CannotCount => SubmitError::CannotCount,
+            });
         }
         Ok(opened.id)
     }

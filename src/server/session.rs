@@ -112,6 +112,8 @@ pub enum SubmitError {
     EngineGone,
     #[error("no worker is serving: every worker of the pool is out of rotation")]
     NoWorker,
+    #[error("counting tokens needs a llama worker; this server only fronts upstream servers")]
+    CannotCount,
 }
 
 impl SubmitError {
@@ -123,6 +125,7 @@ impl SubmitError {
             SubmitError::ShuttingDown => ErrorCode::ShuttingDown,
             SubmitError::EngineGone => ErrorCode::Internal,
             SubmitError::NoWorker => ErrorCode::Overloaded,
+            SubmitError::CannotCount => ErrorCode::BadRequest,
         }
     }
 }
