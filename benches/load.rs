@@ -96,6 +96,11 @@ struct Args {
     /// Measure inference-core only, even when llama-server is built.
     #[arg(long)]
     ours_only: bool,
+    /// Ours as a pure front (`--no-local --upstream`) over a second
+    /// llama-server started alike: the ratios are then the front's cost (the
+    /// pool's upstream worker: its I/O thread, HTTP and SSE relay).
+    #[arg(long)]
+    front: bool,
     /// llama-server binary (default: target/llama-tools/bin/llama-server, built by benches/llama-tools.sh).
     #[arg(long)]
     llama_server: Option<PathBuf>,
@@ -1111,10 +1116,23 @@ fn main() {
         args.ctx_size.to_string(),
         args.parallel.to_string(),
     );
-    let ours = start_server(&["-t", &t, "-c", &c, "--parallel", &np]);
     let theirs = llama_bin
         .as_ref()
         .map(|b| start_llama_server(b, &model, &args, threads));
+    // With --front, a llama-server of its own behind our front (sharing one
+    // would hand the second target the first one's cached prompts).
+    let upstream = match (&llama_bin, args.front) {
+        (Some(b), true) => Some(start_llama_server(b, &model, &args, threads)),
+        (None, true) => panic!("--front needs llama-server (benches/llama-tools.sh llama-server)"),
+        (_, false) => None,
+    };
+    let ours = match &upstream {
+        Some(up) => {
+            let url = format!("http://127.0.0.1:{}", up.port);
+            start_server(&["--no-local", "--upstream", &url, "--parallel", &np])
+        }
+        None => start_server(&["-t", &t, "-c", &c, "--parallel", &np]),
+    };
     let mut targets = vec![Target {
         ours: true,
         port: ours.port,

@@ -207,8 +207,8 @@ struct Conn {
     last_io: Instant,
 }
 
-/// How reading and writing went.
-enum Io_ {
+/// How reading and writing a connection went.
+enum Flow {
     Open,
     /// The peer closed its side (EOF).
     Closed,
@@ -231,9 +231,9 @@ impl Conn {
 
     /// Writes what is left of the request, then reads what has come into
     /// the response, until either would block.
-    fn drive(&mut self, now: Instant) -> Result<(Io_, Vec<Progress>), String> {
+    fn drive(&mut self, now: Instant) -> Result<(Flow, Vec<Progress>), String> {
         if let Ok(Some(e)) | Err(e) = self.stream.take_error() {
-            return Ok((Io_::Failed(e), Vec::new()));
+            return Ok((Flow::Failed(e), Vec::new()));
         }
         while self.written < self.out.len() {
             match self.stream.write(&self.out[self.written..]) {
@@ -244,27 +244,27 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Ok((Io_::Failed(e), Vec::new())),
+                Err(e) => return Ok((Flow::Failed(e), Vec::new())),
             }
         }
         let mut progress = Vec::new();
         let mut buf = [0u8; 16 * 1024];
         loop {
             match self.stream.read(&mut buf) {
-                Ok(0) => return Ok((Io_::Closed, progress)),
+                Ok(0) => return Ok((Flow::Closed, progress)),
                 Ok(n) => {
                     self.last_io = now;
                     let p = self.resp.feed(&buf[..n]).map_err(|e| e.to_string())?;
                     progress.push(p);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok((Io_::Open, progress));
+                    return Ok((Flow::Open, progress));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                    return Ok((Io_::Open, progress));
+                    return Ok((Flow::Open, progress));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Ok((Io_::Failed(e), progress)),
+                Err(e) => return Ok((Flow::Failed(e), progress)),
             }
         }
     }
@@ -494,20 +494,18 @@ impl Io {
             return; // ended by its stream
         };
         match io {
-            Io_::Open => {}
-            Io_::Closed => {
-                let ended = call.conn.resp.closed();
-                if ended && call.conn.resp.status != 200 {
+            Flow::Open => {}
+            Flow::Closed => {
+                // A body that runs until the close is complete now.
+                if call.conn.resp.closed() {
                     let _ = self.read_stream(i, now);
                 }
-                if self.calls.contains(i) {
-                    self.end_call(
-                        i,
-                        Err("the upstream closed the stream before its end".into()),
-                    );
-                }
+                self.end_call(
+                    i,
+                    Err("the upstream closed the stream before its end".into()),
+                );
             }
-            Io_::Failed(e) => {
+            Flow::Failed(e) => {
                 self.next_probe = now;
                 let why = if call.conn.written == 0 {
                     format!("cannot connect to {}: {e}", self.cfg.url)
@@ -719,13 +717,13 @@ impl Io {
         };
         let result = match p.conn.drive(now) {
             Err(e) => Err(e),
-            Ok((Io_::Failed(e), _)) => Err(format!("cannot connect: {e}")),
+            Ok((Flow::Failed(e), _)) => Err(format!("cannot connect: {e}")),
             Ok((io, _)) => {
                 let resp = &mut p.conn.resp;
-                let done = resp.is_done() || (matches!(io, Io_::Closed) && resp.closed());
+                let done = resp.is_done() || (matches!(io, Flow::Closed) && resp.closed());
                 match (resp.status, done) {
                     (200, true) => Ok(()),
-                    (0, _) if matches!(io, Io_::Closed) => {
+                    (0, _) if matches!(io, Flow::Closed) => {
                         Err("the connection closed without an answer".into())
                     }
                     (status, true) => Err(format!(
@@ -735,7 +733,7 @@ impl Io {
                             .take(200)
                             .collect::<String>()
                     )),
-                    (_, false) if matches!(io, Io_::Closed) => {
+                    (_, false) if matches!(io, Flow::Closed) => {
                         Err("the connection closed mid-answer".into())
                     }
                     _ => return,
