@@ -165,7 +165,7 @@ pub struct OpenAiWorker {
     pub timeout_s: f64,
     /// `GET /health` this often while it serves.
     pub probe_every_s: f64,
-    /// A probe unanswered this long marks it down.
+    /// Two probes in a row unanswered this long mark it down.
     pub probe_timeout_s: f64,
 }
 
@@ -670,32 +670,59 @@ impl Config {
         for w in &self.workers {
             let name = match w {
                 WorkerConfig::Llama(l) => {
-                    if l.slots > 0 && l.slots + self.scheduler.prefix_cache_entries > 256 {
+                    let slots = if l.slots > 0 {
+                        l.slots
+                    } else {
+                        self.scheduler.slots
+                    };
+                    if slots + self.scheduler.prefix_cache_entries > 256
+                        || slots as u32 > self.model.batch_size
+                    {
                         return bad(format!(
-                            "workers {:?}: slots + scheduler.prefix_cache_entries must be at most 256",
+                            "workers {:?}: slots + scheduler.prefix_cache_entries must be at most 256, and slots at most model.batch_size",
+                            l.name
+                        ));
+                    }
+                    if l.ctx_size != 0 && l.ctx_size < 16 {
+                        return bad(format!(
+                            "workers {:?}: ctx_size must be 0 (model.ctx_size) or at least 16",
                             l.name
                         ));
                     }
                     &l.name
                 }
                 WorkerConfig::Openai(o) => {
-                    if !o.url.starts_with("http://") {
+                    let host = url::Url::parse(&o.url)
+                        .ok()
+                        .filter(|u| u.scheme() == "http")
+                        .and_then(|u| u.host_str().map(str::to_owned));
+                    if host.is_none() {
                         return bad(format!(
-                            "workers {:?}: url {:?} must start with http:// (https is not supported: reach the upstream on a private network or through a local TLS proxy)",
+                            "workers {:?}: url {:?} must be http://HOST[:PORT][/PATH] (https is not supported: reach the upstream on a private network or through a local TLS proxy)",
                             o.name, o.url
                         ));
                     }
+                    let seconds = |v: f64| v > 0.0 && v <= 86_400.0;
                     if o.max_inflight == 0
-                        || !(o.timeout_s > 0.0 && o.probe_every_s > 0.0 && o.probe_timeout_s > 0.0)
+                        || !(seconds(o.timeout_s)
+                            && seconds(o.probe_every_s)
+                            && seconds(o.probe_timeout_s))
                     {
                         return bad(format!(
-                            "workers {:?}: max_inflight, timeout_s, probe_every_s and probe_timeout_s must be above 0",
+                            "workers {:?}: max_inflight must be at least 1, and timeout_s, probe_every_s and probe_timeout_s above 0 and at most a day",
                             o.name
                         ));
                     }
                     &o.name
                 }
             };
+            // Names become metric labels and state folders.
+            let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if name.is_empty() || name.starts_with('.') || !name.chars().all(plain) {
+                return bad(format!(
+                    "worker name {name:?}: use letters, digits, '-', '_' and '.' (not first)"
+                ));
+            }
             if !names.insert(name.as_str()) {
                 return bad(format!("two workers are named {name:?}"));
             }

@@ -124,7 +124,8 @@ fn requests_spread_over_the_pool_and_a_killed_upstream_hurts_only_its_streams() 
         assert_eq!(w["state"], "serving", "{w}");
         assert!(
             w["requests_total"].as_u64().unwrap() >= 2,
-            "{name} got too few: {w}"
+            "{name} got too few: {w}\n{}",
+            server.log_text()
         );
     }
     let kind = |n: &str| before[n]["kind"].as_str().unwrap().to_owned();

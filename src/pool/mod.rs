@@ -40,6 +40,9 @@ use worker::{Kind, Worker};
 /// loading a model takes a while).
 pub type Restart = Arc<dyn Fn() -> Result<Box<dyn Worker>, String> + Send + Sync>;
 
+/// How long after a failed restart the next is tried.
+const RESTART_RETRY: Duration = Duration::from_secs(10);
+
 /// A restart's outcome: the worker's index and its new worker.
 type Restarted = (usize, Result<Box<dyn Worker>, String>);
 
@@ -58,6 +61,8 @@ pub enum Refused {
     NoneServing,
     /// Counting tokens needs a local engine and there is none.
     CannotCount,
+    /// The single engine's thread is gone (no pool: nothing to fail over to).
+    EngineGone,
 }
 
 /// How the pool supervises.
@@ -79,6 +84,8 @@ struct Slot {
     /// Why it is out of rotation.
     why: Option<String>,
     restarting: bool,
+    /// A failed restart is tried again then.
+    restart_at: Option<Instant>,
     stopped: bool,
     in_flight: usize,
     requests_total: u64,
@@ -128,6 +135,7 @@ impl Pool {
                 restart: e.restart,
                 why: None,
                 restarting: false,
+                restart_at: None,
                 stopped: false,
                 in_flight: 0,
                 requests_total: 0,
@@ -155,8 +163,13 @@ impl Pool {
             return Err(Refused::CannotCount);
         }
         let hashes = route::prefix_hashes(&req.input);
-        self.place(req, hashes, Vec::new())
-            .map_err(|_| Refused::NoneServing)
+        self.place(req, hashes, Vec::new()).map_err(|_| {
+            if self.supervision.enabled {
+                Refused::NoneServing
+            } else {
+                Refused::EngineGone
+            }
+        })
     }
 
     fn place(
@@ -186,14 +199,19 @@ impl Pool {
             let i = choice.worker;
             tried.push(i);
             let key = req.key;
-            let retry = (req.kind == RequestKind::Generate).then(|| req.clone());
+            // Only a pool has somewhere else to send it.
+            let generate = req.kind == RequestKind::Generate;
+            let retry = (generate && self.supervision.enabled).then(|| req.clone());
             match self.slots[i].worker.submit(req) {
                 Ok(()) => {
                     let slot = &mut self.slots[i];
                     slot.in_flight += 1;
                     slot.requests_total += 1;
                     slot.prefix_hits += u64::from(choice.shared_blocks > 0);
-                    self.router.sent(i, &hashes);
+                    // Counting tokens caches nothing.
+                    if generate {
+                        self.router.sent(i, &hashes);
+                    }
                     self.flights.insert(
                         key,
                         Flight {
@@ -311,7 +329,7 @@ impl Pool {
     /// Supervision: takes unhealthy workers out of rotation (failing over
     /// what they held), restarts local ones, puts recovered ones back.
     /// Returns whether at least one worker serves.
-    pub fn tick(&mut self, now: Instant) -> bool {
+    pub fn tick(&mut self, now: Instant, throttled: bool) -> bool {
         for (i, result) in self.restarted.try_iter().collect::<Vec<_>>() {
             let slot = &mut self.slots[i];
             slot.restarting = false;
@@ -327,8 +345,13 @@ impl Pool {
                 }
                 Ok(worker) => worker.stop(),
                 Err(e) => {
-                    log::error!("worker {}: cannot restart: {e}", slot.name);
+                    log::error!(
+                        "worker {}: cannot restart: {e}; trying again in {} s",
+                        slot.name,
+                        RESTART_RETRY.as_secs()
+                    );
                     slot.why = Some(format!("cannot restart: {e}"));
+                    slot.restart_at = Some(Instant::now() + RESTART_RETRY);
                 }
             }
         }
@@ -336,12 +359,16 @@ impl Pool {
             return true;
         }
         for i in 0..self.slots.len() {
+            if self.slots[i].restart_at.is_some_and(|at| now >= at) {
+                self.restart(i);
+            }
             let slot = &mut self.slots[i];
-            if slot.restarting {
+            if slot.restarting || slot.restart_at.is_some() {
                 continue;
             }
             let health = slot.worker.health(now);
-            let busy = slot.in_flight > 0;
+            // Thermally paused, every local engine is slow alike: not its fault.
+            let busy = slot.in_flight > 0 && !(throttled && slot.kind == Kind::Llama);
             let tokens = slot.worker.tokens();
             match slot
                 .watch
@@ -370,6 +397,7 @@ impl Pool {
             .filter(|(_, f)| f.worker == i)
             .map(|(&k, _)| k)
             .collect();
+        self.slots[i].worker.release(keys.clone());
         for key in keys {
             let started = self.flights[&key].retry.is_none();
             if started {
@@ -386,21 +414,34 @@ impl Pool {
                 self.fail_over(key, why);
             }
         }
+        if self.slots[i].restart.is_some() {
+            self.slots[i].worker.stop();
+            self.restart(i);
+        }
+    }
+
+    /// Starts a fresh worker for slot `i` on a thread of its own; its
+    /// outcome (a panic included) comes back through `restarted`.
+    fn restart(&mut self, i: usize) {
         let slot = &mut self.slots[i];
-        if let Some(restart) = slot.restart.clone() {
-            slot.worker.stop();
-            slot.restarting = true;
-            let tx = self.restarted_tx.clone();
-            let name = slot.name.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("restart-{name}"))
-                .spawn(move || {
-                    let _ = tx.send((i, restart()));
-                });
-            if let Err(e) = spawned {
-                log::error!("worker {name}: cannot start its restart: {e}");
-                slot.restarting = false;
-            }
+        let Some(restart) = slot.restart.clone() else {
+            return;
+        };
+        slot.restarting = true;
+        slot.restart_at = None;
+        let tx = self.restarted_tx.clone();
+        let name = slot.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("restart-{name}"))
+            .spawn(move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| restart()))
+                    .unwrap_or_else(|_| Err("the restart panicked".into()));
+                let _ = tx.send((i, result));
+            });
+        if let Err(e) = spawned {
+            log::error!("worker {name}: cannot start its restart: {e}");
+            slot.restarting = false;
+            slot.restart_at = Some(Instant::now() + RESTART_RETRY);
         }
     }
 

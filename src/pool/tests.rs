@@ -201,7 +201,7 @@ fn a_worker_that_goes_down_hands_over_what_has_not_started() {
     w[0].say(token(1));
     p.drain();
     w[0].0.lock().unwrap().down = Some("no answer".into());
-    assert!(p.tick(Instant::now()));
+    assert!(p.tick(Instant::now(), false));
     let out = p.drain();
     assert!(
         matches!(&out[..], [Event::Error { key: 1, error: RequestError::WorkerFailed { why, .. } }] if why == "no answer"),
@@ -214,11 +214,11 @@ fn a_worker_that_goes_down_hands_over_what_has_not_started() {
     p.submit(request(5)).unwrap();
     assert_eq!(w[1].got(), [2, 4, 3, 5]);
     w[1].0.lock().unwrap().down = Some("gone".into());
-    assert!(!p.tick(Instant::now()));
+    assert!(!p.tick(Instant::now(), false));
     assert_eq!(p.submit(request(6)), Err(Refused::NoneServing));
     // Healthy again: back after the backoff.
     w[0].0.lock().unwrap().down = None;
-    assert!(p.tick(Instant::now() + Duration::from_secs(2)));
+    assert!(p.tick(Instant::now() + Duration::from_secs(2), false));
     p.submit(request(7)).unwrap();
     assert_eq!(w[0].got(), [1, 3, 7]);
 }

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::core::{Event, Request, Status};
+use crate::core::{Event, Request, RequestKey, Status};
 
 /// What serves behind a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +43,10 @@ pub trait Worker: Send {
     /// Some request's abort flag was set: look now (an upstream stream is
     /// closed at once; an engine checks before every step anyway).
     fn nudge(&self) {}
+    /// The pool has sent these requests elsewhere or ended them: forget
+    /// them without a word (an upstream closes their streams; an engine
+    /// being restarted needs nothing).
+    fn release(&self, _keys: Vec<RequestKey>) {}
     /// Stops it; requests in flight end with `shutting_down`.
     fn stop(&self);
     /// Its thread has ended.

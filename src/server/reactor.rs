@@ -586,7 +586,7 @@ impl Reactor {
             return;
         }
         self.last_sweep = now;
-        let serving = self.pool.tick(now);
+        let serving = self.pool.tick(now, self.ops.monitor.throttled());
         self.ops
             .serving
             .store(serving, std::sync::atomic::Ordering::Relaxed);
@@ -745,6 +745,7 @@ impl Host for ConnHost<'_> {
             return Err(match refused {
                 Refused::NoneServing => SubmitError::NoWorker,
                 Refused::CannotCount => SubmitError::CannotCount,
+                Refused::EngineGone => SubmitError::EngineGone,
             });
         }
         Ok(opened.id)

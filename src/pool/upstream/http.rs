@@ -53,10 +53,15 @@ impl Target {
 
     /// The request's bytes: `POST` with a JSON body, or `GET` without one.
     pub fn request(&self, method: &str, path: &str, api_key: &str, body: Option<&str>) -> Vec<u8> {
+        // An IPv6 literal goes in brackets (RFC 7230's Host is a URI authority).
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
         let mut out = format!(
-            "{method} {}{path} HTTP/1.1\r\nHost: {}:{}\r\nUser-Agent: inference-core\r\nAccept: {}\r\nConnection: close\r\n",
+            "{method} {}{path} HTTP/1.1\r\nHost: {host}:{}\r\nUser-Agent: inference-core\r\nAccept: {}\r\nConnection: close\r\n",
             self.base,
-            self.host,
             self.port,
             if body.is_some() {
                 "text/event-stream"
@@ -272,7 +277,7 @@ mod tests {
             .request("GET", "/health", "k", None);
         let text = String::from_utf8(req).unwrap();
         assert!(
-            text.starts_with("GET /health HTTP/1.1\r\nHost: ::1:9\r\n"),
+            text.starts_with("GET /health HTTP/1.1\r\nHost: [::1]:9\r\n"),
             "{text}"
         );
         assert!(text.contains("Authorization: Bearer k\r\n") && text.ends_with("\r\n\r\n"));

@@ -31,10 +31,10 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::core::{Event, FinishReason, Request, RequestError, Stats, Status};
+use crate::core::{Event, FinishReason, Request, RequestError, RequestKey, Stats, Status};
 use crate::engine::{self, EventSink, EventSource};
 use crate::pool::worker::{Health, Kind, Worker};
-use http::{Progress, Response, Sse, Target};
+use http::{Response, Sse, Target};
 
 const WAKER: Token = Token(usize::MAX);
 const PROBE: Token = Token(usize::MAX - 1);
@@ -61,6 +61,8 @@ pub struct UpstreamConfig {
 
 enum Command {
     Submit(Box<Request>),
+    /// The pool has taken these elsewhere or ended them: drop them unsaid.
+    Release(Vec<RequestKey>),
     Nudge,
     Stop,
 }
@@ -113,6 +115,9 @@ impl UpstreamWorker {
             up: false,
             sent: false,
             first_probe: Some(probed_tx),
+            addrs: resolve(&cfg.target).unwrap_or_default(),
+            next_addr: 0,
+            probe_failures: 0,
             cfg,
         };
         let wait = io.cfg.probe_timeout + Duration::from_millis(500);
@@ -160,6 +165,10 @@ impl Worker for UpstreamWorker {
         let _ = self.send(Command::Nudge);
     }
 
+    fn release(&self, keys: Vec<RequestKey>) {
+        let _ = self.send(Command::Release(keys));
+    }
+
     fn stop(&self) {
         let _ = self.send(Command::Stop);
     }
@@ -198,6 +207,18 @@ impl Worker for UpstreamWorker {
     }
 }
 
+fn resolve(t: &Target) -> io::Result<Vec<SocketAddr>> {
+    let mut addrs: Vec<SocketAddr> = (t.host.as_str(), t.port).to_socket_addrs()?.collect();
+    addrs.sort_by_key(|a| a.is_ipv6());
+    if addrs.is_empty() {
+        return Err(io::Error::other(format!(
+            "{} resolves to no address",
+            t.host
+        )));
+    }
+    Ok(addrs)
+}
+
 /// One HTTP exchange in progress.
 struct Conn {
     stream: TcpStream,
@@ -231,41 +252,57 @@ impl Conn {
 
     /// Writes what is left of the request, then reads what has come into
     /// the response, until either would block.
-    fn drive(&mut self, now: Instant) -> Result<(Flow, Vec<Progress>), String> {
+    fn drive(&mut self, now: Instant) -> Result<Flow, String> {
         if let Ok(Some(e)) | Err(e) = self.stream.take_error() {
-            return Ok((Flow::Failed(e), Vec::new()));
+            return Ok(Flow::Failed(e));
         }
+        let mut write_error = None;
         while self.written < self.out.len() {
             match self.stream.write(&self.out[self.written..]) {
                 Ok(n) => {
                     self.written += n;
                     self.last_io = now;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::NotConnected
+                    ) =>
+                {
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Ok((Flow::Failed(e), Vec::new())),
+                Err(e) => {
+                    write_error = Some(e);
+                    break;
+                }
             }
         }
-        let mut progress = Vec::new();
         let mut buf = [0u8; 16 * 1024];
-        loop {
+        let flow = loop {
             match self.stream.read(&mut buf) {
-                Ok(0) => return Ok((Flow::Closed, progress)),
+                Ok(0) => break Flow::Closed,
                 Ok(n) => {
                     self.last_io = now;
-                    let p = self.resp.feed(&buf[..n]).map_err(|e| e.to_string())?;
-                    progress.push(p);
+                    self.resp.feed(&buf[..n]).map_err(|e| e.to_string())?;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok((Flow::Open, progress));
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                    return Ok((Flow::Open, progress));
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::NotConnected
+                    ) =>
+                {
+                    break Flow::Open;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Ok((Flow::Failed(e), progress)),
+                Err(e) => break Flow::Failed(e),
             }
+        };
+        // An upstream may answer (413, say) and close before reading the
+        // whole request: a complete answer counts, not the failed write.
+        match write_error {
+            Some(e) if !self.resp.is_done() => Ok(Flow::Failed(e)),
+            _ => Ok(flow),
         }
     }
 
@@ -308,6 +345,10 @@ struct Io {
     sent: bool,
     /// Told once the first probe has an answer.
     first_probe: Option<Sender<()>>,
+    addrs: Vec<SocketAddr>,
+    next_addr: usize,
+    /// Probes failed in a row.
+    probe_failures: u32,
 }
 
 impl Io {
@@ -373,6 +414,18 @@ impl Io {
         while let Ok(command) = self.commands.try_recv() {
             match command {
                 Command::Submit(req) => self.enqueue(*req),
+                Command::Release(keys) => {
+                    self.queue.retain(|r| !keys.contains(&r.key));
+                    let gone: Vec<usize> = self
+                        .calls
+                        .iter()
+                        .filter(|(_, c)| keys.contains(&c.req.key))
+                        .map(|(i, _)| i)
+                        .collect();
+                    for i in gone {
+                        self.remove_call(i);
+                    }
+                }
                 Command::Nudge => {}
                 Command::Stop => return false,
             }
@@ -415,7 +468,7 @@ impl Io {
         }
     }
 
-    fn fail(&mut self, key: u64, why: String) {
+    fn fail(&mut self, key: RequestKey, why: String) {
         self.emit(Event::Error {
             key,
             error: RequestError::WorkerFailed {
@@ -448,6 +501,9 @@ impl Io {
             let opened = self
                 .address()
                 .and_then(|addr| Conn::open(&self.poll, addr, Token(slot), bytes));
+            if opened.is_err() {
+                self.connect_failed(Instant::now());
+            }
             match opened {
                 Ok(conn) => {
                     self.calls.insert(Call {
@@ -462,29 +518,33 @@ impl Io {
                         finish: None,
                     });
                 }
-                Err(e) => {
-                    self.fail(req.key, format!("cannot connect to {}: {e}", self.cfg.url));
-                    self.next_probe = Instant::now();
-                }
+                Err(e) => self.fail(req.key, format!("cannot connect to {}: {e}", self.cfg.url)),
             }
         }
     }
 
-    fn address(&self) -> io::Result<SocketAddr> {
-        let t = &self.cfg.target;
-        (t.host.as_str(), t.port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::other(format!("{} resolves to no address", t.host)))
+    /// The address to connect to: resolved once (IPv4 first: `localhost`
+    /// servers often listen on 127.0.0.1 only); a failed connection moves
+    /// on to the next one. Resolved again (blocking) only while it has none.
+    fn address(&mut self) -> io::Result<SocketAddr> {
+        if self.addrs.is_empty() {
+            self.addrs = resolve(&self.cfg.target)?;
+        }
+        Ok(self.addrs[self.next_addr % self.addrs.len()])
+    }
+
+    /// A connection failed: the next one tries the next address.
+    fn connect_failed(&mut self, now: Instant) {
+        self.next_addr = self.next_addr.wrapping_add(1);
+        self.next_probe = self.next_probe.min(now);
     }
 
     fn drive_call(&mut self, i: usize, now: Instant) {
         let Some(call) = self.calls.get_mut(i) else {
             return;
         };
-        let driven = call.conn.drive(now);
-        let (io, _) = match driven {
-            Ok(x) => x,
+        let io = match call.conn.drive(now) {
+            Ok(flow) => flow,
             Err(e) => return self.end_call(i, Err(format!("a malformed response: {e}"))),
         };
         if let Err(e) = self.read_stream(i, now) {
@@ -506,8 +566,12 @@ impl Io {
                 );
             }
             Flow::Failed(e) => {
+                let connecting = call.conn.written == 0;
+                if connecting {
+                    self.connect_failed(now);
+                }
                 self.next_probe = now;
-                let why = if call.conn.written == 0 {
+                let why = if connecting {
                     format!("cannot connect to {}: {e}", self.cfg.url)
                 } else {
                     format!("the connection to {} failed: {e}", self.cfg.url)
@@ -707,7 +771,10 @@ impl Io {
             .and_then(|addr| Conn::open(&self.poll, addr, PROBE, bytes))
         {
             Ok(conn) => self.probe = Some(Probe { conn, started: now }),
-            Err(e) => self.probe_done(now, Err(format!("cannot connect: {e}"))),
+            Err(e) => {
+                self.connect_failed(now);
+                self.probe_done(now, Err(format!("cannot connect: {e}")));
+            }
         }
     }
 
@@ -717,8 +784,11 @@ impl Io {
         };
         let result = match p.conn.drive(now) {
             Err(e) => Err(e),
-            Ok((Flow::Failed(e), _)) => Err(format!("cannot connect: {e}")),
-            Ok((io, _)) => {
+            Ok(Flow::Failed(e)) => {
+                self.connect_failed(now);
+                Err(format!("cannot connect: {e}"))
+            }
+            Ok(io) => {
                 let resp = &mut p.conn.resp;
                 let done = resp.is_done() || (matches!(io, Flow::Closed) && resp.closed());
                 match (resp.status, done) {
@@ -747,9 +817,6 @@ impl Io {
         if let Some(p) = self.probe.take() {
             p.conn.close(&self.poll);
         }
-        if let Some(tx) = self.first_probe.take() {
-            let _ = tx.send(());
-        }
         let name = self.cfg.name.clone();
         match result {
             Ok(()) => {
@@ -757,11 +824,21 @@ impl Io {
                     log::info!("worker {name}: {} answers /health: serving", self.cfg.url);
                 }
                 self.up = true;
+                self.probe_failures = 0;
                 self.backoff = FIRST_BACKOFF;
                 self.next_probe = now + self.cfg.probe_every;
                 *self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) = Health::Serving;
             }
             Err(why) => {
+                self.probe_failures += 1;
+                // One unanswered probe (a lost packet) does not end healthy
+                // streams: it is asked again at once; two in a row, or a
+                // refused connection, is down.
+                let refused = why.starts_with("cannot connect");
+                if self.up && !refused && self.probe_failures < 2 {
+                    self.next_probe = now;
+                    return;
+                }
                 let why = format!("{}: {why}", self.cfg.url);
                 if self.up {
                     log::warn!("worker {name}: down: {why}");
@@ -781,6 +858,10 @@ impl Io {
                     self.fail(req.key, why.clone());
                 }
             }
+        }
+        // Told once its health is published.
+        if let Some(tx) = self.first_probe.take() {
+            let _ = tx.send(());
         }
     }
 }

@@ -37,7 +37,10 @@ pub fn request_body(req: &Request, model: &str) -> Result<(&'static str, String)
     body.insert("max_tokens".into(), json!(p.max_tokens));
     body.insert("temperature".into(), json!(p.temp));
     body.insert("top_p".into(), json!(p.top_p));
-    body.insert("top_k".into(), json!(p.top_k));
+    // Our 0 (off) is not every upstream's (older vLLM wants -1): left out.
+    if p.top_k > 0 {
+        body.insert("top_k".into(), json!(p.top_k));
+    }
     body.insert("min_p".into(), json!(p.min_p));
     if p.repeat_penalty != 1.0 {
         body.insert("repeat_penalty".into(), json!(p.repeat_penalty));
