@@ -65,6 +65,26 @@ pub struct Progress {
     pub completion_tokens: usize,
     /// Time spent choosing tokens (logged at debug level with each request).
     pub sampling: Duration,
+    /// Where the time to the first token went.
+    pub ttft: TtftParts,
+}
+
+/// The stations of a request on its way to its first token, as instants
+/// (logged at debug level with its end; `cargo bench --bench stream` sums
+/// them up for short prompts).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TtftParts {
+    /// The engine took it from its channel.
+    pub taken: Option<Instant>,
+    /// Tokenized, its constraint compiled and its sampler built.
+    pub prepared: Option<Instant>,
+    /// The first decode carrying its prompt began.
+    pub first_decode: Option<Instant>,
+    /// The decode that gave its first logits ended.
+    pub logits: Option<Instant>,
+    /// Decodes that carried its prompt.
+    pub prefill_steps: usize,
+    pub prefill: Duration,
 }
 
 impl Progress {
@@ -77,7 +97,33 @@ impl Progress {
             truncated_tokens: 0,
             completion_tokens: 0,
             sampling: Duration::ZERO,
+            ttft: TtftParts::default(),
         }
+    }
+
+    /// "TTFT 31.2 ms: 0.1 to the engine, 0.4 preparing, ..." once it has
+    /// a first token.
+    pub fn ttft_parts(&self) -> Option<String> {
+        let p = &self.ttft;
+        let (first, taken, prepared, decode, logits) = (
+            self.first_token?,
+            p.taken?,
+            p.prepared?,
+            p.first_decode?,
+            p.logits?,
+        );
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
+        let prefill = p.prefill.as_secs_f64() * 1e3;
+        Some(format!(
+            "TTFT {:.2} ms: {:.2} reaching the engine, {:.2} tokenizing and building its sampler, {:.2} until its first step, {prefill:.2} in {} prefill decodes (+{:.2} of other work between them), {:.2} sampling",
+            ms(self.received, first),
+            ms(self.received, taken),
+            ms(taken, prepared),
+            ms(prepared, decode),
+            p.prefill_steps,
+            (ms(decode, logits) - prefill).max(0.0),
+            ms(logits, first),
+        ))
     }
 
     pub fn stats(&self) -> Stats {
@@ -110,6 +156,28 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ttft_parts_add_up_station_by_station() {
+        let t0 = Instant::now();
+        let at = |us: u64| t0 + Duration::from_micros(us);
+        let mut p = Progress::new(t0);
+        assert_eq!(p.ttft_parts(), None);
+        p.ttft = TtftParts {
+            taken: Some(at(100)),
+            prepared: Some(at(400)),
+            first_decode: Some(at(500)),
+            logits: Some(at(30_500)),
+            prefill_steps: 2,
+            prefill: Duration::from_millis(25),
+        };
+        p.first_token = Some(at(31_500));
+        let text = p.ttft_parts().unwrap();
+        assert_eq!(
+            text,
+            "TTFT 31.50 ms: 0.10 reaching the engine, 0.30 tokenizing and building its sampler, 0.10 until its first step, 25.00 in 2 prefill decodes (+5.00 of other work between them), 1.00 sampling"
+        );
+    }
 
     #[test]
     fn stats_measure_from_receipt_and_from_the_first_token() {

@@ -328,6 +328,7 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Tokenizes a request and queues it with the scheduler.
     pub fn submit(&mut self, req: Request) {
         let mut progress = Progress::new(req.received);
+        progress.ttft.taken = Some(Instant::now());
         // A prompt over `limit` is refused, or cut to leave room for the reply.
         let capacity = self.scheduler.capacity();
         let limit = match req.max_prompt_tokens {
@@ -376,6 +377,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             Ok(p) => p,
             Err(e) => return self.report(&req, Outcome::Error(e), &progress),
         };
+        progress.ttft.prepared = Some(Instant::now());
         let job = Job {
             key: req.key,
             tokens,
@@ -601,6 +603,18 @@ impl<'a, B: Backend> Engine<'a, B> {
             let t0 = Instant::now();
             let result = self.backend.decode(&self.batch, &should_abort);
             if result.is_ok() {
+                let now = Instant::now();
+                for s in self.active.iter_mut() {
+                    if let Work::Prefill(_) = s.work {
+                        let t = &mut s.progress.ttft;
+                        t.first_decode.get_or_insert(t0);
+                        t.prefill_steps += 1;
+                        t.prefill += now - t0;
+                        if s.row.is_some() {
+                            t.logits = Some(now);
+                        }
+                    }
+                }
                 let rows = self
                     .active
                     .iter()
@@ -825,6 +839,9 @@ impl<'a, B: Backend> Engine<'a, B> {
                     "request {id}: sampling took {:.2} ms in all",
                     progress.sampling.as_secs_f64() * 1e3
                 );
+                if let Some(parts) = progress.ttft_parts() {
+                    log::debug!(request = id; "request {id}: {parts}");
+                }
                 self.io.sink.send(Event::End {
                     key,
                     reason,
