@@ -45,6 +45,26 @@ impl Request {
     }
 }
 
+#[cfg(test)]
+impl Request {
+    /// A request to generate, as unit tests build them.
+    pub fn for_test(key: RequestKey, input: PromptInput, params: SamplingParams) -> Request {
+        Request {
+            key,
+            id: format!("r{key}"),
+            api: "test",
+            input,
+            params,
+            kind: RequestKind::Generate,
+            truncate: Truncate::None,
+            cancel: Arc::new(AtomicBool::new(false)),
+            received: Instant::now(),
+            max_prompt_tokens: 0,
+            urgency: Urgency::default(),
+        }
+    }
+}
+
 /// How urgent a request is. `priority` orders the queue: higher first,
 /// first come first served within a level (a voice turn need not wait behind
 /// a batch job's queue). Past its `deadline`, counted from receipt, a request

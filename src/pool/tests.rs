@@ -1,11 +1,10 @@
 //! The pool's routing, failover and supervision over scripted workers.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::core::{PromptInput, SamplingParams, Truncate, Urgency};
+use crate::core::{PromptInput, SamplingParams};
 use worker::Health;
 
 /// A worker whose requests, events and health the test controls.
@@ -89,19 +88,11 @@ fn pool(n: usize) -> (Pool, Vec<Scripted>) {
 }
 
 fn request(key: RequestKey) -> Request {
-    Request {
+    Request::for_test(
         key,
-        id: format!("r{key}"),
-        api: "ws",
-        input: PromptInput::Text("hello".into()),
-        params: SamplingParams::default(),
-        kind: RequestKind::Generate,
-        truncate: Truncate::None,
-        cancel: Arc::new(AtomicBool::new(false)),
-        received: Instant::now(),
-        max_prompt_tokens: 0,
-        urgency: Urgency::default(),
-    }
+        PromptInput::Text("hello".into()),
+        SamplingParams::default(),
+    )
 }
 
 fn token(key: RequestKey) -> Event {

@@ -107,12 +107,7 @@ impl Server {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        signal(&self.child, sig);
     }
 
     /// Waits for the process to exit.
@@ -508,12 +503,7 @@ impl Upstream {
 
     /// Sends a signal (KILL, STOP, CONT) to it.
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        signal(&self.child, sig);
     }
 
     /// After a SIGKILL: the same server again, on the same port.
@@ -556,6 +546,16 @@ impl Drop for Upstream {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends `sig` (TERM, KILL, STOP...) to a child process.
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} failed");
 }
 
 fn spawn_llama_server(args: &[String]) -> Child {

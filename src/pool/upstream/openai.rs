@@ -171,25 +171,10 @@ pub fn error_message(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{ChatMessage, RequestKind, Role, SamplingParams, Truncate, Urgency};
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
-    use std::time::Instant;
+    use crate::core::{ChatMessage, Role, SamplingParams};
 
     fn req(input: PromptInput, params: SamplingParams) -> Request {
-        Request {
-            key: 1,
-            id: "r".into(),
-            api: "ws",
-            input,
-            params,
-            kind: RequestKind::Generate,
-            truncate: Truncate::None,
-            cancel: Arc::new(AtomicBool::new(false)),
-            received: Instant::now(),
-            max_prompt_tokens: 0,
-            urgency: Urgency::default(),
-        }
+        Request::for_test(1, input, params)
     }
 
     #[test]
