@@ -16,25 +16,26 @@
 //! produced nothing to another worker) and probes with backoff until the
 //! upstream answers again.
 
+mod conn;
 pub mod http;
 pub mod openai;
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::core::{Event, FinishReason, Request, RequestError, RequestKey, Stats, Status};
 use crate::engine::{self, EventSink, EventSource};
 use crate::pool::worker::{Health, Kind, Worker};
-use http::{Response, Sse, Target};
+use conn::{Conn, Flow, resolve};
+use http::{Sse, Target};
 
 const WAKER: Token = Token(usize::MAX);
 const PROBE: Token = Token(usize::MAX - 1);
@@ -204,110 +205,6 @@ impl Worker for UpstreamWorker {
 
     fn capacity(&self) -> usize {
         self.max_inflight
-    }
-}
-
-fn resolve(t: &Target) -> io::Result<Vec<SocketAddr>> {
-    let mut addrs: Vec<SocketAddr> = (t.host.as_str(), t.port).to_socket_addrs()?.collect();
-    addrs.sort_by_key(|a| a.is_ipv6());
-    if addrs.is_empty() {
-        return Err(io::Error::other(format!(
-            "{} resolves to no address",
-            t.host
-        )));
-    }
-    Ok(addrs)
-}
-
-/// One HTTP exchange in progress.
-struct Conn {
-    stream: TcpStream,
-    out: Vec<u8>,
-    written: usize,
-    resp: Response,
-    last_io: Instant,
-}
-
-/// How reading and writing a connection went.
-enum Flow {
-    Open,
-    /// The peer closed its side (EOF).
-    Closed,
-    Failed(io::Error),
-}
-
-impl Conn {
-    fn open(poll: &Poll, addr: SocketAddr, token: Token, bytes: Vec<u8>) -> io::Result<Conn> {
-        let mut stream = TcpStream::connect(addr)?;
-        poll.registry()
-            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
-        Ok(Conn {
-            stream,
-            out: bytes,
-            written: 0,
-            resp: Response::default(),
-            last_io: Instant::now(),
-        })
-    }
-
-    /// Writes what is left of the request, then reads what has come into
-    /// the response, until either would block.
-    fn drive(&mut self, now: Instant) -> Result<Flow, String> {
-        if let Ok(Some(e)) | Err(e) = self.stream.take_error() {
-            return Ok(Flow::Failed(e));
-        }
-        let mut write_error = None;
-        while self.written < self.out.len() {
-            match self.stream.write(&self.out[self.written..]) {
-                Ok(n) => {
-                    self.written += n;
-                    self.last_io = now;
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::NotConnected
-                    ) =>
-                {
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    write_error = Some(e);
-                    break;
-                }
-            }
-        }
-        let mut buf = [0u8; 16 * 1024];
-        let flow = loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => break Flow::Closed,
-                Ok(n) => {
-                    self.last_io = now;
-                    self.resp.feed(&buf[..n]).map_err(|e| e.to_string())?;
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::NotConnected
-                    ) =>
-                {
-                    break Flow::Open;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Flow::Failed(e),
-            }
-        };
-        // An upstream may answer (413, say) and close before reading the
-        // whole request: a complete answer counts, not the failed write.
-        match write_error {
-            Some(e) if !self.resp.is_done() => Ok(Flow::Failed(e)),
-            _ => Ok(flow),
-        }
-    }
-
-    fn close(mut self, poll: &Poll) {
-        let _ = poll.registry().deregister(&mut self.stream);
     }
 }
 
