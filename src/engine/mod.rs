@@ -20,6 +20,7 @@ mod hooks;
 pub mod kv;
 #[cfg(feature = "llama")]
 pub mod llama;
+pub mod logits;
 pub mod persist;
 pub mod planner;
 pub mod prefix;

@@ -9,6 +9,7 @@ use llama_cpp_sys_2 as sys;
 use super::{Context, Vocab, capturing_errors};
 use crate::core::{Constraint, SamplingParams};
 use crate::engine::backend::{BackendError, Filter, Sampled, Token};
+use crate::engine::logits::{self, softmax_at, top_logprobs};
 
 /// A llama.cpp sampler chain plus the candidate buffer it works on.
 pub struct Sampler {
@@ -236,30 +237,16 @@ impl Sampler {
     }
 }
 
-/// The `k` most likely tokens with their log-probabilities (log-softmax of
-/// the raw logits), most likely first.
-fn top_logprobs(logits: &[f32], k: usize) -> Vec<(Token, f32)> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
-    if !max.is_finite() || k == 0 {
-        return Vec::new();
-    }
-    let log_sum = logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln() + max;
-    // The best k so far, most likely first (k is small: at most 20).
-    let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
-    for (i, &l) in logits.iter().enumerate() {
-        if best.len() < k || l > best[best.len() - 1].0 {
-            let at = best.partition_point(|b| b.0 >= l);
-            best.insert(at, (l, i));
-            best.truncate(k);
-        }
-    }
-    best.into_iter()
-        .map(|(l, i)| (i as Token, l - log_sum))
-        .collect()
-}
-
-/// The most likely token that `filter` allows.
+/// The most likely token that `filter` allows (the first of equals).
 fn argmax(logits: &[f32], filter: &Filter<'_>) -> Option<Token> {
+    // Usually the most likely of all is allowed: a vectorized maximum and a
+    // search for its first place beat one branchy pass.
+    let top = logits::max(logits);
+    if let Some(i) = logits.iter().position(|&l| l == top)
+        && filter.allows(i as Token)
+    {
+        return Some(i as Token);
+    }
     let mut best: Option<(Token, f32)> = None;
     for (i, &l) in logits.iter().enumerate() {
         if best.is_none_or(|b| l > b.1) && filter.allows(i as Token) {
@@ -267,23 +254,6 @@ fn argmax(logits: &[f32], filter: &Filter<'_>) -> Option<Token> {
         }
     }
     best.map(|b| b.0)
-}
-
-/// The probability of `token` under the softmax of `logits`. Terms more
-/// than 30 nats below the maximum change the sum by less than 1e-13 each and
-/// are skipped.
-fn softmax_at(logits: &[f32], token: Token) -> f32 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
-    if !max.is_finite() {
-        return 1.0;
-    }
-    let floor = max - 30.0;
-    let sum: f32 = logits
-        .iter()
-        .filter(|&&l| l > floor)
-        .map(|&l| (l - max).exp())
-        .sum();
-    (logits[token as usize] - max).exp() / sum
 }
 
 impl Drop for Sampler {
@@ -348,26 +318,6 @@ fn grammar_allows(grammar: NonNull<sys::llama_sampler>, token: Token) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn top_logprobs_are_the_most_likely_in_order() {
-        let logits = [0.0, 2.0, 1.0, f32::NEG_INFINITY];
-        let top = top_logprobs(&logits, 2);
-        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
-        let total: f32 = [0.0f32, 2.0, 1.0].iter().map(|l| l.exp()).sum();
-        assert!((top[0].1 - (2.0 - total.ln())).abs() < 1e-6);
-        assert!((top[0].1.exp() - softmax_at(&logits, 1)).abs() < 1e-6);
-        assert_eq!(top_logprobs(&logits, 10).len(), 4);
-        assert!(top_logprobs(&logits, 0).is_empty());
-    }
-
-    #[test]
-    fn softmax_of_logits() {
-        let logits = [1.0, 1.0, f32::NEG_INFINITY];
-        assert!((softmax_at(&logits, 0) - 0.5).abs() < 1e-6);
-        assert_eq!(softmax_at(&logits, 2), 0.0);
-        assert_eq!(softmax_at(&[3.0], 0), 1.0);
-    }
 
     #[test]
     fn greedy_skips_banned_tokens_and_reports_the_models_probability() {

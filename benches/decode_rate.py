@@ -1,0 +1,109 @@
+"""Single-stream decode rate, greedy and sampled, ours against llama-server.
+
+    python3 benches/decode_rate.py
+
+Starts target/release/inference-core and target/llama-tools/bin/llama-server
+alike (-t 2, -np 4, -c 4096, llama-server with --kv-unified), one after the
+other, never side by side. Each is sent, one at a time, 5 requests of 256
+tokens (ignore_eos) at temperature 0 and 5 at 0.8 (top-k 40, top-p 0.95,
+min-p 0.05 on both), after a warm-up, and its decode rate is read from the
+client: tokens after the first over the time since the first. Prints the
+medians and the ratios ours / llama-server. Needs websockets.
+"""
+import asyncio, http.client, json, os, socket, statistics, subprocess, sys, time
+
+import websockets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.expanduser("~/.cache/inference-core/models/gemma-3-270m-q4_k_m.gguf")
+RUNS, N = 5, 256
+SAMPLING = {"top_k": 40, "top_p": 0.95, "min_p": 0.05}
+PROMPT = "Once upon a time, in a village by the sea,"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(port):
+    for _ in range(600):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    sys.exit(f"no server on {port}")
+
+
+def rate(arrivals):
+    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+
+
+async def ours(port, temp):
+    out = []
+    async with websockets.connect(f"ws://127.0.0.1:{port}/") as ws:
+        await ws.recv()
+        for i in range(RUNS + 1):
+            params = {"temp": temp, "max_tokens": N, "ignore_eos": True, "seed": i, **SAMPLING}
+            await ws.send(json.dumps({"op": "infer", "id": f"r{i}", "prompt": PROMPT, "params": params}))
+            arrivals = []
+            while True:
+                m = json.loads(await ws.recv())
+                if m["op"] == "token":
+                    arrivals.append(time.perf_counter())
+                if m["op"] in ("end", "error"):
+                    break
+            if i > 0:
+                out.append(rate(arrivals))
+    return statistics.median(out)
+
+
+def theirs(port, temp):
+    out = []
+    for i in range(RUNS + 1):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        body = {"prompt": PROMPT, "n_predict": N, "temperature": temp, "stream": True, "ignore_eos": True,
+                "seed": i, **SAMPLING}
+        c.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+        arrivals = []
+        for line in c.getresponse():
+            if line.startswith(b"data: ") and json.loads(line[6:]).get("content"):
+                arrivals.append(time.perf_counter())
+        c.close()
+        if i > 0:
+            out.append(rate(arrivals))
+    return statistics.median(out)
+
+
+def main():
+    port = free_port()
+    ic = subprocess.Popen([os.path.join(ROOT, "target/release/inference-core"), "--port", str(port), "-t", "2",
+                           "--parallel", "4"], stderr=subprocess.DEVNULL,
+                          env={**os.environ, "INFERENCE_CORE_STATE": "/tmp/decode-rate-state"})
+    try:
+        wait_http(port)
+        mine = {t: asyncio.run(ours(port, t)) for t in (0, 0.8)}
+    finally:
+        ic.terminate()
+        ic.wait()
+    port = free_port()
+    ls = subprocess.Popen([os.path.join(ROOT, "target/llama-tools/bin/llama-server"), "-m", MODEL, "--host",
+                           "127.0.0.1", "--port", str(port), "-t", "2", "-np", "4", "-c", "4096", "--kv-unified"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(port)
+        ref = {t: theirs(port, t) for t in (0, 0.8)}
+    finally:
+        ls.terminate()
+        ls.wait()
+    for t in (0, 0.8):
+        print(f"temp {t}: ours {mine[t]:.1f} tok/s, llama-server {ref[t]:.1f} tok/s, ratio {mine[t] / ref[t]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
