@@ -6,10 +6,18 @@
 //! loop beside the server: 21-31 tok/s with two threads, 50 with one; 69
 //! with two when alone). So every `PROBE_EVERY` decode-only steps the tuner
 //! tries a neighbouring thread count for `PROBE_STEPS` steps and keeps the
-//! faster of the two. Sans-I/O: it sees step times and answers thread counts.
+//! faster of the two. At every thread (alone, as usual) a probe that loses
+//! doubles the wait for the next, up to `MAX_PROBE_EVERY` (probing then
+//! costs 1.4% of the steps instead of 5.5%); below it the wait stays short,
+//! for the cores may come back any time. A probe that wins, or a step time
+//! that moves by a quarter from where the last verdict left it, brings the
+//! next one back to `PROBE_EVERY`. Sans-I/O: it sees step times and answers
+//! thread counts.
 
-/// Decode-only steps between two probes.
+/// Decode-only steps between two probes, at first.
 pub const PROBE_EVERY: usize = 128;
+/// The longest wait between probes, after losing ones in a row.
+pub const MAX_PROBE_EVERY: usize = 512;
 /// Steps a probe runs (after one to settle).
 pub const PROBE_STEPS: usize = 6;
 
@@ -25,6 +33,10 @@ pub struct ThreadTuner {
     steps: usize,
     /// The next probe goes up (else down) when both are possible.
     up: bool,
+    /// Steps between probes now.
+    interval: usize,
+    /// The timing the last verdict kept.
+    settled: Option<Timing>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,6 +67,8 @@ impl ThreadTuner {
             probe: None,
             steps: 0,
             up: false,
+            interval: PROBE_EVERY,
+            settled: None,
         }
     }
 
@@ -82,14 +96,32 @@ impl ThreadTuner {
                 .here
                 .is_some_and(|t| t.rows == before.rows && t.ms < before.ms * 0.95);
             if faster {
+                self.interval = PROBE_EVERY;
+                self.settled = self.here;
                 return None; // keep the probed count
             }
+            // At every thread (alone, as usual) losing probes wait longer
+            // and longer; below it, the cores may come back any time.
+            self.interval = if from == self.max {
+                (self.interval * 2).min(MAX_PROBE_EVERY)
+            } else {
+                PROBE_EVERY
+            };
+            self.settled = Some(before);
             self.current = from;
             self.here = Some(before);
             return Some(from);
         }
         Timing::add(&mut self.here, rows, ms);
-        if self.steps < PROBE_EVERY {
+        if let (Some(h), Some(s)) = (self.here, self.settled)
+            && h.rows == s.rows
+            && (h.ms > s.ms * 1.25 || h.ms * 1.25 < s.ms)
+        {
+            // Something else started or stopped on the box: look soon.
+            self.interval = PROBE_EVERY;
+            self.settled = None;
+        }
+        if self.steps < self.interval {
             return None;
         }
         let (Some(before), next) = (self.here, self.neighbour()) else {
@@ -136,14 +168,25 @@ mod tests {
     }
 
     #[test]
-    fn alone_it_keeps_every_thread_and_only_probes() {
+    fn alone_it_keeps_every_thread_and_probes_less_and_less() {
         let mut t = ThreadTuner::new(2);
-        let used = run(&mut t, 3 * (PROBE_EVERY + PROBE_STEPS + 1), |n| {
-            30.0 / n as f64
-        });
+        let used = run(&mut t, 4000, |n| 30.0 / n as f64);
         assert_eq!(t.threads(), 2);
+        // Where each probe (one thread) started: the waits double to the cap.
+        let starts: Vec<usize> = (0..used.len())
+            .filter(|&i| used[i] == 1 && (i == 0 || used[i - 1] == 2))
+            .collect();
+        let waits: Vec<usize> = starts
+            .windows(2)
+            .map(|w| w[1] - w[0] - (PROBE_STEPS + 1))
+            .collect();
+        assert_eq!(waits[..3], [256, 512, 512], "{starts:?}");
         let probed = used.iter().filter(|&&n| n == 1).count();
-        assert_eq!(probed, 3 * (PROBE_STEPS + 1), "short probes only");
+        assert_eq!(
+            probed,
+            starts.len() * (PROBE_STEPS + 1),
+            "short probes only"
+        );
     }
 
     #[test]
@@ -163,6 +206,19 @@ mod tests {
         // Free again: two threads win the next probe up.
         run(&mut t, PROBE_EVERY + PROBE_STEPS + 2, |n| 30.0 / n as f64);
         assert_eq!(t.threads(), 2);
+    }
+
+    #[test]
+    fn a_hog_arriving_after_the_backoff_is_answered_soon() {
+        let mut t = ThreadTuner::new(2);
+        // Alone long enough for the waits to reach the cap.
+        run(&mut t, 2000, |n| 30.0 / n as f64);
+        // Then two threads slow to 45 ms (one is 20): within a short wait
+        // (the average moves, then one probe), one thread it is.
+        let used = run(&mut t, PROBE_EVERY + 2 * PROBE_STEPS + 40, |n| {
+            if n == 2 { 45.0 } else { 20.0 }
+        });
+        assert_eq!(t.threads(), 1, "{used:?}");
     }
 
     #[test]
