@@ -10,34 +10,15 @@ min-p 0.05 on both), after a warm-up, and its decode rate is read from the
 client: tokens after the first over the time since the first. Prints the
 medians and the ratios ours / llama-server. Needs websockets.
 """
-import asyncio, http.client, json, os, socket, statistics, subprocess, sys, time
+import asyncio, http.client, json, statistics, time
 
 import websockets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = os.path.expanduser("~/.cache/inference-core/models/gemma-3-270m-q4_k_m.gguf")
+from servers import start_llama_server, start_ours, stop
+
 RUNS, N = 5, 256
 SAMPLING = {"top_k": 40, "top_p": 0.95, "min_p": 0.05}
 PROMPT = "Once upon a time, in a village by the sea,"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(port):
-    for _ in range(600):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if s.recv(64).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    sys.exit(f"no server on {port}")
 
 
 def rate(arrivals):
@@ -81,26 +62,16 @@ def theirs(port, temp):
 
 
 def main():
-    port = free_port()
-    ic = subprocess.Popen([os.path.join(ROOT, "target/release/inference-core"), "--port", str(port), "-t", "2",
-                           "--parallel", "4"], stderr=subprocess.DEVNULL,
-                          env={**os.environ, "INFERENCE_CORE_STATE": "/tmp/decode-rate-state"})
+    ic, port = start_ours(["-t", "2", "--parallel", "4"])
     try:
-        wait_http(port)
         mine = {t: asyncio.run(ours(port, t)) for t in (0, 0.8)}
     finally:
-        ic.terminate()
-        ic.wait()
-    port = free_port()
-    ls = subprocess.Popen([os.path.join(ROOT, "target/llama-tools/bin/llama-server"), "-m", MODEL, "--host",
-                           "127.0.0.1", "--port", str(port), "-t", "2", "-np", "4", "-c", "4096", "--kv-unified"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stop(ic)
+    ls, port = start_llama_server()
     try:
-        wait_http(port)
         ref = {t: theirs(port, t) for t in (0, 0.8)}
     finally:
-        ls.terminate()
-        ls.wait()
+        stop(ls)
     for t in (0, 0.8):
         print(f"temp {t}: ours {mine[t]:.1f} tok/s, llama-server {ref[t]:.1f} tok/s, ratio {mine[t] / ref[t]:.2f}")
 

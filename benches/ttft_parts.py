@@ -12,36 +12,17 @@ engine logs for a request (reaching the engine, tokenizing and building
 its sampler, until its first step, the prefill decode, sampling) and the
 rest (the reactor's delivery to the client). Needs websockets.
 """
-import asyncio, http.client, json, os, re, socket, statistics, subprocess, sys, time
+import asyncio, http.client, json, os, re, statistics, time
 
 import websockets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = os.path.expanduser("~/.cache/inference-core/models/gemma-3-270m-q4_k_m.gguf")
+from servers import ROOT, start_llama_server, start_ours, stop
+
 RUNS, WARM = 20, 3
 
 
 def prompt(i):
     return f"Question {i}: the capital of France is"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(port):
-    for _ in range(600):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if s.recv(64).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    sys.exit(f"no server on {port}")
 
 
 async def ours(port):
@@ -85,18 +66,13 @@ def theirs(port):
 
 
 def main():
-    port = free_port()
-    log = open(os.path.join(ROOT, "target/bench/ttft-ours.log"), "w")
     os.makedirs(os.path.join(ROOT, "target/bench"), exist_ok=True)
-    ic = subprocess.Popen([os.path.join(ROOT, "target/release/inference-core"), "--port", str(port), "-t", "2",
-                           "--parallel", "4", "--log-level", "debug"], stderr=log,
-                          env={**os.environ, "INFERENCE_CORE_STATE": "/tmp/ttft-parts-state"})
+    log = open(os.path.join(ROOT, "target/bench/ttft-ours.log"), "w")
+    ic, port = start_ours(["-t", "2", "--parallel", "4", "--log-level", "debug"], stderr=log)
     try:
-        wait_http(port)
         mine = asyncio.run(ours(port))
     finally:
-        ic.terminate()
-        ic.wait()
+        stop(ic)
     log.close()
     text = open(os.path.join(ROOT, "target/bench/ttft-ours.log")).read()
     names = ["reaching the engine", "tokenizing and building its sampler", "until its first step",
@@ -109,16 +85,11 @@ def main():
         if m:
             for n, v in zip(names, m.groups()):
                 parts[n].append(float(v))
-    port = free_port()
-    ls = subprocess.Popen([os.path.join(ROOT, "target/llama-tools/bin/llama-server"), "-m", MODEL, "--host",
-                           "127.0.0.1", "--port", str(port), "-t", "2", "-np", "4", "-c", "4096", "--kv-unified"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ls, port = start_llama_server()
     try:
-        wait_http(port)
         ref = theirs(port)
     finally:
-        ls.terminate()
-        ls.wait()
+        stop(ls)
     client = statistics.median(c for _, c, _ in mine)
     server = statistics.median(s for _, _, s in mine)
     print(f"TTFT p50, client side: ours {client:.2f} ms, llama-server {statistics.median(ref):.2f} ms "
