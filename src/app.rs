@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::config::{Config, GpuLayers, LlamaWorker, WorkerConfig};
+use crate::config::{Config, LlamaWorker, WorkerConfig};
 use crate::engine::guide::GuideLimits;
 use crate::engine::llama::{self, LlamaConfig, LlamaLoader};
 use crate::engine::{EngineConfig, Ready, StateConfig};
@@ -173,7 +173,6 @@ fn build_pool(
             min_tps: config.watchdog.min_tps,
             window: Duration::from_secs_f64(config.watchdog.slow_window_s),
         },
-        stall,
     };
     Ok((Pool::new(entries, config.pool.routing, supervision), ready))
 }
@@ -194,13 +193,14 @@ fn local_starter(
     } else {
         s.slots
     };
-    let mut gpu = config.clone();
-    if let Some(layers) = worker.n_gpu_layers {
-        gpu.model.n_gpu_layers = layers;
-    }
-    let n_gpu_layers = match gpu.model.n_gpu_layers {
-        GpuLayers::Count(n) => n,
-        GpuLayers::Auto => vram::gpu_layers(&gpu),
+    // The worker's own layer count, planned as `[model]`'s would be.
+    let n_gpu_layers = match worker.n_gpu_layers {
+        None => vram::gpu_layers(config),
+        Some(layers) => {
+            let mut own = config.clone();
+            own.model.n_gpu_layers = layers;
+            vram::gpu_layers(&own)
+        }
     };
     let llama_config = LlamaConfig {
         model_path: config.model_path(),

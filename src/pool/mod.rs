@@ -71,8 +71,6 @@ pub struct Supervision {
     /// Off for the single default engine (the watchdog covers it).
     pub enabled: bool,
     pub floor: Floor,
-    /// A local engine with work and no progress for this long has stalled.
-    pub stall: Duration,
 }
 
 struct Slot {

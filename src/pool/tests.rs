@@ -79,7 +79,6 @@ fn pool(n: usize) -> (Pool, Vec<Scripted>) {
             min_tps: 0.0,
             window: Duration::from_secs(10),
         },
-        stall: Duration::from_secs(5),
     };
     (
         Pool::new(entries, Policy::LeastLoaded, supervision),

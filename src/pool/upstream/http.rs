@@ -87,17 +87,6 @@ impl Target {
     }
 }
 
-/// What the bytes read so far amount to.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Progress {
-    /// Nothing new to act on yet.
-    More,
-    /// The head has come: its status.
-    Head(u16),
-    /// The whole body has come (or the connection closed where that ends it).
-    Done,
-}
-
 #[derive(Debug)]
 enum State {
     Head,
@@ -129,10 +118,10 @@ impl Default for Response {
 }
 
 impl Response {
-    /// Consumes `bytes`; body data collects in `data`.
-    pub fn feed(&mut self, bytes: &[u8]) -> Result<Progress, HttpError> {
+    /// Consumes `bytes`: the head sets `status`, body data collects in
+    /// `data`, and `is_done` says when the body is whole.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), HttpError> {
         self.buf.extend_from_slice(bytes);
-        let mut progress = Progress::More;
         if matches!(self.state, State::Head) {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut resp = httparse::Response::new(&mut headers);
@@ -157,12 +146,11 @@ impl Response {
                             State::UntilClose
                         };
                     self.buf.drain(..len);
-                    progress = Progress::Head(self.status);
                 }
                 Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
                     return Err(HttpError::HeadTooLarge(MAX_HEAD));
                 }
-                Ok(httparse::Status::Partial) => return Ok(Progress::More),
+                Ok(httparse::Status::Partial) => return Ok(()),
                 Err(_) => return Err(HttpError::Malformed("bad response head")),
             }
         }
@@ -172,9 +160,6 @@ impl Response {
                 self.buf.drain(..used);
                 if done {
                     self.state = State::Done;
-                    if progress == Progress::More {
-                        progress = Progress::Done;
-                    }
                 }
             }
             State::UntilClose => {
@@ -185,7 +170,7 @@ impl Response {
             }
             State::Head | State::Done => {}
         }
-        Ok(progress)
+        Ok(())
     }
 
     /// The connection closed: whether that ends the body properly.
@@ -283,20 +268,20 @@ mod tests {
         assert!(text.contains("Authorization: Bearer k\r\n") && text.ends_with("\r\n\r\n"));
     }
 
-    /// Feeds `bytes` in pieces of `step`; returns the statuses seen, the
-    /// data and whether it completed.
+    /// Feeds `bytes` in pieces of `step`; returns the statuses seen (each
+    /// change of `status`), the data and whether it completed.
     fn read(bytes: &[u8], step: usize) -> (Vec<u16>, Vec<u8>, bool) {
         let mut r = Response::default();
-        let (mut heads, mut data, mut done) = (Vec::new(), Vec::new(), false);
+        let (mut heads, mut data) = (Vec::new(), Vec::new());
         for piece in bytes.chunks(step) {
-            match r.feed(piece).unwrap() {
-                Progress::Head(s) => heads.push(s),
-                Progress::Done => done = true,
-                Progress::More => {}
+            let before = r.status;
+            r.feed(piece).unwrap();
+            if r.status != before {
+                heads.push(r.status);
             }
             data.append(&mut r.data);
         }
-        (heads, data, done || r.is_done())
+        (heads, data, r.is_done())
     }
 
     #[test]
@@ -312,10 +297,8 @@ mod tests {
         }
         // Neither: the body ends with the connection.
         let mut r = Response::default();
-        assert_eq!(
-            r.feed(b"HTTP/1.1 200 OK\r\n\r\ndata").unwrap(),
-            Progress::Head(200)
-        );
+        r.feed(b"HTTP/1.1 200 OK\r\n\r\ndata").unwrap();
+        assert_eq!(r.status, 200);
         assert!(!r.is_done() && r.closed());
         // A chunked body cut short is not a proper end.
         let mut r = Response::default();

@@ -76,6 +76,19 @@ struct Shared {
     queued: AtomicUsize,
 }
 
+impl Shared {
+    fn health(&self) -> Health {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_health(&self, health: Health) {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
+    }
+}
+
 pub struct UpstreamWorker {
     commands: Sender<Command>,
     waker: Arc<Waker>,
@@ -192,11 +205,7 @@ impl Worker for UpstreamWorker {
         if self.thread.is_finished() {
             return Health::Down("its I/O thread ended".into());
         }
-        self.shared
-            .health
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared.health()
     }
 
     fn tokens(&self) -> u64 {
@@ -359,8 +368,8 @@ impl Io {
     }
 
     fn down_why(&self) -> String {
-        match &*self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) {
-            Health::Down(why) => why.clone(),
+        match self.shared.health() {
+            Health::Down(why) => why,
             Health::Serving => "unreachable".into(),
         }
     }
@@ -724,7 +733,7 @@ impl Io {
                 self.probe_failures = 0;
                 self.backoff = FIRST_BACKOFF;
                 self.next_probe = now + self.cfg.probe_every;
-                *self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) = Health::Serving;
+                self.shared.set_health(Health::Serving);
             }
             Err(why) => {
                 self.probe_failures += 1;
@@ -743,8 +752,7 @@ impl Io {
                 self.up = false;
                 self.next_probe = now + self.backoff;
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-                *self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Health::Down(why.clone());
+                self.shared.set_health(Health::Down(why.clone()));
                 // Everything it holds fails; the pool sends what produced
                 // nothing to another worker.
                 let keys: Vec<usize> = self.calls.iter().map(|(i, _)| i).collect();
