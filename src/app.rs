@@ -233,6 +233,10 @@ fn local_starter(
         cache_entries: s.prefix_cache_entries,
         prefill_chunk: s.prefill_chunk.max(1),
         itl_target_ms: (s.itl_target_ms > 0.0).then_some(s.itl_target_ms),
+        speculate: crate::engine::speculate::Settings {
+            max_draft: s.draft_max,
+            min_match: s.draft_min_match,
+        },
         park_keep_bytes: config.idle.keep_prefixes_mb << 20,
         guide_limits: GuideLimits {
             max_bytes: config.constraints.max_bytes,

@@ -291,6 +291,11 @@ pub struct Scheduler {
     /// Inter-token gap (ms) to keep for generating requests while prompts go
     /// in; 0: off (every step carries `prefill_chunk`).
     pub itl_target_ms: f64,
+    /// Most draft tokens (looked up in the request's own text) one step
+    /// verifies for a sequence; 0: no speculative decoding.
+    pub draft_max: usize,
+    /// Shortest repeated run of tokens that yields a draft.
+    pub draft_min_match: usize,
 }
 
 impl Default for Scheduler {
@@ -302,6 +307,8 @@ impl Default for Scheduler {
             prefix_cache_entries: 32,
             prefill_chunk: 128,
             itl_target_ms: 0.0,
+            draft_max: 16,
+            draft_min_match: 3,
         }
     }
 }
@@ -621,6 +628,11 @@ impl Config {
         }
         if s.itl_target_ms.is_nan() || s.itl_target_ms < 0.0 {
             return bad("scheduler.itl_target_ms must be 0 (off) or more");
+        }
+        if s.draft_min_match == 0 || s.draft_max >= self.model.batch_size as usize {
+            return bad(
+                "scheduler.draft_min_match must be at least 1 and scheduler.draft_max below model.batch_size",
+            );
         }
         if s.slots as u32 > self.model.batch_size {
             return bad("scheduler.slots must not exceed model.batch_size");

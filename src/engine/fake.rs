@@ -41,6 +41,8 @@ pub struct State {
     pub hold_at_batch: Option<usize>,
     /// A decode is waiting on `hold`.
     pub holding: bool,
+    /// Each decode takes this long, and this much more per token.
+    pub cost: Option<(Duration, Duration)>,
 }
 
 #[derive(Clone)]
@@ -242,6 +244,9 @@ impl Backend for FakeBackend {
             }
             if s.fail_decode {
                 return Err(DecodeError::Fatal(-3));
+            }
+            if let Some((base, per)) = s.cost {
+                std::thread::sleep(base + per * batch.len() as u32);
             }
         }
         loop {

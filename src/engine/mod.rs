@@ -4,8 +4,8 @@
 //! `supervisor` starts the thread and loads, parks and wakes the model;
 //! `step` is the loop that serves requests over a `Backend` (the seam in
 //! `backend`; llama.cpp implements it in `llama`, a fake in the unit tests);
-//! `planner`, `scheduler`, `kv` and `prefix` decide, sans-I/O, what each step
-//! does. Requests come in and events go out through `channel`; heartbeat,
+//! `planner`, `scheduler`, `kv`, `prefix` and `speculate` decide, sans-I/O,
+//! what each step does. Requests come in and events go out through `channel`; heartbeat,
 //! thermal pause and parking go through `Hooks`, which the ops layer implements. Each request
 //! carries an abort flag that the server sets; the engine checks it before
 //! every step and while a decode runs. With no work the thread blocks on its
@@ -28,6 +28,7 @@ mod prompt;
 pub mod scheduler;
 mod sequence;
 pub mod snapshot;
+pub mod speculate;
 mod step;
 mod supervisor;
 pub mod template;

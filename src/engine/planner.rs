@@ -84,6 +84,9 @@ pub struct Costs {
     decode_ms: Vec<f64>,
     /// EWMA of the extra time (ms) per prompt token; 0: not seen yet.
     prompt_ms: f64,
+    /// EWMA of the extra time (ms) per draft token (a prompt token whose
+    /// logits are wanted); 0: not seen yet.
+    draft_ms: f64,
 }
 
 /// Weight of the newest step in the averages.
@@ -98,13 +101,21 @@ impl Costs {
         Costs {
             decode_ms: vec![0.0; slots + 1],
             prompt_ms: 0.0,
+            draft_ms: 0.0,
         }
     }
 
-    /// Records a step of `rows` decode rows and `prompt_tokens` prompt
-    /// tokens that took `ms`.
-    pub fn observe(&mut self, rows: usize, prompt_tokens: usize, ms: f64) {
+    /// Records a step of `rows` decode rows, `prompt_tokens` prompt tokens
+    /// and `drafts` draft tokens that took `ms`.
+    pub fn observe(&mut self, rows: usize, prompt_tokens: usize, drafts: usize, ms: f64) {
         if !ms.is_finite() || ms <= 0.0 {
+            return;
+        }
+        if drafts > 0 {
+            if let (0, Some(base)) = (prompt_tokens, self.decode(rows)) {
+                let per = ((ms - base) / drafts as f64).max(0.0);
+                self.draft_ms = ewma(self.draft_ms, per);
+            }
             return;
         }
         if prompt_tokens == 0 {
@@ -125,13 +136,21 @@ impl Costs {
     }
 
     /// A decode-only step of `rows`: as seen, or as the nearest smaller one seen.
-    fn decode(&self, rows: usize) -> Option<f64> {
+    pub fn decode(&self, rows: usize) -> Option<f64> {
         self.decode_ms
             .get(1..=rows.min(self.decode_ms.len() - 1))?
             .iter()
             .rev()
             .copied()
             .find(|&d| d > 0.0)
+    }
+
+    /// What a draft token adds to a step: as seen; before any was, a prompt
+    /// token's cost (a draft token costs that and its logits).
+    pub fn draft(&self) -> Option<f64> {
+        [self.draft_ms, self.prompt_ms]
+            .into_iter()
+            .find(|&ms| ms > 0.0)
     }
 
     /// Prompt tokens a step beside `rows` decodes may carry to stay within
@@ -245,19 +264,36 @@ mod tests {
     fn the_chunk_keeps_a_step_within_the_target_once_costs_are_known() {
         let mut c = Costs::new(4);
         assert_eq!(c.chunk(2, 60.0, 128), 128, "nothing measured yet");
-        c.observe(2, 0, 30.0);
+        c.observe(2, 0, 0, 30.0);
         assert_eq!(c.chunk(2, 60.0, 128), 128, "no prompt cost yet");
-        c.observe(2, 100, 230.0); // 2 ms a prompt token
+        c.observe(2, 100, 0, 230.0); // 2 ms a prompt token
         assert_eq!(c.chunk(2, 60.0, 128), 15);
         // Three rows are not seen: two rows' cost stands in.
         assert_eq!(c.chunk(3, 60.0, 128), 15);
         assert_eq!(c.chunk(2, 30.0, 128), MIN_CHUNK, "prompts always progress");
         assert_eq!(c.chunk(2, 10_000.0, 128), 128, "never above the cap");
         // Averages move towards what is seen.
-        c.observe(2, 0, 40.0);
+        c.observe(2, 0, 0, 40.0);
         assert!((c.decode(2).unwrap() - 32.0).abs() < 1e-9);
-        c.observe(0, 0, f64::NAN);
-        c.observe(9, 0, 5.0); // more rows than slots: ignored
+        c.observe(0, 0, 0, f64::NAN);
+        c.observe(9, 0, 0, 5.0); // more rows than slots: ignored
         assert_eq!(c.decode(1), None);
+    }
+
+    #[test]
+    fn a_draft_token_costs_a_prompt_token_until_one_is_seen() {
+        let mut c = Costs::new(4);
+        assert_eq!(c.draft(), None);
+        c.observe(1, 0, 4, 30.0); // no decode-only step of 1 row seen yet
+        assert_eq!(c.draft(), None);
+        c.observe(1, 0, 0, 16.0);
+        c.observe(1, 50, 0, 116.0);
+        assert_eq!(c.draft(), Some(2.0));
+        c.observe(1, 0, 4, 28.0);
+        assert_eq!(c.draft(), Some(3.0));
+        // Drafts beside a prompt say nothing clear of either.
+        c.observe(1, 10, 4, 100.0);
+        assert_eq!(c.draft(), Some(3.0));
+        assert_eq!(c.chunk(1, 1000.0, 128), 128);
     }
 }

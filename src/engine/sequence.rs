@@ -7,6 +7,7 @@ use crate::core::{Request, Stats};
 use crate::engine::backend::{SeqId, Token};
 use crate::engine::guide::Guide;
 use crate::engine::planner::{SeqView, Work};
+use crate::engine::speculate::Acceptance;
 use crate::engine::text::TextStream;
 
 pub struct Seq<S> {
@@ -28,8 +29,13 @@ pub struct Seq<S> {
     pub progress: Progress,
     /// Its share of the current step.
     pub work: Work,
-    /// The batch row whose logits it samples from in the current step.
+    /// The batch row whose logits it samples from in the current step (its
+    /// draft's rows follow it).
     pub row: Option<usize>,
+    /// Draft tokens decoded after its pending one in the current step.
+    pub draft: Vec<Token>,
+    /// How often its drafts were right.
+    pub acceptance: Acceptance,
 }
 
 impl<S> Seq<S> {
@@ -65,6 +71,9 @@ pub struct Progress {
     pub completion_tokens: usize,
     /// Time spent choosing tokens (logged at debug level with each request).
     pub sampling: Duration,
+    /// Draft tokens verified, and how many of them were right.
+    pub drafted: usize,
+    pub accepted: usize,
     /// Where the time to the first token went.
     pub ttft: TtftParts,
 }
@@ -97,6 +106,8 @@ impl Progress {
             truncated_tokens: 0,
             completion_tokens: 0,
             sampling: Duration::ZERO,
+            drafted: 0,
+            accepted: 0,
             ttft: TtftParts::default(),
         }
     }

@@ -25,6 +25,7 @@ use crate::engine::prompt;
 use crate::engine::scheduler::{self, Job, MemOp, Scheduler};
 use crate::engine::sequence::{Progress, Seq};
 use crate::engine::snapshot::Prefix;
+use crate::engine::speculate;
 use crate::engine::text::Step;
 use crate::engine::threads::ThreadTuner;
 
@@ -48,6 +49,8 @@ pub struct EngineConfig {
     /// prompt chunk is sized from the measured step costs, at most
     /// `prefill_chunk`. `None`: always `prefill_chunk`.
     pub itl_target_ms: Option<f64>,
+    /// Draft-free speculative decoding.
+    pub speculate: speculate::Settings,
     /// Bytes of cached prefixes kept in memory while parked (most recent first).
     pub park_keep_bytes: usize,
     /// Where cached prefixes are saved for the next start; `None`: nowhere.
@@ -518,6 +521,8 @@ impl<'a, B: Backend> Engine<'a, B> {
                 progress,
                 work: Work::Idle,
                 row: None,
+                draft: Vec::new(),
+                acceptance: Default::default(),
                 req,
             });
         }
@@ -544,20 +549,43 @@ impl<'a, B: Backend> Engine<'a, B> {
             batch: self.cfg.n_batch,
             prefill_chunk,
         };
+        let plan = planner::plan(&views, budget);
+        // Drafts only in steps without prompts: a waiting prompt's first
+        // token matters more than a running stream's extra ones.
+        let drafting =
+            self.cfg.speculate.max_draft > 0 && !plan.iter().any(|w| matches!(w, Work::Prefill(_)));
+        let mut step_ms = self.costs.decode(decodes);
         self.batch.clear();
-        for (s, work) in self.active.iter_mut().zip(planner::plan(&views, budget)) {
+        for (s, work) in self.active.iter_mut().zip(plan) {
             s.work = work;
             s.row = None;
+            s.draft.clear();
             match work {
                 Work::Idle => {}
                 Work::Decode => {
+                    let token = s.pending.expect("a decoding sequence has a token");
                     s.row = Some(self.batch.len());
+                    let pos = s.decoded.len();
                     self.batch.push(BatchToken {
-                        token: s.pending.expect("a decoding sequence has a token"),
-                        pos: s.decoded.len(),
+                        token,
+                        pos,
                         seq: s.id,
                         output: true,
                     });
+                    if let (true, Some(ms)) = (drafting, step_ms) {
+                        let room = self.cfg.n_batch.saturating_sub(self.batch.len());
+                        step_ms = Some(
+                            ms + draft(s, &self.costs, &self.cfg.speculate, decodes, ms, room),
+                        );
+                        for (i, &token) in s.draft.iter().enumerate() {
+                            self.batch.push(BatchToken {
+                                token,
+                                pos: pos + 1 + i,
+                                seq: s.id,
+                                output: true,
+                            });
+                        }
+                    }
                 }
                 Work::Prefill(n) => {
                     let start = s.decoded.len();
@@ -621,9 +649,10 @@ impl<'a, B: Backend> Engine<'a, B> {
                     .filter(|s| s.work == Work::Decode)
                     .count();
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
-                let prompt_tokens = self.batch.len() - rows;
-                self.costs.observe(rows, prompt_tokens, ms);
-                if prompt_tokens == 0
+                let drafts: usize = self.active.iter().map(|s| s.draft.len()).sum();
+                let prompt_tokens = self.batch.len() - rows - drafts;
+                self.costs.observe(rows, prompt_tokens, drafts, ms);
+                if prompt_tokens + drafts == 0
                     && let Some(n) = self.threads.observe(rows, ms)
                 {
                     log::debug!("decoding with {n} threads");
@@ -660,11 +689,45 @@ impl<'a, B: Backend> Engine<'a, B> {
             let s = &mut self.active[i];
             s.advance();
             s.work = Work::Idle;
-            match s.row.take().and_then(|row| self.on_output(i, row)) {
+            match s.row.take().and_then(|row| self.on_rows(i, row)) {
                 Some(outcome) => self.finish(i, outcome),
                 None => i += 1,
             }
         }
+    }
+
+    /// Samples sequence `i`'s next token from row `row`, then, while its
+    /// draft was right, the token after each draft token from the rows that
+    /// follow; the cells of the draft's wrong tokens are dropped.
+    fn on_rows(&mut self, i: usize, row: usize) -> Option<Outcome> {
+        let draft = std::mem::take(&mut self.active[i].draft);
+        let mut accepted = 0;
+        let outcome = loop {
+            if let Some(outcome) = self.on_output(i, row + accepted) {
+                break Some(outcome);
+            }
+            let s = &mut self.active[i];
+            match draft.get(accepted) {
+                Some(&token) if s.pending == Some(token) => {
+                    // Its cell holds the token sampled: it stays.
+                    s.decoded.push(token);
+                    s.pending = None;
+                    accepted += 1;
+                }
+                _ => break None,
+            }
+        };
+        let s = &mut self.active[i];
+        if !draft.is_empty() {
+            s.acceptance.update(accepted, draft.len());
+            s.progress.drafted += draft.len();
+            s.progress.accepted += accepted;
+            if outcome.is_none() && accepted < draft.len() {
+                self.backend.seq_rm(s.id, s.decoded.len());
+            }
+        }
+        s.draft = draft;
+        outcome
     }
 
     /// Samples sequence `i`'s next token from batch row `row` and streams its
@@ -839,6 +902,13 @@ impl<'a, B: Backend> Engine<'a, B> {
                     "request {id}: sampling took {:.2} ms in all",
                     progress.sampling.as_secs_f64() * 1e3
                 );
+                if progress.drafted > 0 {
+                    log::debug!(
+                        request = id;
+                        "request {id}: {} of {} draft tokens accepted",
+                        progress.accepted, progress.drafted
+                    );
+                }
                 if let Some(parts) = progress.ttft_parts() {
                     log::debug!(request = id; "request {id}: {parts}");
                 }
@@ -857,6 +927,38 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
         }
     }
+}
+
+/// Looks up sequence `s`'s draft for this step, beside `rows` decode rows
+/// in a step that costs `step_ms` so far, in at most `room` batch tokens;
+/// returns what it adds to the step.
+fn draft<S>(
+    s: &mut Seq<S>,
+    costs: &Costs,
+    settings: &speculate::Settings,
+    rows: usize,
+    step_ms: f64,
+    room: usize,
+) -> f64 {
+    let (Some(token_ms), None) = (costs.draft(), &s.guide) else {
+        return 0.0;
+    };
+    // Its positions and its reply: the token sampled after the draft is one
+    // of the reply's too.
+    let positions = s.limit.saturating_sub(s.decoded.len() + 1);
+    let reply = (s.req.params.max_tokens as usize).saturating_sub(s.progress.completion_tokens + 1);
+    let available = settings.max_draft.min(positions).min(reply).min(room);
+    let k = speculate::length(available, s.acceptance.rate(), rows, step_ms, token_ms);
+    if k > 0 {
+        s.decoded.extend(s.pending);
+        let found = speculate::lookup(&s.decoded, settings.min_match, k);
+        s.draft.extend_from_slice(found);
+        s.decoded.pop();
+    }
+    if s.draft.is_empty() {
+        s.acceptance.rest();
+    }
+    s.draft.len() as f64 * token_ms
 }
 
 /// The tokens a sequence may not sample: end-of-generation tokens with

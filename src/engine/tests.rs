@@ -25,6 +25,10 @@ fn config(slots: usize) -> EngineConfig {
         cache_entries: 4,
         prefill_chunk: 8,
         itl_target_ms: None,
+        speculate: crate::engine::speculate::Settings {
+            max_draft: 0,
+            min_match: 2,
+        },
         park_keep_bytes: 1 << 20,
         state: None,
         guide_limits: Default::default(),
@@ -754,4 +758,79 @@ fn priority_orders_the_queue_and_deadlines_end_requests_queued_or_running() {
     let slow = h.finish(slow);
     assert_eq!(slow.end().0, FinishReason::Deadline);
     assert!(slow.text.len() < "hello world".len(), "{:?}", slow.text);
+}
+
+/// Speculation: a reply that repeats itself is drafted from its own text
+/// and verified in the same step as its pending token; every token streamed
+/// is the one plain decoding gives, and a draft's wrong tokens leave no
+/// cells behind (the fake checks every position it is given).
+#[test]
+fn drafts_from_repeated_text_give_exactly_the_plain_reply_in_fewer_steps() {
+    let reply = "abcdefgh abcdefgh abcdefgh abcdefgh abcdefgX abcdefgh";
+    let run = |max_draft: usize| {
+        let fake = Fake {
+            reply: reply.into(),
+            ..Fake::default()
+        };
+        fake.state().cost = Some((Duration::from_millis(4), Duration::from_micros(200)));
+        let cfg = EngineConfig {
+            speculate: crate::engine::speculate::Settings {
+                max_draft,
+                min_match: 2,
+            },
+            ..config(2)
+        };
+        let mut h = Harness::start(fake, cfg, TestHooks::default());
+        let (key, _) = h.submit("abcdefgh");
+        let done = h.finish(key);
+        let batches = h.fake.state().batches.clone();
+        (done.end().1.completion_tokens, done.text, batches)
+    };
+    let (plain_tokens, plain, plain_batches) = run(0);
+    let (tokens, drafted, batches) = run(8);
+    assert_eq!(plain, reply);
+    assert_eq!(drafted, plain);
+    assert_eq!(tokens, plain_tokens);
+    let widest = batches.iter().map(Vec::len).max().unwrap();
+    assert!(
+        widest > 1 + 2,
+        "drafts were verified: {widest} tokens in a step"
+    );
+    assert!(
+        batches.len() < plain_batches.len() * 2 / 3,
+        "{} steps with drafts, {} without",
+        batches.len(),
+        plain_batches.len()
+    );
+}
+
+/// A draft never runs past the reply's length or the sequence's pages.
+#[test]
+fn drafts_stop_at_max_tokens() {
+    let fake = Fake {
+        reply: "xyxyxyxyxyxyxyxyxyxyxyxyxyxyxyxy".into(),
+        ..Fake::default()
+    };
+    fake.state().cost = Some((Duration::from_millis(4), Duration::from_micros(100)));
+    let cfg = EngineConfig {
+        speculate: crate::engine::speculate::Settings {
+            max_draft: 16,
+            min_match: 2,
+        },
+        ..config(1)
+    };
+    let mut h = Harness::start(fake, cfg, TestHooks::default());
+    let (key, _) = h.submit_input(PromptInput::Text("xyxyxy".into()), greedy(13));
+    let done = h.finish(key);
+    assert_eq!(done.text, "xyxyxyxyxyxyx");
+    let (reason, stats) = done.end();
+    assert_eq!(
+        (reason, stats.completion_tokens),
+        (FinishReason::Length, 13)
+    );
+    // The last step's draft ends where the reply does.
+    let batches = h.fake.state().batches.clone();
+    let last = batches.last().unwrap();
+    let prompt_len = 7;
+    assert!(last.iter().all(|t| t.pos < prompt_len + 13), "{last:?}");
 }
