@@ -143,6 +143,10 @@ pub struct Stats {
     pub ms: f64,
     /// Tokens after the first over the time since the first (decode rate).
     pub tps: f64,
+    /// Draft tokens verified (speculative decoding), and how many of them
+    /// were kept: those were generated without a step of their own.
+    pub draft_tokens: usize,
+    pub accepted_draft_tokens: usize,
 }
 
 #[cfg(test)]

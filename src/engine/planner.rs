@@ -84,9 +84,8 @@ pub struct Costs {
     decode_ms: Vec<f64>,
     /// EWMA of the extra time (ms) per prompt token; 0: not seen yet.
     prompt_ms: f64,
-    /// EWMA of the extra time (ms) per draft token (a prompt token whose
-    /// logits are wanted); 0: not seen yet.
-    draft_ms: f64,
+    /// Decode steps' time against their draft tokens, by rows.
+    drafts: Vec<Fit>,
 }
 
 /// Weight of the newest step in the averages.
@@ -101,7 +100,7 @@ impl Costs {
         Costs {
             decode_ms: vec![0.0; slots + 1],
             prompt_ms: 0.0,
-            draft_ms: 0.0,
+            drafts: vec![Fit::default(); slots + 1],
         }
     }
 
@@ -111,11 +110,12 @@ impl Costs {
         if !ms.is_finite() || ms <= 0.0 {
             return;
         }
+        if prompt_tokens == 0
+            && let Some(fit) = self.drafts.get_mut(rows)
+        {
+            fit.add(drafts as f64, ms);
+        }
         if drafts > 0 {
-            if let (0, Some(base)) = (prompt_tokens, self.decode(rows)) {
-                let per = ((ms - base) / drafts as f64).max(0.0);
-                self.draft_ms = ewma(self.draft_ms, per);
-            }
             return;
         }
         if prompt_tokens == 0 {
@@ -145,12 +145,14 @@ impl Costs {
             .find(|&d| d > 0.0)
     }
 
-    /// What a draft token adds to a step: as seen; before any was, a prompt
-    /// token's cost (a draft token costs that and its logits).
-    pub fn draft(&self) -> Option<f64> {
-        [self.draft_ms, self.prompt_ms]
-            .into_iter()
-            .find(|&ms| ms > 0.0)
+    /// A step of `rows` decode rows without drafts, and what each draft
+    /// token adds to it: fitted to the recent steps of `rows` rows once
+    /// they carried drafts of different lengths.
+    pub fn draft(&self, rows: usize) -> Option<(f64, f64)> {
+        self.drafts
+            .get(rows)?
+            .line()
+            .filter(|&(base, per)| base > 0.0 && per > 0.0)
     }
 
     /// Prompt tokens a step beside `rows` decodes may carry to stay within
@@ -162,6 +164,45 @@ impl Costs {
         };
         let fits = ((target_ms - decode) / self.prompt_ms).floor().max(0.0) as usize;
         fits.clamp(MIN_CHUNK.min(cap), cap)
+    }
+}
+
+/// A line fitted by least squares to (x, y) observations, the older ones
+/// weighing less and less.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fit {
+    n: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+}
+
+/// How much of its weight an observation loses at each new one.
+const FIT_DECAY: f64 = 0.1;
+
+impl Fit {
+    fn add(&mut self, x: f64, y: f64) {
+        let keep = 1.0 - FIT_DECAY;
+        self.n = self.n * keep + 1.0;
+        self.x = self.x * keep + x;
+        self.y = self.y * keep + y;
+        self.xx = self.xx * keep + x * x;
+        self.xy = self.xy * keep + x * y;
+    }
+
+    /// (intercept, slope), once x has varied enough to tell.
+    fn line(&self) -> Option<(f64, f64)> {
+        if self.n < 3.0 {
+            return None;
+        }
+        let (mx, my) = (self.x / self.n, self.y / self.n);
+        let var = self.xx / self.n - mx * mx;
+        if var < 0.5 {
+            return None;
+        }
+        let slope = (self.xy / self.n - mx * my) / var;
+        Some((my - slope * mx, slope))
     }
 }
 
@@ -281,19 +322,32 @@ mod tests {
     }
 
     #[test]
-    fn a_draft_token_costs_a_prompt_token_until_one_is_seen() {
+    fn draft_costs_are_fitted_to_steps_of_different_drafts() {
         let mut c = Costs::new(4);
-        assert_eq!(c.draft(), None);
-        c.observe(1, 0, 4, 30.0); // no decode-only step of 1 row seen yet
-        assert_eq!(c.draft(), None);
-        c.observe(1, 0, 0, 16.0);
-        c.observe(1, 50, 0, 116.0);
-        assert_eq!(c.draft(), Some(2.0));
-        c.observe(1, 0, 4, 28.0);
-        assert_eq!(c.draft(), Some(3.0));
-        // Drafts beside a prompt say nothing clear of either.
-        c.observe(1, 10, 4, 100.0);
-        assert_eq!(c.draft(), Some(3.0));
-        assert_eq!(c.chunk(1, 1000.0, 128), 128);
+        assert_eq!(c.draft(1), None);
+        // 16 ms a step, 2 ms a draft token: a line through what is seen.
+        for k in [0, 4, 8, 0, 2, 16, 3] {
+            c.observe(1, 0, k, 16.0 + 2.0 * k as f64);
+        }
+        let (base, per) = c.draft(1).unwrap();
+        assert!(
+            (base - 16.0).abs() < 1e-6 && (per - 2.0).abs() < 1e-6,
+            "{base} {per}"
+        );
+        // What it was long ago fades: the step became 10 ms.
+        for k in [0, 4, 8, 0, 2, 16, 3].repeat(10) {
+            c.observe(1, 0, k, 10.0 + 2.0 * k as f64);
+        }
+        let (base, _) = c.draft(1).unwrap();
+        assert!((base - 10.0).abs() < 0.01, "{base}");
+        // Steps that carry prompts, and unknown rows, say nothing of it.
+        c.observe(1, 50, 4, 500.0);
+        assert!((c.draft(1).unwrap().0 - 10.0).abs() < 0.01);
+        c.observe(9, 0, 4, 5.0);
+        // The same draft every time: no line yet.
+        for _ in 0..10 {
+            c.observe(2, 0, 4, 30.0);
+        }
+        assert_eq!(c.draft(2), None);
     }
 }

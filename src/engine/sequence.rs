@@ -153,6 +153,8 @@ impl Progress {
             0.0
         };
         Stats {
+            draft_tokens: self.drafted,
+            accepted_draft_tokens: self.accepted,
             prompt_tokens: self.prompt_tokens,
             cached_tokens: self.cached_tokens,
             truncated_tokens: self.truncated_tokens,

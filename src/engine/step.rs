@@ -554,7 +554,16 @@ impl<'a, B: Backend> Engine<'a, B> {
         // token matters more than a running stream's extra ones.
         let drafting =
             self.cfg.speculate.max_draft > 0 && !plan.iter().any(|w| matches!(w, Work::Prefill(_)));
-        let mut step_ms = self.costs.decode(decodes);
+        // What this step costs so far and what a draft token adds; until
+        // drafts were seen, a guess that lets them be tried (an eighth of
+        // the step a token).
+        let mut costs = match drafting {
+            true => self.costs.draft(decodes).or_else(|| {
+                let step = self.costs.decode(decodes)?;
+                Some((step, step / 8.0))
+            }),
+            false => None,
+        };
         self.batch.clear();
         for (s, work) in self.active.iter_mut().zip(plan) {
             s.work = work;
@@ -572,11 +581,10 @@ impl<'a, B: Backend> Engine<'a, B> {
                         seq: s.id,
                         output: true,
                     });
-                    if let (true, Some(ms)) = (drafting, step_ms) {
+                    if let Some((step_ms, token_ms)) = costs.as_mut() {
                         let room = self.cfg.n_batch.saturating_sub(self.batch.len());
-                        step_ms = Some(
-                            ms + draft(s, &self.costs, &self.cfg.speculate, decodes, ms, room),
-                        );
+                        let settings = &self.cfg.speculate;
+                        *step_ms += draft(s, settings, decodes, (*step_ms, *token_ms), room);
                         for (i, &token) in s.draft.iter().enumerate() {
                             self.batch.push(BatchToken {
                                 token,
@@ -930,19 +938,19 @@ impl<'a, B: Backend> Engine<'a, B> {
 }
 
 /// Looks up sequence `s`'s draft for this step, beside `rows` decode rows
-/// in a step that costs `step_ms` so far, in at most `room` batch tokens;
-/// returns what it adds to the step.
+/// in a step that costs `step_ms` so far where a draft token adds
+/// `token_ms`, in at most `room` batch tokens; returns what it adds to the
+/// step.
 fn draft<S>(
     s: &mut Seq<S>,
-    costs: &Costs,
     settings: &speculate::Settings,
     rows: usize,
-    step_ms: f64,
+    (step_ms, token_ms): (f64, f64),
     room: usize,
 ) -> f64 {
-    let (Some(token_ms), None) = (costs.draft(), &s.guide) else {
+    if s.guide.is_some() {
         return 0.0;
-    };
+    }
     // Its positions and its reply: the token sampled after the draft is one
     // of the reply's too.
     let positions = s.limit.saturating_sub(s.decoded.len() + 1);

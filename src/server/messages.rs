@@ -46,6 +46,8 @@ pub struct WireStats {
     pub ttft_ms: f64,
     pub ms: f64,
     pub tps: f64,
+    pub draft_tokens: usize,
+    pub draft_accepted: usize,
 }
 
 impl From<&Stats> for WireStats {
@@ -58,6 +60,8 @@ impl From<&Stats> for WireStats {
             ttft_ms: s.ttft_ms,
             ms: s.ms,
             tps: s.tps,
+            draft_tokens: s.draft_tokens,
+            draft_accepted: s.accepted_draft_tokens,
         }
     }
 }
@@ -301,6 +305,7 @@ mod tests {
             ttft_ms: 1.5,
             ms: 3.0,
             tps: 100.0,
+            ..Stats::default()
         };
         assert_eq!(
             ServerMsg::Token {
@@ -321,7 +326,7 @@ mod tests {
                 tool_calls: None,
             }
             .to_json(),
-            r#"{"op":"end","id":"r1","reason":"eos","stats":{"prompt_tokens":3,"cached_tokens":0,"truncated_tokens":0,"completion_tokens":2,"ttft_ms":1.5,"ms":3.0,"tps":100.0}}"#
+            r#"{"op":"end","id":"r1","reason":"eos","stats":{"prompt_tokens":3,"cached_tokens":0,"truncated_tokens":0,"completion_tokens":2,"ttft_ms":1.5,"ms":3.0,"tps":100.0,"draft_tokens":0,"draft_accepted":0}}"#
         );
         assert_eq!(
             ServerMsg::error(None, ErrorCode::ContextOverflow, "m"),

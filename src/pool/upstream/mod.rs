@@ -584,7 +584,6 @@ impl Io {
         let stats = Stats {
             prompt_tokens: call.prompt_tokens.unwrap_or(0),
             cached_tokens: call.cached.unwrap_or(0),
-            truncated_tokens: 0,
             completion_tokens: completion,
             ttft_ms: call.first.map_or(0.0, |f| {
                 f.saturating_duration_since(call.req.received).as_secs_f64() * 1e3
@@ -594,6 +593,7 @@ impl Io {
                 Some(f) if completion > 1 && since(f) > 0.0 => (completion - 1) as f64 / since(f),
                 _ => 0.0,
             },
+            ..Stats::default()
         };
         self.emit(Event::End {
             key,

@@ -284,6 +284,10 @@ fn usage(s: &Stats) -> Value {
         "completion_tokens": s.completion_tokens,
         "total_tokens": s.prompt_tokens + s.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": s.accepted_draft_tokens,
+            "rejected_prediction_tokens": s.draft_tokens - s.accepted_draft_tokens,
+        },
     })
 }
 
@@ -336,6 +340,8 @@ mod tests {
             prompt_tokens: 5,
             cached_tokens: 2,
             completion_tokens: 3,
+            draft_tokens: 4,
+            accepted_draft_tokens: 1,
             ..Stats::default()
         };
         let end = data(&r.last_chunks(finish_reason(FinishReason::Length), &stats, true));
@@ -343,6 +349,9 @@ mod tests {
         assert_eq!(end[1]["choices"], json!([]));
         assert_eq!(end[1]["usage"]["total_tokens"], 8);
         assert_eq!(end[1]["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
+        let details = &end[1]["usage"]["completion_tokens_details"];
+        assert_eq!(details["accepted_prediction_tokens"], 1);
+        assert_eq!(details["rejected_prediction_tokens"], 3);
         assert_eq!(end[2], "[DONE]");
         assert_eq!(
             data(&r.last_chunks(finish_reason(FinishReason::Eos), &stats, false)).len(),
