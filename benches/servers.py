@@ -38,12 +38,12 @@ def start_ours(args, stderr=subprocess.DEVNULL, state="/tmp/bench-state"):
     return p, port
 
 
-def start_llama_server(threads=2, slots=4, ctx=4096):
-    """target/llama-tools/bin/llama-server on the default model, one KV cache for all slots."""
+def start_llama_server(threads=2, slots=4, ctx=4096, extra=()):
+    """target/llama-tools/bin/llama-server on the default model, one KV cache for all slots; `extra` args."""
     port = free_port()
     p = subprocess.Popen([os.path.join(ROOT, "target/llama-tools/bin/llama-server"), "-m", MODEL, "--host",
                           "127.0.0.1", "--port", str(port), "-t", str(threads), "-np", str(slots), "-c", str(ctx),
-                          "--kv-unified"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          "--kv-unified", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(port)
     return p, port
 

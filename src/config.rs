@@ -307,7 +307,7 @@ impl Default for Scheduler {
             prefix_cache_entries: 32,
             prefill_chunk: 128,
             itl_target_ms: 0.0,
-            draft_max: 32,
+            draft_max: 48,
             draft_min_match: 3,
         }
     }

@@ -59,7 +59,7 @@ fn drafted_replies_are_the_plain_ones() {
     drop(plain);
     let drafting = Server::start_with_config(
         "speculate-on",
-        "[scheduler]\ndraft_max = 32\nprefix_cache_entries = 0\n",
+        "[scheduler]\ndraft_max = 48\nprefix_cache_entries = 0\n",
         &[],
     );
     let got = replies(&drafting, &requests);

@@ -7,7 +7,7 @@ use crate::core::{Request, Stats};
 use crate::engine::backend::{SeqId, Token};
 use crate::engine::guide::Guide;
 use crate::engine::planner::{SeqView, Work};
-use crate::engine::speculate::Acceptance;
+use crate::engine::speculate::Rates;
 use crate::engine::text::TextStream;
 
 pub struct Seq<S> {
@@ -32,10 +32,12 @@ pub struct Seq<S> {
     /// The batch row whose logits it samples from in the current step (its
     /// draft's rows follow it).
     pub row: Option<usize>,
-    /// Draft tokens decoded after its pending one in the current step.
+    /// Draft tokens decoded after its pending one in the current step, and
+    /// the length of the repeated run they follow.
     pub draft: Vec<Token>,
+    pub matched: usize,
     /// How often its drafts were right.
-    pub acceptance: Acceptance,
+    pub rates: Rates,
 }
 
 impl<S> Seq<S> {

@@ -26,15 +26,27 @@ pub struct Settings {
 /// Longest suffix compared.
 const MAX_MATCH: usize = 16;
 
+/// A draft, and the length of the repeated run it follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Draft<'a> {
+    pub tokens: &'a [Token],
+    pub matched: usize,
+}
+
+const NONE: Draft<'static> = Draft {
+    tokens: &[],
+    matched: 0,
+};
+
 /// The draft for `history` (every token of the sequence, the pending one
 /// last): the tokens that followed the most recent earlier occurrence of its
 /// longest suffix of at least `min_match` tokens that occurred before, at
 /// most `max` of them.
-pub fn lookup(history: &[Token], min_match: usize, max: usize) -> &[Token] {
+pub fn lookup(history: &[Token], min_match: usize, max: usize) -> Draft<'_> {
     let n = history.len();
     let min_match = min_match.max(1);
     if max == 0 || n <= min_match {
-        return &[];
+        return NONE;
     }
     let last = history[n - 1];
     let (mut best_len, mut best_end) = (0, 0);
@@ -55,46 +67,93 @@ pub fn lookup(history: &[Token], min_match: usize, max: usize) -> &[Token] {
         }
     }
     if best_len < min_match {
-        return &[];
+        return NONE;
     }
-    &history[best_end..(best_end + max).min(n)]
-}
-
-/// How often a sequence's draft tokens were right: a moving average over
-/// the tokens verified, so a draft that keeps failing stops being made.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Acceptance(f64);
-
-/// Weight of each verified token in the average.
-const WEIGHT: f64 = 0.1;
-/// Where a sequence starts, and where a silent one drifts back to.
-const PRIOR: f64 = 0.5;
-
-impl Default for Acceptance {
-    fn default() -> Self {
-        Acceptance(PRIOR)
+    Draft {
+        tokens: &history[best_end..(best_end + max).min(n)],
+        matched: best_len,
     }
 }
+
+/// How often draft tokens were right: the tokens kept over the tokens
+/// verified (the kept ones and the first wrong one), older counts weighing
+/// less and less, from a prior of one of two.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Acceptance {
+    kept: f64,
+    verified: f64,
+}
+
+/// What the counts keep of their weight at each verification, and at one
+/// that found a wrong token: trust that took many right drafts to build is
+/// soon lost when drafts go wrong.
+const KEEP: f64 = 0.9;
+const KEEP_WRONG: f64 = 0.5;
+/// ... and at each step without a draft: a sequence that stopped drafting
+/// drifts back towards the prior and gets tried again.
+const REST: f64 = 0.98;
+/// The most weight a new sequence takes from the engine's counts.
+const INHERIT: f64 = 256.0;
 
 impl Acceptance {
     pub fn rate(&self) -> f64 {
-        self.0
+        (self.kept + 1.0) / (self.verified + 2.0)
     }
 
-    /// `accepted` of `drafted` tokens were right (the first `accepted`).
+    /// The first `accepted` of `drafted` tokens were right.
     pub fn update(&mut self, accepted: usize, drafted: usize) {
-        for _ in 0..accepted {
-            self.0 += WEIGHT * (1.0 - self.0);
-        }
-        if accepted < drafted {
-            self.0 -= WEIGHT * self.0;
-        }
+        let wrong = accepted < drafted;
+        let keep = if wrong { KEEP_WRONG } else { KEEP };
+        self.kept = self.kept * keep + accepted as f64;
+        self.verified = self.verified * keep + (accepted + usize::from(wrong)) as f64;
     }
 
-    /// A step in which it drafted nothing: it drifts slowly back to the
-    /// prior, so a sequence whose text turns repetitive gets tried again.
+    /// A step in which it drafted nothing.
     pub fn rest(&mut self) {
-        self.0 += 0.01 * (PRIOR - self.0);
+        self.kept *= REST;
+        self.verified *= REST;
+    }
+
+    /// Where a new sequence starts: these counts' rate, with little weight
+    /// so its own drafts soon decide.
+    pub fn inherit(&self) -> Acceptance {
+        let scale = (INHERIT / self.verified.max(INHERIT)).min(1.0);
+        Acceptance {
+            kept: self.kept * scale,
+            verified: self.verified * scale,
+        }
+    }
+}
+
+/// Acceptance by the length of the run a draft follows: a long repeated run
+/// foretells what comes next far better than a short one.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Rates([Acceptance; 4]);
+
+fn bucket(matched: usize) -> usize {
+    match matched {
+        0..=4 => 0,
+        5..=7 => 1,
+        8..=11 => 2,
+        _ => 3,
+    }
+}
+
+impl Rates {
+    pub fn rate(&self, matched: usize) -> f64 {
+        self.0[bucket(matched)].rate()
+    }
+
+    pub fn update(&mut self, matched: usize, accepted: usize, drafted: usize) {
+        self.0[bucket(matched)].update(accepted, drafted);
+    }
+
+    pub fn rest(&mut self) {
+        self.0.iter_mut().for_each(Acceptance::rest);
+    }
+
+    pub fn inherit(&self) -> Rates {
+        Rates(self.0.map(|a| a.inherit()))
     }
 }
 
@@ -132,38 +191,78 @@ mod tests {
     fn the_longest_recent_match_gives_what_followed_it() {
         // "cat sat" occurred once; "t sat" and "at" match elsewhere too.
         let h = toks("the cat sat on the mat. the cat sat");
-        assert_eq!(lookup(&h, 2, 6), toks(" on th"));
+        let draft = lookup(&h, 2, 6);
+        assert_eq!((draft.tokens, draft.matched), (&toks(" on th")[..], 11));
         // Capped by the history's end.
         let h = toks("abcabc");
-        assert_eq!(lookup(&h, 2, 10), toks("abc"));
+        assert_eq!(lookup(&h, 2, 10).tokens, toks("abc"));
         // The most recent of equal matches.
         let h = toks("xy1 xy2 xy");
-        assert_eq!(lookup(&h, 2, 1), toks("2"));
+        assert_eq!(lookup(&h, 2, 1).tokens, toks("2"));
     }
 
     #[test]
     fn no_draft_without_a_long_enough_match() {
-        assert!(lookup(&toks("abcdefg"), 2, 4).is_empty());
-        assert!(lookup(&toks("ab zb"), 2, 4).is_empty());
-        assert_eq!(lookup(&toks("ab zb"), 1, 4), toks(" zb"));
-        assert!(lookup(&toks("a"), 1, 4).is_empty());
-        assert!(lookup(&toks("abab"), 2, 0).is_empty());
-        assert!(lookup(&[], 2, 4).is_empty());
+        assert_eq!(lookup(&toks("abcdefg"), 2, 4), NONE);
+        assert_eq!(lookup(&toks("ab zb"), 2, 4), NONE);
+        assert_eq!(lookup(&toks("ab zb"), 1, 4).tokens, toks(" zb"));
+        assert_eq!(lookup(&toks("a"), 1, 4), NONE);
+        assert_eq!(lookup(&toks("abab"), 2, 0), NONE);
+        assert_eq!(lookup(&[], 2, 4), NONE);
     }
 
     #[test]
     fn acceptance_follows_the_drafts_and_rests_back_to_the_prior() {
         let mut a = Acceptance::default();
+        assert_eq!(a.rate(), 0.5);
         a.update(4, 4);
-        assert!(a.rate() > 0.65, "{}", a.rate());
+        assert!(a.rate() > 0.8, "{}", a.rate());
+        a.update(16, 16);
+        assert!(a.rate() > 0.9, "{}", a.rate());
         let mut b = Acceptance::default();
         for _ in 0..20 {
             b.update(0, 3);
         }
-        assert!(b.rate() < 0.07, "{}", b.rate());
+        assert!(b.rate() <= 0.26, "{}", b.rate());
         let before = b.rate();
         b.rest();
-        assert!(b.rate() > before && b.rate() < PRIOR);
+        assert!(b.rate() > before && b.rate() < 0.5);
+        // A new sequence starts where the engine's drafts were, and its
+        // own soon decide.
+        let mut c = a.inherit();
+        assert_eq!(c.rate(), a.rate());
+        for _ in 0..2 {
+            c.update(0, 8);
+        }
+        assert!(c.rate() < 0.75, "{}", c.rate());
+        let mut many = Acceptance::default();
+        for _ in 0..50 {
+            many.update(40, 40);
+        }
+        let light = many.inherit();
+        assert!(
+            light.verified <= INHERIT && light.rate() > 0.99,
+            "{light:?}"
+        );
+        // Even then, wrong drafts soon end the trust.
+        let mut wrong = light;
+        for _ in 0..8 {
+            wrong.update(0, 40);
+        }
+        assert!(wrong.rate() < 0.5, "{}", wrong.rate());
+        assert_eq!(Acceptance::default().inherit(), Acceptance::default());
+    }
+
+    #[test]
+    fn long_runs_and_short_ones_are_judged_apart() {
+        let mut r = Rates::default();
+        for _ in 0..5 {
+            r.update(3, 0, 4);
+            r.update(12, 16, 16);
+        }
+        assert!(r.rate(3) <= 0.26 && r.rate(4) <= 0.26, "{}", r.rate(3));
+        assert!(r.rate(12) > 0.95 && r.rate(40) > 0.95, "{}", r.rate(12));
+        assert_eq!(r.rate(6), 0.5, "nothing seen yet");
     }
 
     #[test]

@@ -120,6 +120,8 @@ pub struct Engine<'a, B: Backend> {
     costs: Costs,
     /// Decode threads, by measurement (fewer when other processes take the cores).
     threads: ThreadTuner,
+    /// How often drafts were right, over every sequence: where a new one starts.
+    rates: speculate::Rates,
     /// `scheduler.cache_changes()` at the last save, and when it was.
     saved: (u64, Instant),
 }
@@ -148,6 +150,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             store,
             costs: Costs::new(cfg.slots),
             threads: ThreadTuner::new(threads),
+            rates: Default::default(),
             masks: MaskWorker::spawn()
                 .inspect_err(|e| log::warn!("masks are computed between decodes: no thread ({e})"))
                 .ok(),
@@ -522,7 +525,8 @@ impl<'a, B: Backend> Engine<'a, B> {
                 work: Work::Idle,
                 row: None,
                 draft: Vec::new(),
-                acceptance: Default::default(),
+                matched: 0,
+                rates: self.rates.inherit(),
                 req,
             });
         }
@@ -727,7 +731,8 @@ impl<'a, B: Backend> Engine<'a, B> {
         };
         let s = &mut self.active[i];
         if !draft.is_empty() {
-            s.acceptance.update(accepted, draft.len());
+            s.rates.update(s.matched, accepted, draft.len());
+            self.rates.update(s.matched, accepted, draft.len());
             s.progress.drafted += draft.len();
             s.progress.accepted += accepted;
             if outcome.is_none() && accepted < draft.len() {
@@ -956,15 +961,15 @@ fn draft<S>(
     let positions = s.limit.saturating_sub(s.decoded.len() + 1);
     let reply = (s.req.params.max_tokens as usize).saturating_sub(s.progress.completion_tokens + 1);
     let available = settings.max_draft.min(positions).min(reply).min(room);
-    let k = speculate::length(available, s.acceptance.rate(), rows, step_ms, token_ms);
-    if k > 0 {
-        s.decoded.extend(s.pending);
-        let found = speculate::lookup(&s.decoded, settings.min_match, k);
-        s.draft.extend_from_slice(found);
-        s.decoded.pop();
-    }
+    s.decoded.extend(s.pending);
+    let found = speculate::lookup(&s.decoded, settings.min_match, available);
+    let p = s.rates.rate(found.matched);
+    let k = speculate::length(found.tokens.len(), p, rows, step_ms, token_ms);
+    s.draft.extend_from_slice(&found.tokens[..k]);
+    s.matched = found.matched;
+    s.decoded.pop();
     if s.draft.is_empty() {
-        s.acceptance.rest();
+        s.rates.rest();
     }
     s.draft.len() as f64 * token_ms
 }
