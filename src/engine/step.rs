@@ -568,6 +568,14 @@ impl<'a, B: Backend> Engine<'a, B> {
             }),
             false => None,
         };
+        // Beside other streams, which gain nothing from a draft, drafts may
+        // lengthen the step by a quarter at most.
+        let mut allowance = match costs {
+            Some((step_ms, token_ms)) if decodes > 1 => {
+                (step_ms * SHARED_DRAFTS / token_ms) as usize
+            }
+            _ => usize::MAX,
+        };
         self.batch.clear();
         for (s, work) in self.active.iter_mut().zip(plan) {
             s.work = work;
@@ -588,7 +596,9 @@ impl<'a, B: Backend> Engine<'a, B> {
                     if let Some((step_ms, token_ms)) = costs.as_mut() {
                         let room = self.cfg.n_batch.saturating_sub(self.batch.len());
                         let settings = &self.cfg.speculate;
+                        let room = room.min(allowance);
                         *step_ms += draft(s, settings, decodes, (*step_ms, *token_ms), room);
+                        allowance -= s.draft.len();
                         for (i, &token) in s.draft.iter().enumerate() {
                             self.batch.push(BatchToken {
                                 token,
@@ -941,6 +951,9 @@ impl<'a, B: Backend> Engine<'a, B> {
         }
     }
 }
+
+/// What drafts may add to a step shared with other streams, as a share of it.
+const SHARED_DRAFTS: f64 = 0.25;
 
 /// Looks up sequence `s`'s draft for this step, beside `rows` decode rows
 /// in a step that costs `step_ms` so far where a draft token adds
