@@ -568,14 +568,17 @@ impl<'a, B: Backend> Engine<'a, B> {
             }),
             false => None,
         };
-        // Beside other streams, which gain nothing from a draft, drafts may
-        // lengthen the step by a quarter at most.
-        let mut allowance = match costs {
-            Some((step_ms, token_ms)) if decodes > 1 => {
-                (step_ms * SHARED_DRAFTS / token_ms) as usize
-            }
-            _ => usize::MAX,
-        };
+        // What drafts may add to the step: alone, up to the target gap (by
+        // default a few plain steps); beside other streams, which gain
+        // nothing from a draft, a quarter of the step.
+        let mut allowance = costs.map_or(0, |(step_ms, token_ms)| {
+            let extra_ms = match (decodes, self.cfg.itl_target_ms) {
+                (1, Some(target)) => target - step_ms,
+                (1, None) => step_ms * (ALONE_DRAFT_STEPS - 1.0),
+                _ => step_ms * SHARED_DRAFTS,
+            };
+            (extra_ms.max(0.0) / token_ms) as usize
+        });
         self.batch.clear();
         for (s, work) in self.active.iter_mut().zip(plan) {
             s.work = work;
@@ -952,6 +955,10 @@ impl<'a, B: Backend> Engine<'a, B> {
     }
 }
 
+/// How long a step with drafts may take, in plain steps, for a stream
+/// decoded alone (without `itl_target_ms`): its tokens then come in bursts
+/// at most this far apart.
+const ALONE_DRAFT_STEPS: f64 = 4.0;
 /// What drafts may add to a step shared with other streams, as a share of it.
 const SHARED_DRAFTS: f64 = 0.25;
 
