@@ -65,6 +65,18 @@ struct Args {
     /// Clients of the rotating-system-prompts scenario (0: skip it).
     #[arg(long, default_value_t = 4)]
     rotating: usize,
+    /// The single-stream short-prompt scenario: ~12-token prompts, 16 tokens
+    /// out, one client (TTFT of a short request on an idle server).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    short: bool,
+    /// The single-stream copy-heavy scenario: a ~80-token passage to copy,
+    /// one client (where speculative decoding pays).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    copy: bool,
+    /// Short interactive clients beside one client sending ~1300-token
+    /// prompts (0: skip it); each class is reported on its own.
+    #[arg(long, default_value_t = 3)]
+    beside_long: usize,
     /// Measured requests per scenario, server and round.
     #[arg(long, default_value_t = 12)]
     requests: usize,
@@ -123,6 +135,7 @@ impl Args {
         self.rate = vec![4.0];
         self.shared = 2;
         self.rotating = 0;
+        self.beside_long = 1;
         self.requests = 4;
         self.warmup = Some(1);
         self.prompt_words = vec![8, 32];
@@ -146,6 +159,21 @@ enum Workload {
     Shared,
     /// Six distinct ~600-token system prompts used in turn.
     Rotating,
+    /// A ~12-token prompt, 16 tokens out.
+    Short,
+    /// A few-shot "copy this passage" prompt, the passage's length out.
+    Copy,
+    /// Short prompts (`Short`) for all clients but the last, which sends
+    /// ~1300-token prompts, 64 tokens out.
+    BesideLong,
+}
+
+/// Which clients a job is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Any,
+    Short,
+    Long,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -164,6 +192,7 @@ struct Scenario {
 struct Job {
     prompt: String,
     n_predict: usize,
+    class: Class,
 }
 
 /// SplitMix64: a seeded generator, enough for workloads and arrivals.
@@ -224,6 +253,35 @@ fn plan(args: &Args, sc: &Scenario, scenario_index: usize, round: usize, n: usiz
     (0..n)
         .map(|k| {
             let n_predict = args.output_tokens[rng.below(args.output_tokens.len())];
+            let short = |rng: &mut Rng| Job {
+                prompt: format!("Request {round}-{k}: {}", words(rng, 8)),
+                n_predict: 16,
+                class: Class::Short,
+            };
+            match sc.workload {
+                Workload::Short => return short(&mut rng),
+                // One job in four is the long client's: it takes fewer,
+                // each lasting longer, and stops when the short ones are done.
+                Workload::BesideLong if k % 4 != 3 => return short(&mut rng),
+                Workload::BesideLong => {
+                    return Job {
+                        prompt: format!("Document {round}-{k}: {}", words(&mut rng, 1000)),
+                        n_predict: 64,
+                        class: Class::Long,
+                    };
+                }
+                Workload::Copy => {
+                    let passage = words(&mut rng, 60);
+                    return Job {
+                        prompt: format!(
+                            "Text: The cat sat on the mat.\nCopy: The cat sat on the mat.\n\nText: {passage}\nCopy:"
+                        ),
+                        n_predict: 80,
+                        class: Class::Any,
+                    };
+                }
+                _ => {}
+            }
             let prompt = match sc.workload {
                 Workload::Mix => {
                     let w = args.prompt_words[rng.below(args.prompt_words.len())];
@@ -239,8 +297,13 @@ fn plan(args: &Args, sc: &Scenario, scenario_index: usize, round: usize, n: usiz
                     system_prompt(k % 6),
                     words(&mut rng, 8)
                 ),
+                Workload::Short | Workload::Copy | Workload::BesideLong => unreachable!(),
             };
-            Job { prompt, n_predict }
+            Job {
+                prompt,
+                n_predict,
+                class: Class::Any,
+            }
         })
         .collect()
 }
@@ -295,6 +358,7 @@ impl Target {
 
 /// What the client saw of one request.
 struct Sample {
+    class: Class,
     start: Instant,
     /// Arrival of every token event.
     arrivals: Vec<Instant>,
@@ -344,6 +408,7 @@ impl Client {
             Err(e) => (0, Instant::now(), Some(e)),
         };
         Sample {
+            class: job.class,
             start,
             arrivals,
             end,
@@ -874,7 +939,8 @@ fn health_ok(port: u16) -> bool {
 
 // ---------------------------------------------------------------- running
 
-/// Runs one scenario's jobs against one server; samples in job order.
+/// Runs one scenario's jobs against one server; samples in job order (of
+/// the jobs that ran).
 fn run_jobs(
     sc: &Scenario,
     target: &Target,
@@ -893,27 +959,47 @@ fn run_jobs(
         Arc::new(Mutex::new((0..jobs.len()).map(|_| None).collect()));
     match sc.mode {
         Mode::Closed { clients } => {
-            let next = Arc::new(AtomicUsize::new(0));
+            // Each client takes the next job of its class; the long client
+            // (`BesideLong`) stops once the short jobs are all taken.
+            let of = |class: Class| -> Arc<Vec<usize>> {
+                Arc::new(
+                    (0..jobs.len())
+                        .filter(|&i| jobs[i].class == class)
+                        .collect(),
+                )
+            };
+            let (any, short, long) = (of(Class::Any), of(Class::Short), of(Class::Long));
+            let cursors = Arc::new([0, 1, 2].map(|_| AtomicUsize::new(0)));
             let handles: Vec<_> = (0..clients)
-                .map(|_| {
-                    let (jobs, next, samples, bar, target) = (
+                .map(|c| {
+                    let class = match sc.workload {
+                        Workload::BesideLong if c + 1 == clients => 2,
+                        Workload::BesideLong | Workload::Short => 1,
+                        _ => 0,
+                    };
+                    let mine = [&any, &short, &long][class].clone();
+                    let (jobs, cursors, samples, bar, target) = (
                         jobs.clone(),
-                        next.clone(),
+                        cursors.clone(),
                         samples.clone(),
                         bar.clone(),
                         target.clone(),
                     );
+                    let short_left = short.len();
                     std::thread::spawn(move || {
                         let mut client = Client::new(&target);
                         loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            if i >= jobs.len() {
+                            let n = cursors[class].fetch_add(1, Ordering::Relaxed);
+                            let shorts_done =
+                                class == 2 && cursors[1].load(Ordering::Relaxed) >= short_left;
+                            if n >= mine.len() || shorts_done {
                                 break;
                             }
+                            let i = mine[n];
                             let start = Instant::now();
                             let s = match &mut client {
                                 Ok(c) => c.run(i, &jobs[i], start),
-                                Err(e) => failed(start, e),
+                                Err(e) => failed(jobs[i].class, start, e),
                             };
                             samples.lock().unwrap()[i] = Some(s);
                             bar.inc(1);
@@ -940,7 +1026,7 @@ fn run_jobs(
                 handles.push(std::thread::spawn(move || {
                     let s = match Client::new(&target) {
                         Ok(mut c) => c.run(i, &jobs[i], due),
-                        Err(e) => failed(due, &e),
+                        Err(e) => failed(jobs[i].class, due, &e),
                     };
                     samples.lock().unwrap()[i] = Some(s);
                     bar.inc(1);
@@ -953,11 +1039,13 @@ fn run_jobs(
     }
     bar.finish_and_clear();
     let samples = std::mem::take(&mut *samples.lock().unwrap());
-    samples.into_iter().map(Option::unwrap).collect()
+    // Jobs the long client never reached are left out.
+    samples.into_iter().flatten().collect()
 }
 
-fn failed(start: Instant, e: &str) -> Sample {
+fn failed(class: Class, start: Instant, e: &str) -> Sample {
     Sample {
+        class,
         start,
         arrivals: Vec::new(),
         end: Instant::now(),
@@ -994,7 +1082,7 @@ impl Figures {
     }
 
     /// Adds the measured samples of one run (the window: first start to last end).
-    fn add(&mut self, samples: &[Sample]) {
+    fn add(&mut self, samples: &[&Sample]) {
         let us = |d: Duration| (d.as_micros() as u64).max(1);
         for s in samples {
             self.requests += 1;
@@ -1084,6 +1172,33 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
             workload: Workload::Rotating,
         });
     }
+    if args.short {
+        v.push(Scenario {
+            name: "closed c=1, short prompt".into(),
+            mode: Mode::Closed { clients: 1 },
+            workload: Workload::Short,
+        });
+    }
+    if args.copy {
+        v.push(Scenario {
+            name: "closed c=1, copy-heavy".into(),
+            mode: Mode::Closed { clients: 1 },
+            workload: Workload::Copy,
+        });
+    }
+    if args.beside_long > 0 {
+        v.push(Scenario {
+            name: format!(
+                "closed c={}, {} short beside 1 long",
+                args.beside_long + 1,
+                args.beside_long
+            ),
+            mode: Mode::Closed {
+                clients: args.beside_long + 1,
+            },
+            workload: Workload::BesideLong,
+        });
+    }
     for &r in &args.rate {
         v.push(Scenario {
             name: format!("open {r} req/s, mix"),
@@ -1167,10 +1282,12 @@ fn main() {
         Api::Openai => format!("load-openai-{}", args.tag),
     };
 
-    let scenarios = scenarios(&args);
+    // A row of the report per scenario, and per class of client where a
+    // scenario mixes them.
+    let mut rows: Vec<Scenario> = Vec::new();
     let mut results: Vec<Vec<Figures>> = Vec::new();
     let started = Instant::now();
-    for (si, sc) in scenarios.iter().enumerate() {
+    for (si, sc) in scenarios(&args).iter().enumerate() {
         let clients = match sc.mode {
             Mode::Closed { clients } => clients,
             Mode::Open { .. } => 1,
@@ -1181,7 +1298,17 @@ fn main() {
             Workload::Rotating => clients.max(6),
             _ => clients,
         });
-        let mut figures: Vec<Figures> = targets.iter().map(|_| Figures::new()).collect();
+        let classes: &[(Class, &str)] = match sc.workload {
+            Workload::BesideLong => &[
+                (Class::Short, "the short ones"),
+                (Class::Long, "the long one"),
+            ],
+            _ => &[(Class::Any, "")],
+        };
+        let mut figures: Vec<Vec<Figures>> = classes
+            .iter()
+            .map(|_| targets.iter().map(|_| Figures::new()).collect())
+            .collect();
         for round in 0..args.rounds {
             let mut jobs = plan(&args, sc, si, round, warmup + args.requests);
             let measured = Arc::new(jobs.split_off(warmup));
@@ -1193,11 +1320,25 @@ fn main() {
                 run_jobs(sc, target, warm.clone(), seed, &label);
                 let label = format!("{} / {}", sc.name, target.name());
                 let samples = run_jobs(sc, target, measured.clone(), seed, &label);
-                figures[ti].add(&samples);
+                for (ci, &(class, _)) in classes.iter().enumerate() {
+                    let of: Vec<&Sample> = samples
+                        .iter()
+                        .filter(|s| s.class == class || class == Class::Any)
+                        .collect();
+                    figures[ci][ti].add(&of);
+                }
             }
         }
-        results.push(figures);
+        for (&(_, label), figs) in classes.iter().zip(figures) {
+            let name = match label {
+                "" => sc.name.clone(),
+                _ => format!("{}: {label}", sc.name),
+            };
+            rows.push(Scenario { name, ..sc.clone() });
+            results.push(figs);
+        }
     }
+    let scenarios = rows;
     let elapsed = started.elapsed();
 
     for t in &targets {
