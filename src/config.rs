@@ -289,8 +289,8 @@ pub struct Scheduler {
     /// Prompt tokens one step may carry while other requests are generating.
     pub prefill_chunk: usize,
     /// Inter-token gap (ms) to keep for generating requests while prompts go
-    /// in (and that a stream's drafted step may take); 0: four measured
-    /// one-stream steps.
+    /// in (and that a stream's drafted step may take); 0: eight measured
+    /// one-stream steps (four for drafts).
     pub itl_target_ms: f64,
     /// Most draft tokens (looked up in the request's own text) one step
     /// verifies for a sequence; 0: no speculative decoding.
@@ -629,7 +629,7 @@ impl Config {
         }
         if s.itl_target_ms.is_nan() || s.itl_target_ms < 0.0 {
             return bad(
-                "scheduler.itl_target_ms must be 0 (four measured one-stream steps) or more",
+                "scheduler.itl_target_ms must be 0 (derived from the measured steps) or more",
             );
         }
         if s.draft_min_match == 0 || s.draft_max >= self.model.batch_size as usize {

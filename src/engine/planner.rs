@@ -1,10 +1,11 @@
 //! Step planning, sans-I/O: which tokens of which sequences go into the next
 //! decode. Generating sequences first (one token each, so no stream stalls
 //! behind a prompt), then prompt chunks while the budget lasts:
-//! `prefill_chunk` tokens while others generate, the whole batch when prompts
-//! are all there is. Prompts go by priority, then the least left first, then
-//! admission order: a short prompt that arrives while a long one is being
-//! chunked starts at the next step instead of after the whole long prompt.
+//! `prefill_chunk` tokens while others generate (or beside prompts that end
+//! in this step), the whole batch when one prompt is all there is. Prompts go
+//! by priority, then the least left first, then admission order: a short
+//! prompt that arrives while a long one is being chunked starts at the next
+//! step instead of after the whole long prompt.
 //!
 //! `Costs` learns what a step costs on this machine; with a target
 //! inter-token gap (`scheduler.itl_target_ms`) the engine sizes each step's
@@ -52,16 +53,29 @@ pub fn plan(seqs: &[SeqView], budget: Budget) -> Vec<Work> {
         })
         .collect();
     let decodes = work.iter().filter(|w| **w == Work::Decode).count();
-    let limit = if decodes > 0 {
-        (decodes + budget.prefill_chunk.max(1)).min(budget.batch)
-    } else {
-        budget.batch
-    };
     let mut prompts: Vec<usize> = (0..seqs.len())
         .filter(|&i| !seqs[i].generating && seqs[i].prompt_left > 0)
         .collect();
     // Stable: admission order among equals.
     prompts.sort_by_key(|&i| (std::cmp::Reverse(seqs[i].priority), seqs[i].prompt_left));
+    let chunk = budget.prefill_chunk.max(1);
+    // With nothing generating, prompts that end within a chunk start
+    // generating after this step: they should not wait behind a long prompt
+    // filling the batch, which gets a chunk beside them. A prompt alone (or
+    // only short ones) takes the whole batch.
+    let ending: usize = prompts
+        .iter()
+        .map(|&i| seqs[i].prompt_left)
+        .take_while(|&n| n <= chunk)
+        .sum();
+    let total: usize = prompts.iter().map(|&i| seqs[i].prompt_left).sum();
+    let limit = if decodes > 0 {
+        (decodes + chunk).min(budget.batch)
+    } else if ending > 0 && ending < total {
+        (ending + chunk).min(budget.batch)
+    } else {
+        budget.batch
+    };
     let mut used = decodes;
     for i in prompts {
         if used >= limit {
@@ -283,6 +297,27 @@ mod tests {
         assert_eq!(
             plan(&seqs, BUDGET),
             [Work::Decode, Work::Idle, Work::Prefill(128)]
+        );
+    }
+
+    #[test]
+    fn short_prompts_beside_a_long_one_are_not_held_back_by_it() {
+        // Nothing generating: the short prompts end in this step, the long
+        // one gets a chunk beside them instead of the whole batch.
+        let seqs = [prompt(2000), prompt(12), prompt(20)];
+        assert_eq!(
+            plan(&seqs, BUDGET),
+            [Work::Prefill(128), Work::Prefill(12), Work::Prefill(20)]
+        );
+        // Alone, or only short ones, they take what the batch holds.
+        assert_eq!(plan(&[prompt(2000)], BUDGET), [Work::Prefill(512)]);
+        assert_eq!(
+            plan(&[prompt(100), prompt(20)], BUDGET),
+            [Work::Prefill(100), Work::Prefill(20)]
+        );
+        assert_eq!(
+            plan(&[prompt(600), prompt(700)], BUDGET),
+            [Work::Prefill(512), Work::Idle]
         );
     }
 

@@ -48,7 +48,8 @@ pub struct EngineConfig {
     /// Inter-token gap to keep for running streams while prompts go in: the
     /// prompt chunk is sized from the measured step costs, at most
     /// `prefill_chunk`; a drafted step of a stream alone takes at most this
-    /// long too. `None`: `AUTO_TARGET_STEPS` measured one-stream steps.
+    /// long too. `None`: `AUTO_TARGET_STEPS` measured one-stream steps (and
+    /// `ALONE_DRAFT_STEPS` plain steps for drafts).
     pub itl_target_ms: Option<f64>,
     /// Draft-free speculative decoding.
     pub speculate: speculate::Settings,
@@ -573,13 +574,13 @@ impl<'a, B: Backend> Engine<'a, B> {
             }),
             false => None,
         };
-        // What drafts may add to the step: alone, up to the target gap;
-        // beside other streams, which gain nothing from a draft, a quarter
-        // of the step.
+        // What drafts may add to the step: alone, up to the target gap (by
+        // default a few plain steps); beside other streams, which gain
+        // nothing from a draft, a quarter of the step.
         let mut allowance = costs.map_or(0, |(step_ms, token_ms)| {
-            let extra_ms = match (decodes, target) {
+            let extra_ms = match (decodes, self.cfg.itl_target_ms) {
                 (1, Some(target)) => target - step_ms,
-                (1, None) => step_ms * (AUTO_TARGET_STEPS - 1.0),
+                (1, None) => step_ms * (ALONE_DRAFT_STEPS - 1.0),
                 _ => step_ms * SHARED_DRAFTS,
             };
             (extra_ms.max(0.0) / token_ms) as usize
@@ -961,10 +962,13 @@ impl<'a, B: Backend> Engine<'a, B> {
 }
 
 /// The inter-token gap kept without `itl_target_ms`, in measured
-/// one-stream steps: a prompt going in beside running streams, or a
-/// stream's drafts, may stretch a step this far (a stream decoded alone
-/// then gets its tokens in bursts at most this far apart).
-const AUTO_TARGET_STEPS: f64 = 4.0;
+/// one-stream steps: a prompt going in beside running streams may stretch a
+/// step this far.
+const AUTO_TARGET_STEPS: f64 = 8.0;
+/// How long a drafted step of a stream decoded alone may take without
+/// `itl_target_ms`, in plain steps: its tokens then come in bursts at most
+/// this far apart.
+const ALONE_DRAFT_STEPS: f64 = 4.0;
 /// What drafts may add to a step shared with other streams, as a share of it.
 const SHARED_DRAFTS: f64 = 0.25;
 
