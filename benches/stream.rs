@@ -2,7 +2,8 @@
 //!
 //! Starts the release server, measures from a real WebSocket client the TTFT
 //! of a short prompt, the prompt-processing time of a longer one and the
-//! decode rate of a greedy stream, and, when `benches/llama-tools.sh` has built
+//! decode rate of a greedy stream (speculation off: llama-bench's tg has
+//! none; `benches/speculate.py` measures it), and, when `benches/llama-tools.sh` has built
 //! it, runs `llama-bench` on the same model and threads before and after, so
 //! both sides are measured in one run. Prints a markdown table and writes
 //! `target/bench/stream.json`.
@@ -93,7 +94,14 @@ fn run_llama_bench(bin: &Path, model: &Path, threads: usize, n_gen: usize) -> (f
 }
 
 fn measure_server(threads: usize, runs: usize, n_gen: usize) -> Value {
-    let server = start_server(&["-t", &threads.to_string()]);
+    let plain = manifest_dir().join("target/bench/stream-plain.toml");
+    std::fs::write(&plain, "[scheduler]\ndraft_max = 0\n").unwrap();
+    let server = start_server(&[
+        "-t",
+        &threads.to_string(),
+        "--config",
+        plain.to_str().unwrap(),
+    ]);
     let mut ws = connect(server.port);
     request(&mut ws, "Warm-up", 8);
 
