@@ -1,5 +1,5 @@
 //! One admitted request inside the engine: its tokens, its sampler, its text
-//! hold-back and its timings.
+//! hold-back, its drafts and its timings.
 
 use std::time::{Duration, Instant};
 
@@ -7,7 +7,7 @@ use crate::core::{Request, Stats};
 use crate::engine::backend::{SeqId, Token};
 use crate::engine::guide::Guide;
 use crate::engine::planner::{SeqView, Work};
-use crate::engine::speculate::Rates;
+use crate::engine::speculate::{self, Rates};
 use crate::engine::text::TextStream;
 
 pub struct Seq<S> {
@@ -60,6 +60,37 @@ impl<S> Seq<S> {
             Work::Decode => self.decoded.extend(self.pending.take()),
             Work::Idle => {}
         }
+    }
+    /// Looks up its draft for this step, beside `rows` decode rows in a
+    /// step that costs `step_ms` so far where a draft token adds `token_ms`,
+    /// in at most `room` batch tokens; returns what it adds to the step.
+    pub fn draft(
+        &mut self,
+        settings: &speculate::Settings,
+        rows: usize,
+        (step_ms, token_ms): (f64, f64),
+        room: usize,
+    ) -> f64 {
+        if self.guide.is_some() {
+            return 0.0;
+        }
+        // Its positions and its reply: the token sampled after the draft is
+        // one of the reply's too.
+        let positions = self.limit.saturating_sub(self.decoded.len() + 1);
+        let reply = (self.req.params.max_tokens as usize)
+            .saturating_sub(self.progress.completion_tokens + 1);
+        let available = settings.max_draft.min(positions).min(reply).min(room);
+        self.decoded.extend(self.pending);
+        let found = speculate::lookup(&self.decoded, settings.min_match, available);
+        let p = self.rates.rate(found.matched);
+        let k = speculate::length(found.tokens.len(), p, rows, step_ms, token_ms);
+        self.draft.extend_from_slice(&found.tokens[..k]);
+        self.matched = found.matched;
+        self.decoded.pop();
+        if self.draft.is_empty() {
+            self.rates.rest();
+        }
+        self.draft.len() as f64 * token_ms
     }
 }
 

@@ -606,7 +606,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                         let room = self.cfg.n_batch.saturating_sub(self.batch.len());
                         let settings = &self.cfg.speculate;
                         let room = room.min(allowance);
-                        *step_ms += draft(s, settings, decodes, (*step_ms, *token_ms), room);
+                        *step_ms += s.draft(settings, decodes, (*step_ms, *token_ms), room);
                         allowance -= s.draft.len();
                         for (i, &token) in s.draft.iter().enumerate() {
                             self.batch.push(BatchToken {
@@ -971,38 +971,6 @@ const AUTO_TARGET_STEPS: f64 = 8.0;
 const ALONE_DRAFT_STEPS: f64 = 4.0;
 /// What drafts may add to a step shared with other streams, as a share of it.
 const SHARED_DRAFTS: f64 = 0.25;
-
-/// Looks up sequence `s`'s draft for this step, beside `rows` decode rows
-/// in a step that costs `step_ms` so far where a draft token adds
-/// `token_ms`, in at most `room` batch tokens; returns what it adds to the
-/// step.
-fn draft<S>(
-    s: &mut Seq<S>,
-    settings: &speculate::Settings,
-    rows: usize,
-    (step_ms, token_ms): (f64, f64),
-    room: usize,
-) -> f64 {
-    if s.guide.is_some() {
-        return 0.0;
-    }
-    // Its positions and its reply: the token sampled after the draft is one
-    // of the reply's too.
-    let positions = s.limit.saturating_sub(s.decoded.len() + 1);
-    let reply = (s.req.params.max_tokens as usize).saturating_sub(s.progress.completion_tokens + 1);
-    let available = settings.max_draft.min(positions).min(reply).min(room);
-    s.decoded.extend(s.pending);
-    let found = speculate::lookup(&s.decoded, settings.min_match, available);
-    let p = s.rates.rate(found.matched);
-    let k = speculate::length(found.tokens.len(), p, rows, step_ms, token_ms);
-    s.draft.extend_from_slice(&found.tokens[..k]);
-    s.matched = found.matched;
-    s.decoded.pop();
-    if s.draft.is_empty() {
-        s.rates.rest();
-    }
-    s.draft.len() as f64 * token_ms
-}
 
 /// The tokens a sequence may not sample: end-of-generation tokens with
 /// `ignore_eos`, and also the stop tokens before `min_tokens` (`early`).
