@@ -61,6 +61,7 @@ impl<S> Seq<S> {
             Work::Idle => {}
         }
     }
+
     /// Looks up its draft for this step, beside `rows` decode rows in a
     /// step that costs `step_ms` so far where a draft token adds `token_ms`,
     /// in at most `room` batch tokens; returns what it adds to the step.
