@@ -760,6 +760,27 @@ fn priority_orders_the_queue_and_deadlines_end_requests_queued_or_running() {
     assert!(slow.text.len() < "hello world".len(), "{:?}", slow.text);
 }
 
+/// An engine whose fake replies `reply`, each decode taking 4 ms and
+/// `per_token_us` more a token, drafting up to `max_draft` tokens.
+fn drafting(reply: &str, max_draft: usize, slots: usize, per_token_us: u64) -> Harness {
+    let fake = Fake {
+        reply: reply.into(),
+        ..Fake::default()
+    };
+    fake.state().cost = Some((
+        Duration::from_millis(4),
+        Duration::from_micros(per_token_us),
+    ));
+    let cfg = EngineConfig {
+        speculate: crate::engine::speculate::Settings {
+            max_draft,
+            min_match: 2,
+        },
+        ..config(slots)
+    };
+    Harness::start(fake, cfg, TestHooks::default())
+}
+
 /// Speculation: a reply that repeats itself is drafted from its own text
 /// and verified in the same step as its pending token; every token streamed
 /// is the one plain decoding gives, and a draft's wrong tokens leave no
@@ -768,19 +789,7 @@ fn priority_orders_the_queue_and_deadlines_end_requests_queued_or_running() {
 fn drafts_from_repeated_text_give_exactly_the_plain_reply_in_fewer_steps() {
     let reply = "abcdefgh abcdefgh abcdefgh abcdefgh abcdefgX abcdefgh";
     let run = |max_draft: usize| {
-        let fake = Fake {
-            reply: reply.into(),
-            ..Fake::default()
-        };
-        fake.state().cost = Some((Duration::from_millis(4), Duration::from_micros(200)));
-        let cfg = EngineConfig {
-            speculate: crate::engine::speculate::Settings {
-                max_draft,
-                min_match: 2,
-            },
-            ..config(2)
-        };
-        let mut h = Harness::start(fake, cfg, TestHooks::default());
+        let mut h = drafting(reply, max_draft, 2, 200);
         let (key, _) = h.submit("abcdefgh");
         let done = h.finish(key);
         let batches = h.fake.state().batches.clone();
@@ -807,19 +816,7 @@ fn drafts_from_repeated_text_give_exactly_the_plain_reply_in_fewer_steps() {
 /// A draft never runs past the reply's length or the sequence's pages.
 #[test]
 fn drafts_stop_at_max_tokens() {
-    let fake = Fake {
-        reply: "xyxyxyxyxyxyxyxyxyxyxyxyxyxyxyxy".into(),
-        ..Fake::default()
-    };
-    fake.state().cost = Some((Duration::from_millis(4), Duration::from_micros(100)));
-    let cfg = EngineConfig {
-        speculate: crate::engine::speculate::Settings {
-            max_draft: 16,
-            min_match: 2,
-        },
-        ..config(1)
-    };
-    let mut h = Harness::start(fake, cfg, TestHooks::default());
+    let mut h = drafting("xyxyxyxyxyxyxyxyxyxyxyxyxyxyxyxy", 16, 1, 100);
     let (key, _) = h.submit_input(PromptInput::Text("xyxyxy".into()), greedy(13));
     let done = h.finish(key);
     assert_eq!(done.text, "xyxyxyxyxyxyx");
@@ -839,19 +836,8 @@ fn drafts_stop_at_max_tokens() {
 /// other stream gains nothing from them.
 #[test]
 fn drafts_beside_other_streams_stay_short() {
-    let fake = Fake {
-        reply: "abcdefgh abcdefgh abcdefgh abcdefgh abcdefgh abcdefgh abcdefgh".into(),
-        ..Fake::default()
-    };
-    fake.state().cost = Some((Duration::from_millis(4), Duration::from_micros(200)));
-    let cfg = EngineConfig {
-        speculate: crate::engine::speculate::Settings {
-            max_draft: 16,
-            min_match: 2,
-        },
-        ..config(2)
-    };
-    let mut h = Harness::start(fake, cfg, TestHooks::default());
+    let reply = "abcdefgh abcdefgh abcdefgh abcdefgh abcdefgh abcdefgh abcdefgh";
+    let mut h = drafting(reply, 16, 2, 200);
     let (a, _) = h.submit("abcdefgh");
     let (b, _) = h.submit("abcdefgh");
     assert_eq!(h.finish(a).text, h.finish(b).text);
