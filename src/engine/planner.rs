@@ -89,9 +89,11 @@ pub fn plan(seqs: &[SeqView], budget: Budget) -> Vec<Work> {
 }
 
 /// What steps cost on this machine, learned from the steps the engine ran:
-/// a decode-only step's time by its number of rows, and the extra time per
-/// prompt token. With a target inter-token gap it says how many prompt
-/// tokens a step may carry beside the running streams.
+/// a decode-only step's time by its number of rows, the extra time per
+/// prompt token, and, by rows, a line through decode steps' time against
+/// their draft tokens. With a target inter-token gap it says how many
+/// prompt tokens a step may carry beside the running streams; speculation
+/// weighs its drafts with the line.
 #[derive(Debug, Clone)]
 pub struct Costs {
     /// EWMA of decode-only steps' time (ms), by rows; 0: not seen yet.
