@@ -1,7 +1,8 @@
 //! Thousands of idle WebSocket connections held open while streams run:
 //! nothing errors, every stream completes with exactly the text it produces
 //! alone, and every idle connection is still open at the end, having been
-//! sent its greeting and nothing else; each costs the server at most 10 KiB. The streams' token cadence with and without the idle
+//! sent its greeting and nothing else; each costs the server at most 10 KiB
+//! of anonymous memory. The streams' token cadence with and without the idle
 //! connections is printed (a figure for docs/hardening.md, not an assertion:
 //! timings on a shared CI machine are too noisy to gate on).
 
@@ -98,7 +99,7 @@ fn thousands_of_idle_connections_do_not_disturb_streams() {
 
     let (mut alone, alone_texts) = run_streams(&server);
 
-    let rss_before = server.rss_kib();
+    let (rss_before, anon_before) = (server.rss_kib(), server.anon_kib());
     let start = Instant::now();
     let url = format!("ws://127.0.0.1:{}/", server.port);
     let mut idle = Vec::with_capacity(idle_count);
@@ -108,9 +109,13 @@ fn thousands_of_idle_connections_do_not_disturb_streams() {
         idle.push(ws);
     }
     let opened_in = start.elapsed();
-    // Each idle connection's cost to the server (its socket buffers are the
-    // kernel's, not in RSS).
+    // Each idle connection's cost to the server: the anonymous memory it
+    // adds (its socket buffers are the kernel's; the model file's pages,
+    // which the kernel may page out and back in meanwhile, are no
+    // connection's).
     let per_connection_kib =
+        (server.anon_kib().saturating_sub(anon_before)) as f64 / idle_count as f64;
+    let rss_per_connection_kib =
         (server.rss_kib().saturating_sub(rss_before)) as f64 / idle_count as f64;
     assert!(
         per_connection_kib <= 10.0,
@@ -146,7 +151,7 @@ fn thousands_of_idle_connections_do_not_disturb_streams() {
         );
     }
     eprintln!(
-        "idle connections: {idle_count} opened in {:.1} s, {per_connection_kib:.1} KiB of server RSS each; {STREAMS} streams of {TOKENS} tokens, inter-token gap alone: {}; with {idle_count} idle: {}",
+        "idle connections: {idle_count} opened in {:.1} s, {per_connection_kib:.1} KiB of anonymous server memory each ({rss_per_connection_kib:.1} KiB of RSS); {STREAMS} streams of {TOKENS} tokens, inter-token gap alone: {}; with {idle_count} idle: {}",
         opened_in.as_secs_f64(),
         summary(&mut alone),
         summary(&mut crowded)

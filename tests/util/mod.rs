@@ -127,12 +127,22 @@ impl Server {
 
     /// The server's resident memory (VmRSS), in KiB.
     pub fn rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmRSS:")
+    }
+
+    /// The server's resident anonymous memory (RssAnon: its heap and
+    /// stacks, not the model file's pages), in KiB.
+    pub fn anon_kib(&self) -> u64 {
+        self.proc_status_kib("RssAnon:")
+    }
+
+    fn proc_status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status")
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
     }
 
     /// The engine's `status` snapshot, asked on a fresh connection.
