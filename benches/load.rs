@@ -176,6 +176,10 @@ enum Class {
     Long,
 }
 
+impl Class {
+    const ALL: [Class; 3] = [Class::Any, Class::Short, Class::Long];
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Mode {
     Closed { clients: usize },
@@ -961,41 +965,39 @@ fn run_jobs(
         Mode::Closed { clients } => {
             // Each client takes the next job of its class; the long client
             // (`BesideLong`) stops once the short jobs are all taken.
-            let of = |class: Class| -> Arc<Vec<usize>> {
-                Arc::new(
-                    (0..jobs.len())
-                        .filter(|&i| jobs[i].class == class)
-                        .collect(),
-                )
-            };
-            let (any, short, long) = (of(Class::Any), of(Class::Short), of(Class::Long));
-            let cursors = Arc::new([0, 1, 2].map(|_| AtomicUsize::new(0)));
+            // The jobs of each class, in order, and how many of each are taken.
+            let queues: Arc<[Vec<usize>; 3]> = Arc::new(Class::ALL.map(|class| {
+                (0..jobs.len())
+                    .filter(|&i| jobs[i].class == class)
+                    .collect()
+            }));
+            let taken = Arc::new(Class::ALL.map(|_| AtomicUsize::new(0)));
             let handles: Vec<_> = (0..clients)
                 .map(|c| {
                     let class = match sc.workload {
-                        Workload::BesideLong if c + 1 == clients => 2,
-                        Workload::BesideLong | Workload::Short => 1,
-                        _ => 0,
-                    };
-                    let mine = [&any, &short, &long][class].clone();
-                    let (jobs, cursors, samples, bar, target) = (
+                        Workload::BesideLong if c + 1 == clients => Class::Long,
+                        Workload::BesideLong | Workload::Short => Class::Short,
+                        _ => Class::Any,
+                    } as usize;
+                    let (jobs, queues, taken, samples, bar, target) = (
                         jobs.clone(),
-                        cursors.clone(),
+                        queues.clone(),
+                        taken.clone(),
                         samples.clone(),
                         bar.clone(),
                         target.clone(),
                     );
-                    let short_left = short.len();
                     std::thread::spawn(move || {
                         let mut client = Client::new(&target);
+                        let short = Class::Short as usize;
                         loop {
-                            let n = cursors[class].fetch_add(1, Ordering::Relaxed);
-                            let shorts_done =
-                                class == 2 && cursors[1].load(Ordering::Relaxed) >= short_left;
-                            if n >= mine.len() || shorts_done {
+                            let n = taken[class].fetch_add(1, Ordering::Relaxed);
+                            let shorts_done = class == Class::Long as usize
+                                && taken[short].load(Ordering::Relaxed) >= queues[short].len();
+                            if n >= queues[class].len() || shorts_done {
                                 break;
                             }
-                            let i = mine[n];
+                            let i = queues[class][n];
                             let start = Instant::now();
                             let s = match &mut client {
                                 Ok(c) => c.run(i, &jobs[i], start),

@@ -63,18 +63,17 @@ pub fn plan(seqs: &[SeqView], budget: Budget) -> Vec<Work> {
     // generating after this step: they should not wait behind a long prompt
     // filling the batch, which gets a chunk beside them. A prompt alone (or
     // only short ones) takes the whole batch.
-    let ending: usize = prompts
-        .iter()
-        .map(|&i| seqs[i].prompt_left)
-        .take_while(|&n| n <= chunk)
-        .sum();
-    let total: usize = prompts.iter().map(|&i| seqs[i].prompt_left).sum();
+    let left = |i: &usize| seqs[*i].prompt_left;
     let limit = if decodes > 0 {
         (decodes + chunk).min(budget.batch)
-    } else if ending > 0 && ending < total {
-        (ending + chunk).min(budget.batch)
     } else {
-        budget.batch
+        let ending: usize = prompts.iter().map(left).take_while(|&n| n <= chunk).sum();
+        let total: usize = prompts.iter().map(left).sum();
+        if ending > 0 && ending < total {
+            (ending + chunk).min(budget.batch)
+        } else {
+            budget.batch
+        }
     };
     let mut used = decodes;
     for i in prompts {

@@ -567,17 +567,18 @@ impl<'a, B: Backend> Engine<'a, B> {
         // What this step costs so far and what a draft token adds; until
         // drafts were seen, a guess that lets them be tried (an eighth of
         // the step a token).
-        let mut costs = match drafting {
-            true => self.costs.draft(decodes).or_else(|| {
+        let mut draft_costs = if drafting {
+            self.costs.draft(decodes).or_else(|| {
                 let step = self.costs.decode(decodes)?;
                 Some((step, step / 8.0))
-            }),
-            false => None,
+            })
+        } else {
+            None
         };
         // What drafts may add to the step: alone, up to the target gap (by
         // default a few plain steps); beside other streams, which gain
         // nothing from a draft, a quarter of the step.
-        let mut allowance = costs.map_or(0, |(step_ms, token_ms)| {
+        let mut allowance = draft_costs.map_or(0, |(step_ms, token_ms)| {
             let extra_ms = match (decodes, self.cfg.itl_target_ms) {
                 (1, Some(target)) => target - step_ms,
                 (1, None) => step_ms * (ALONE_DRAFT_STEPS - 1.0),
@@ -602,7 +603,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                         seq: s.id,
                         output: true,
                     });
-                    if let Some((step_ms, token_ms)) = costs.as_mut() {
+                    if let Some((step_ms, token_ms)) = draft_costs.as_mut() {
                         let room = self.cfg.n_batch.saturating_sub(self.batch.len());
                         let settings = &self.cfg.speculate;
                         let room = room.min(allowance);
