@@ -842,6 +842,23 @@ mod tests {
     }
 
     #[test]
+    fn draft_settings_must_fit_the_batch() {
+        for bad in [
+            "[scheduler]\ndraft_min_match = 0\n",
+            "[scheduler]\ndraft_max = 512\n",
+        ] {
+            let e = Config::from_toml(bad, "t").unwrap().validate().unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("scheduler.draft_min_match must be at least 1"),
+                "{e}"
+            );
+        }
+        let off = Config::from_toml("[scheduler]\ndraft_max = 0\n", "t").unwrap();
+        assert!(off.validate().is_ok());
+    }
+
+    #[test]
     fn the_log_format_is_text_or_json() {
         let c = Config::from_toml("[log]\nformat = \"json\"\n", "t").unwrap();
         assert_eq!(c.log.format, LogFormat::Json);
