@@ -277,7 +277,9 @@ impl Backend for LlamaBackend<'_> {
     }
 
     fn set_threads(&mut self, n: usize) {
-        self.ctx.set_threads(n)
+        if let Err(e) = self.ctx.set_threads(n) {
+            log::warn!("{e}: decoding with {} threads still", self.ctx.threads());
+        }
     }
 
     fn decode(

@@ -417,6 +417,36 @@ impl Vocab<'_> {
     }
 }
 
+/// How long ggml's worker threads spin for the next graph before sleeping
+/// (0 to 100; ggml's default, 50, is a few milliseconds): decode steps follow
+/// each other within that, so the workers do not sleep mid-stream.
+const POLL: u32 = 50;
+
+/// A ggml thread pool of `n` threads (the caller's plus n - 1 workers).
+struct ThreadPool {
+    ptr: NonNull<sys::ggml_threadpool>,
+}
+
+impl ThreadPool {
+    fn new(n: usize) -> Result<ThreadPool, BackendError> {
+        // SAFETY: returns a plain struct of defaults (no CPU mask, normal priority).
+        let mut params = unsafe { sys::ggml_threadpool_params_default(n as i32) };
+        params.poll = POLL;
+        // SAFETY: `params` is a valid parameter struct; null on failure.
+        let ptr = unsafe { sys::ggml_threadpool_new(&mut params) };
+        NonNull::new(ptr)
+            .map(|ptr| ThreadPool { ptr })
+            .ok_or_else(|| BackendError::Context(format!("no pool of {n} threads")))
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        // SAFETY: we own the pool; the context that used it is freed already.
+        unsafe { sys::ggml_threadpool_free(self.ptr.as_ptr()) }
+    }
+}
+
 pub struct ContextParams {
     pub n_ctx: u32,
     pub n_batch: u32,
@@ -427,6 +457,14 @@ pub struct ContextParams {
 
 pub struct Context<'m> {
     ptr: NonNull<sys::llama_context>,
+    /// ggml's worker threads, one pool per thread count used so far (index
+    /// n - 1), made when first needed and attached by `set_threads`. Without
+    /// an attached pool every decode spawns and joins its helper threads (a
+    /// disposable pool per graph): measured against that, a pool made once
+    /// decodes 3-4% faster and takes a prompt in 7-9% less time here. A
+    /// pool per count, rather than one large pool run with fewer threads,
+    /// because the idle workers of a larger pool spin at every graph.
+    pools: Vec<Option<ThreadPool>>,
     n_vocab: usize,
     /// Rows of the last decode whose logits were requested: the only ones
     /// `logits` hands out.
@@ -453,12 +491,15 @@ impl<'m> Context<'m> {
         let (raw, errors) =
             capturing_errors(|| unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cparams) });
         let ptr = NonNull::new(raw).ok_or_else(|| BackendError::Context(errors.join("; ")))?;
-        Ok(Context {
+        let mut ctx = Context {
             ptr,
+            pools: Vec::new(),
             n_vocab: model.vocab().n_tokens().max(0) as usize,
             outputs: Vec::new(),
             _model: PhantomData,
-        })
+        };
+        ctx.set_threads(params.n_threads.max(params.n_threads_batch) as usize)?;
+        Ok(ctx)
     }
 
     pub fn n_ctx(&self) -> u32 {
@@ -472,10 +513,23 @@ impl<'m> Context<'m> {
     }
 
     /// Threads for the next decodes, generation and prompts alike.
-    pub fn set_threads(&mut self, n: usize) {
-        let n = n.max(1) as i32;
-        // SAFETY: the context pointer is valid; this only sets its parameters.
-        unsafe { sys::llama_set_n_threads(self.ptr.as_ptr(), n, n) }
+    pub fn set_threads(&mut self, n: usize) -> Result<(), BackendError> {
+        let n = n.max(1);
+        if self.pools.len() < n {
+            self.pools.resize_with(n, || None);
+        }
+        let pool = match &mut self.pools[n - 1] {
+            Some(pool) => pool,
+            empty => empty.insert(ThreadPool::new(n)?),
+        };
+        // SAFETY: the context and the pool are valid; the pool outlives the
+        // context (Drop frees the context first) and serves generation and
+        // prompts alike; setting the thread count only sets parameters.
+        unsafe {
+            sys::llama_attach_threadpool(self.ptr.as_ptr(), pool.ptr.as_ptr(), pool.ptr.as_ptr());
+            sys::llama_set_n_threads(self.ptr.as_ptr(), n as i32, n as i32);
+        }
+        Ok(())
     }
 
     /// Runs the batch. `should_abort` is polled by ggml between graph nodes, so
@@ -606,7 +660,8 @@ impl<'m> Context<'m> {
 
 impl Drop for Context<'_> {
     fn drop(&mut self) {
-        // SAFETY: we own the context; nothing else references it.
+        // SAFETY: we own the context; nothing else references it. Its pools
+        // are freed after it (fields drop after this body).
         unsafe { sys::llama_free(self.ptr.as_ptr()) }
     }
 }
