@@ -233,6 +233,13 @@ fn local_starter(
         cache_entries: s.prefix_cache_entries,
         prefill_chunk: s.prefill_chunk.max(1),
         itl_target_ms: (s.itl_target_ms > 0.0).then_some(s.itl_target_ms),
+        // The tile rule is the CPU's flash attention's; offloaded layers
+        // attend on the GPU, where larger steps pay.
+        mixed_rows: if n_gpu_layers == 0 {
+            crate::engine::planner::CPU_MIXED_ROWS
+        } else {
+            config.model.batch_size as usize
+        },
         speculate: crate::engine::speculate::Settings {
             max_draft: s.draft_max,
             min_match: s.draft_min_match,

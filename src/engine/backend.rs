@@ -130,6 +130,13 @@ pub trait Backend {
     /// Threads decodes may use (at most the configured number).
     fn threads(&self) -> usize;
     fn set_threads(&mut self, n: usize);
+    /// A one-token decode step's time (ms) as measured when the backend
+    /// opened; `None` when it was not measured. It stands for the
+    /// single-stream step until one is seen, so a server started under load
+    /// has its time budget from the first step.
+    fn one_row_ms(&self) -> Option<f64> {
+        None
+    }
     /// Decodes `batch`; `should_abort` is polled while it runs (by llama.cpp,
     /// possibly from one of its worker threads).
     fn decode(

@@ -51,6 +51,9 @@ pub struct EngineConfig {
     /// long too. `None`: `AUTO_TARGET_STEPS` measured one-stream steps (and
     /// `ALONE_DRAFT_STEPS` plain steps for drafts).
     pub itl_target_ms: Option<f64>,
+    /// Tokens a step whose rows come from more than one sequence may carry
+    /// (`planner::CPU_MIXED_ROWS` on the CPU; `n_batch`: no cap).
+    pub mixed_rows: usize,
     /// Draft-free speculative decoding.
     pub speculate: speculate::Settings,
     /// Bytes of cached prefixes kept in memory while parked (most recent first).
@@ -140,6 +143,10 @@ impl<'a, B: Backend> Engine<'a, B> {
             cache_entries: cfg.cache_entries,
             queue_limit: cfg.queue_limit,
         });
+        let mut costs = Costs::new(cfg.slots);
+        if let Some(ms) = backend.one_row_ms() {
+            costs.observe(1, 0, 0, ms);
+        }
         let engine = Engine {
             backend,
             io,
@@ -150,7 +157,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             batch: Vec::with_capacity(cfg.n_batch),
             stopping: false,
             store,
-            costs: Costs::new(cfg.slots),
+            costs,
             threads: ThreadTuner::new(threads),
             rates: Default::default(),
             masks: MaskWorker::spawn()
@@ -558,6 +565,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         let budget = Budget {
             batch: self.cfg.n_batch,
             prefill_chunk,
+            mixed: self.cfg.mixed_rows,
         };
         let plan = planner::plan(&views, budget);
         // Drafts only in steps without prompts: a waiting prompt's first
@@ -644,6 +652,18 @@ impl<'a, B: Backend> Engine<'a, B> {
         if self.batch.is_empty() {
             return;
         }
+        let decode_only = self
+            .active
+            .iter()
+            .all(|s| s.draft.is_empty() && matches!(s.work, Work::Idle | Work::Decode));
+        let threads = if decode_only {
+            self.threads.threads()
+        } else {
+            self.threads.kept()
+        };
+        if threads != self.backend.threads() {
+            self.backend.set_threads(threads);
+        }
         let in_batch = |s: &Seq<B::Sampler>| s.work != Work::Idle;
         let result = loop {
             let flags: Vec<Arc<AtomicBool>> = self
@@ -684,11 +704,13 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let drafts: usize = self.active.iter().map(|s| s.draft.len()).sum();
                 let prompt_tokens = self.batch.len() - rows - drafts;
                 self.costs.observe(rows, prompt_tokens, drafts, ms);
+                log::trace!(
+                    "step: {rows} rows, {prompt_tokens} prompt tokens, {drafts} drafts: {ms:.1} ms"
+                );
                 if prompt_tokens + drafts == 0
                     && let Some(n) = self.threads.observe(rows, ms)
                 {
                     log::debug!("decoding with {n} threads");
-                    self.backend.set_threads(n);
                 }
             }
             match result {

@@ -25,6 +25,7 @@ fn config(slots: usize) -> EngineConfig {
         cache_entries: 4,
         prefill_chunk: 8,
         itl_target_ms: None,
+        mixed_rows: 64,
         speculate: crate::engine::speculate::Settings {
             max_draft: 0,
             min_match: 2,

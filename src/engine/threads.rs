@@ -11,7 +11,8 @@
 //! costs 1.4% of the steps instead of 5.5%); below it the wait stays short,
 //! for the cores may come back any time. A probe that wins, or a step time
 //! that moves by a quarter from where the last verdict left it, brings the
-//! next one back to `PROBE_EVERY`. Sans-I/O: it sees step times and answers
+//! next one back to `PROBE_EVERY`. Steps with prompt or draft tokens run at
+//! the kept count, never a probe's. Sans-I/O: it sees step times and answers
 //! thread counts.
 
 /// Decode-only steps between two probes, at first.
@@ -72,8 +73,16 @@ impl ThreadTuner {
         }
     }
 
+    /// Threads for a decode-only step (the probed count while probing).
     pub fn threads(&self) -> usize {
         self.current
+    }
+
+    /// Threads for a step that carries prompt or draft tokens: the count the
+    /// last verdict kept, never a probe's. Probes compare decode-only steps,
+    /// and a prompt chunk run at a losing probe's count took twice as long.
+    pub fn kept(&self) -> usize {
+        self.probe.map_or(self.current, |(from, _)| from)
     }
 
     /// Records a decode-only step of `rows` rows that took `ms`; returns the
@@ -219,6 +228,15 @@ mod tests {
             if n == 2 { 45.0 } else { 20.0 }
         });
         assert_eq!(t.threads(), 1, "{used:?}");
+    }
+
+    #[test]
+    fn steps_with_prompts_keep_the_kept_count_while_a_probe_runs() {
+        let mut t = ThreadTuner::new(2);
+        run(&mut t, PROBE_EVERY, |n| 30.0 / n as f64);
+        assert_eq!((t.threads(), t.kept()), (1, 2), "probing one thread");
+        run(&mut t, PROBE_STEPS + 1, |n| 30.0 / n as f64);
+        assert_eq!((t.threads(), t.kept()), (2, 2), "the probe lost");
     }
 
     #[test]

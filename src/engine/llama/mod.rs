@@ -7,6 +7,7 @@ pub mod ffi;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use ffi::{Batch, Context, ContextParams, Model, ModelParams, Sampler};
 
@@ -129,14 +130,17 @@ impl Loader for LlamaLoader {
                 chat
             }
         };
-        Ok(LlamaBackend {
+        let mut backend = LlamaBackend {
             eog: vocab.eog_tokens(),
             grammars: &self.grammars,
             batch: Batch::new(c.n_batch as usize, 1),
             chat,
             model,
             ctx,
-        })
+            one_row_ms: None,
+        };
+        backend.one_row_ms = backend.warm_up();
+        Ok(backend)
     }
 
     fn model_name(&self) -> String {
@@ -202,7 +206,45 @@ pub struct LlamaBackend<'m> {
     eog: Vec<Token>,
     grammars: &'m OnceLock<Result<Grammars, String>>,
     chat: Chat,
+    /// What `warm_up` measured.
+    one_row_ms: Option<f64>,
 }
+
+impl LlamaBackend<'_> {
+    /// Decodes a few one-token steps of sequence 0 and drops their cells,
+    /// leaving the pool empty: the first request then finds the graph
+    /// allocated and the worker threads started, and the engine knows a
+    /// single stream's step. Returns the fastest warm step's time (ms).
+    fn warm_up(&mut self) -> Option<f64> {
+        let token = self.tokenize("\n", false, false).ok()?.first().copied()?;
+        let mut fastest: Option<f64> = None;
+        for pos in 0..WARM_UP_STEPS {
+            let t0 = Instant::now();
+            let one = [BatchToken {
+                token,
+                pos,
+                seq: 0,
+                output: true,
+            }];
+            if let Err(e) = self.decode(&one, &|| false) {
+                log::warn!("warm-up decode failed: {e}");
+                break;
+            }
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            if pos > 0 {
+                fastest = Some(fastest.map_or(ms, |f| f.min(ms)));
+            }
+        }
+        self.ctx.seq_rm(0, 0);
+        if let Some(ms) = fastest {
+            log::debug!("warm-up: a one-token step takes {ms:.1} ms");
+        }
+        fastest
+    }
+}
+
+/// One-token steps `warm_up` decodes; the first (cold) one is not timed.
+const WARM_UP_STEPS: usize = 3;
 
 /// How conversations are rendered.
 enum Chat {
@@ -280,6 +322,10 @@ impl Backend for LlamaBackend<'_> {
         if let Err(e) = self.ctx.set_threads(n) {
             log::warn!("{e}: decoding with {} threads still", self.ctx.threads());
         }
+    }
+
+    fn one_row_ms(&self) -> Option<f64> {
+        self.one_row_ms
     }
 
     fn decode(
