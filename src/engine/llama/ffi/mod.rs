@@ -417,10 +417,14 @@ impl Vocab<'_> {
     }
 }
 
-/// How long ggml's worker threads spin for the next graph before sleeping
-/// (0 to 100; ggml's default, 50, is a few milliseconds): decode steps follow
-/// each other within that, so the workers do not sleep mid-stream.
-const POLL: u32 = 50;
+/// How long ggml's worker threads spin for the next graph before they sleep
+/// on a condition variable (ggml's poll level, 0 to 100: 128Ki pause
+/// instructions a level, a few milliseconds). Ten covers the host's work
+/// between two steps (sampling, verifying drafts) so the workers do not
+/// sleep mid-stream, and bounds the spinning after the last step of a
+/// request to tens of milliseconds (ggml's default, 50, spun for a few
+/// hundred).
+const POLL: u32 = 10;
 
 /// A ggml thread pool of `n` threads (the caller's plus n - 1 workers).
 struct ThreadPool {
