@@ -19,7 +19,7 @@ use crate::engine::backend::{Backend, BackendError, BatchToken, DecodeError, Fil
 use crate::engine::channel::{Command, EventSink};
 use crate::engine::guide::{Guide, GuideError, GuideLimits, MaskWorker, TokenMask};
 use crate::engine::hooks::Hooks;
-use crate::engine::persist::Store;
+use crate::engine::persist::{Store, Writer};
 use crate::engine::planner::{self, Budget, Costs, Work};
 use crate::engine::prompt;
 use crate::engine::scheduler::{self, Job, MemOp, Scheduler};
@@ -129,6 +129,8 @@ pub struct Engine<'a, B: Backend> {
     rates: speculate::Rates,
     /// `scheduler.cache_changes()` at the last save, and when it was.
     saved: (u64, Instant),
+    /// Writes what `persist` saves, off the engine thread.
+    writer: Writer,
 }
 
 impl<'a, B: Backend> Engine<'a, B> {
@@ -164,6 +166,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 .inspect_err(|e| log::warn!("masks are computed between decodes: no thread ({e})"))
                 .ok(),
             saved: (0, Instant::now()),
+            writer: Writer::default(),
         };
         engine.publish();
         engine
@@ -307,15 +310,13 @@ impl<'a, B: Backend> Engine<'a, B> {
         }
         let t0 = Instant::now();
         let prefixes = self.save_prefixes(store.max_bytes());
-        let bytes: usize = prefixes.iter().map(Prefix::bytes).sum();
-        let written = store.save(&prefixes);
-        log::info!(
-            "saved {written} cached prefixes ({:.1} MB) to {} in {:.1} ms",
-            bytes as f64 / 1e6,
-            store.dir().display(),
-            t0.elapsed().as_secs_f64() * 1e3
-        );
+        self.writer.save(store, prefixes, t0.elapsed());
         self.saved = (changes, Instant::now());
+    }
+
+    /// Waits until what `persist` saved is on disk.
+    pub fn finish_saving(&mut self) {
+        self.writer.finish();
     }
 
     /// Takes saved prefixes back into the prefix cache, the most recent

@@ -246,6 +246,7 @@ fn serve_once<L: Loader>(
     let exit = engine.serve();
     if exit == Exit::Stopped {
         engine.persist();
+        engine.finish_saving();
     }
     if exit == Exit::Park && config.park_keep_bytes > 0 {
         let t0 = Instant::now();
