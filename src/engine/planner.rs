@@ -88,7 +88,9 @@ pub fn plan(seqs: &[SeqView], budget: Budget) -> Vec<Work> {
         if ending > 0 && ending < total {
             (ending + chunk).min(budget.batch).min(mixed.max(ending))
         } else if prompts.len() > 1 {
-            // Several prompts, none ending: the first takes the batch alone.
+            // Several prompts that all end here, or none of which does:
+            // together they stay below `mixed`, but the first may take the
+            // batch alone.
             budget.batch.min(left(&prompts[0]).max(mixed))
         } else {
             budget.batch

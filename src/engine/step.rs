@@ -708,9 +708,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 log::trace!(
                     "step: {rows} rows, {prompt_tokens} prompt tokens, {drafts} drafts: {ms:.1} ms"
                 );
-                if prompt_tokens + drafts == 0
-                    && let Some(n) = self.threads.observe(rows, ms)
-                {
+                if decode_only && let Some(n) = self.threads.observe(rows, ms) {
                     log::debug!("decoding with {n} threads");
                 }
             }

@@ -211,14 +211,15 @@ pub struct LlamaBackend<'m> {
 }
 
 impl LlamaBackend<'_> {
-    /// Decodes a few one-token steps of sequence 0 and drops their cells,
-    /// leaving the pool empty: the first request then finds the graph
-    /// allocated and the worker threads started, and the engine knows a
-    /// single stream's step. Returns the fastest warm step's time (ms).
+    /// Decodes two one-token steps of sequence 0 and drops their cells,
+    /// leaving the pool empty: the first request (or the one that wakes a
+    /// parked engine) then finds the graph allocated and the worker threads
+    /// started, and the engine knows a single stream's step. Returns the
+    /// second (warm) step's time (ms).
     fn warm_up(&mut self) -> Option<f64> {
         let token = self.tokenize("\n", false, false).ok()?.first().copied()?;
-        let mut fastest: Option<f64> = None;
-        for pos in 0..WARM_UP_STEPS {
+        let mut warm = None;
+        for pos in 0..2 {
             let t0 = Instant::now();
             let one = [BatchToken {
                 token,
@@ -230,21 +231,17 @@ impl LlamaBackend<'_> {
                 log::warn!("warm-up decode failed: {e}");
                 break;
             }
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
-            if pos > 0 {
-                fastest = Some(fastest.map_or(ms, |f| f.min(ms)));
+            if pos == 1 {
+                warm = Some(t0.elapsed().as_secs_f64() * 1e3);
             }
         }
         self.ctx.seq_rm(0, 0);
-        if let Some(ms) = fastest {
+        if let Some(ms) = warm {
             log::debug!("warm-up: a one-token step takes {ms:.1} ms");
         }
-        fastest
+        warm
     }
 }
-
-/// One-token steps `warm_up` decodes; the first (cold) one is not timed.
-const WARM_UP_STEPS: usize = 3;
 
 /// How conversations are rendered.
 enum Chat {
