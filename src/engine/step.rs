@@ -990,7 +990,7 @@ const AUTO_TARGET_STEPS: f64 = 8.0;
 /// How long a drafted step of a stream decoded alone may take without
 /// `itl_target_ms`, in plain steps: its tokens then come in bursts at most
 /// this far apart.
-const ALONE_DRAFT_STEPS: f64 = 4.0;
+const ALONE_DRAFT_STEPS: f64 = 8.0;
 /// What drafts may add to a step shared with other streams, as a share of it.
 const SHARED_DRAFTS: f64 = 0.25;
 
