@@ -127,6 +127,11 @@ pub struct Costs {
 /// Weight of the newest step in the averages.
 const ALPHA: f64 = 0.2;
 
+/// The inter-token gap kept without `itl_target_ms`, in measured
+/// one-stream steps: a prompt going in beside running streams may stretch a
+/// step this far.
+pub const AUTO_TARGET_STEPS: f64 = 8.0;
+
 /// Prompt tokens a step carries at the least while others generate, so a
 /// prompt always progresses.
 pub const MIN_CHUNK: usize = 8;
@@ -189,6 +194,24 @@ impl Costs {
             .get(rows)?
             .line()
             .filter(|&(base, per)| base > 0.0 && per > 0.0)
+    }
+
+    /// The inter-token gap to keep for running streams: `configured`, or
+    /// `AUTO_TARGET_STEPS` measured one-stream steps; `None` before one was
+    /// measured.
+    pub fn gap_target(&self, configured: Option<f64>) -> Option<f64> {
+        configured.or_else(|| Some(self.decode(1)? * AUTO_TARGET_STEPS))
+    }
+
+    /// What a step of `rows` decode rows costs without drafts and what each
+    /// draft token adds: the fitted line, or before drafts of different
+    /// lengths were seen, a guess that lets them be tried (the decode-only
+    /// step, and an eighth of it a token).
+    pub fn draft_estimate(&self, rows: usize) -> Option<(f64, f64)> {
+        self.draft(rows).or_else(|| {
+            let step = self.decode(rows)?;
+            Some((step, step / 8.0))
+        })
     }
 
     /// Prompt tokens a step beside `rows` decodes may carry to stay within
@@ -441,5 +464,25 @@ mod tests {
             c.observe(2, 0, 4, 30.0);
         }
         assert_eq!(c.draft(2), None);
+        // Until there is one, a guess from the decode-only step.
+        let mut c = Costs::new(4);
+        assert_eq!(c.draft_estimate(1), None);
+        c.observe(2, 0, 0, 32.0);
+        assert_eq!(c.draft_estimate(2), Some((32.0, 4.0)));
+        assert_eq!(
+            c.draft_estimate(3),
+            Some((32.0, 4.0)),
+            "as the nearest fewer rows"
+        );
+    }
+
+    #[test]
+    fn the_gap_target_is_the_configured_one_or_some_measured_steps() {
+        let mut c = Costs::new(4);
+        assert_eq!(c.gap_target(None), None, "nothing measured");
+        assert_eq!(c.gap_target(Some(90.0)), Some(90.0));
+        c.observe(1, 0, 0, 20.0);
+        assert_eq!(c.gap_target(None), Some(20.0 * AUTO_TARGET_STEPS));
+        assert_eq!(c.gap_target(Some(90.0)), Some(90.0));
     }
 }

@@ -179,6 +179,30 @@ pub fn length(available: usize, p: f64, rows: usize, step_ms: f64, token_ms: f64
     if best_rate > plain * 1.03 { best } else { 0 }
 }
 
+/// How long a drafted step of a stream decoded alone may take without
+/// `itl_target_ms`, in plain steps: its tokens then come in bursts at most
+/// this far apart.
+pub const ALONE_STEPS: f64 = 8.0;
+/// What drafts may add to a step shared with other streams, as a share of it.
+const SHARED: f64 = 0.25;
+
+/// Draft tokens one step may carry in all, beside `rows` decode rows, when
+/// it costs `step_ms` without drafts and each draft token adds `token_ms`.
+/// A stream alone may stretch its step to `target_ms` (without one,
+/// `ALONE_STEPS` plain steps); streams beside others, which gain nothing
+/// from a draft, add at most a quarter of the step.
+pub fn allowance(rows: usize, target_ms: Option<f64>, step_ms: f64, token_ms: f64) -> usize {
+    if rows == 0 || token_ms <= 0.0 {
+        return 0;
+    }
+    let extra_ms = match (rows, target_ms) {
+        (1, Some(target)) => target - step_ms,
+        (1, None) => step_ms * (ALONE_STEPS - 1.0),
+        _ => step_ms * SHARED,
+    };
+    (extra_ms.max(0.0) / token_ms) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +301,29 @@ mod tests {
         assert!(length(16, 0.6, 8, 40.0, 2.0) < length(16, 0.6, 1, 16.0, 2.0));
         assert_eq!(length(0, 0.9, 1, 16.0, 2.0), 0);
         assert_eq!(length(8, 0.9, 1, 0.0, 2.0), 0, "costs not known");
+    }
+
+    #[test]
+    fn a_stream_alone_may_stretch_its_step_others_only_a_little() {
+        // 20 ms a step, 5 ms a draft token.
+        assert_eq!(allowance(1, None, 20.0, 5.0), 28, "seven more plain steps");
+        assert_eq!(allowance(1, Some(60.0), 20.0, 5.0), 8, "up to the target");
+        assert_eq!(
+            allowance(1, Some(15.0), 20.0, 5.0),
+            0,
+            "a target below one step"
+        );
+        assert_eq!(
+            allowance(4, None, 40.0, 5.0),
+            2,
+            "a quarter of a shared step"
+        );
+        assert_eq!(
+            allowance(4, Some(500.0), 40.0, 5.0),
+            2,
+            "whatever the target"
+        );
+        assert_eq!(allowance(0, None, 20.0, 5.0), 0);
+        assert_eq!(allowance(1, None, 20.0, 0.0), 0, "costs not known");
     }
 }

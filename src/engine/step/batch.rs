@@ -1,0 +1,89 @@
+//! What the next decode carries: the planner's work for every sequence
+//! (decode rows first, prompt chunks sized to the gap target) and, in steps
+//! without prompts, the drafts speculation pays for.
+
+use super::Engine;
+use crate::engine::backend::{Backend, BatchToken};
+use crate::engine::planner::{self, Budget, Work};
+use crate::engine::sequence::Seq;
+use crate::engine::speculate;
+
+impl<B: Backend> Engine<'_, B> {
+    /// Fills the batch with the planned work of every sequence.
+    pub(super) fn build_batch(&mut self) {
+        let views: Vec<_> = self.active.iter().map(Seq::view).collect();
+        let decodes = views.iter().filter(|v| v.generating).count();
+        let target = self.costs.gap_target(self.cfg.itl_target_ms);
+        let prefill_chunk = match target {
+            Some(target) => self.costs.chunk(decodes, target, self.cfg.prefill_chunk),
+            None => self.cfg.prefill_chunk,
+        };
+        let budget = Budget {
+            batch: self.cfg.n_batch,
+            prefill_chunk,
+            mixed: self.cfg.mixed_rows,
+        };
+        let plan = planner::plan(&views, budget);
+        // Drafts only in steps without prompts: a waiting prompt's first
+        // token matters more than a running stream's extra ones.
+        let drafting =
+            self.cfg.speculate.max_draft > 0 && !plan.iter().any(|w| matches!(w, Work::Prefill(_)));
+        // What this step costs so far and what a draft token adds.
+        let mut draft_costs = drafting
+            .then(|| self.costs.draft_estimate(decodes))
+            .flatten();
+        let mut allowance = draft_costs.map_or(0, |(step_ms, token_ms)| {
+            speculate::allowance(decodes, self.cfg.itl_target_ms, step_ms, token_ms)
+        });
+        self.batch.clear();
+        for (s, work) in self.active.iter_mut().zip(plan) {
+            s.work = work;
+            s.row = None;
+            s.draft.clear();
+            match work {
+                Work::Idle => {}
+                Work::Decode => {
+                    let token = s.pending.expect("a decoding sequence has a token");
+                    s.row = Some(self.batch.len());
+                    let pos = s.decoded.len();
+                    self.batch.push(BatchToken {
+                        token,
+                        pos,
+                        seq: s.id,
+                        output: true,
+                    });
+                    if let Some((step_ms, token_ms)) = draft_costs.as_mut() {
+                        let room = self.cfg.n_batch.saturating_sub(self.batch.len());
+                        let settings = &self.cfg.speculate;
+                        let room = room.min(allowance);
+                        *step_ms += s.draft(settings, decodes, (*step_ms, *token_ms), room);
+                        allowance -= s.draft.len();
+                        for (i, &token) in s.draft.iter().enumerate() {
+                            self.batch.push(BatchToken {
+                                token,
+                                pos: pos + 1 + i,
+                                seq: s.id,
+                                output: true,
+                            });
+                        }
+                    }
+                }
+                Work::Prefill(n) => {
+                    let start = s.decoded.len();
+                    for pos in start..start + n {
+                        let last = pos + 1 == s.prompt.len();
+                        if last {
+                            s.row = Some(self.batch.len());
+                        }
+                        self.batch.push(BatchToken {
+                            token: s.prompt[pos],
+                            pos,
+                            seq: s.id,
+                            output: last,
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
