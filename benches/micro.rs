@@ -17,6 +17,9 @@
 //!   socket that another thread drains: one write per token (a single
 //!   stream, where the engine is slower than the loop), or one per batch of
 //!   what arrived between two wake-ups. Cost per token.
+//! - `logits/*`: what sampling reads per token over Gemma 3's 262k logits:
+//!   the maximum (greedy's argmax starts with it) and the model's own
+//!   probability of the pick (`prob`, a softmax), and the two together.
 //! - `scheduler/*`: prefix-cache lookup of a 1k-token prompt among 64
 //!   entries, and a whole submit/admit/finish cycle of the scheduler.
 //!
@@ -35,7 +38,7 @@ use tungstenite::Message;
 use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 
 use inference_core::core::Event;
-use inference_core::engine::{self, kv, prefix, scheduler};
+use inference_core::engine::{self, kv, logits, prefix, scheduler};
 use inference_core::http1;
 use inference_core::server::messages::ServerMsg;
 use inference_core::server::openai::{Endpoint, Reply};
@@ -241,11 +244,30 @@ fn scheduler_ops(c: &mut Criterion) {
     g.finish();
 }
 
+fn logits_passes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("logits");
+    // Logits of a plausible spread: most far below the top.
+    let mut x = 12345u32;
+    let row: Vec<f32> = (0..262_144)
+        .map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 8) as f32 / (1 << 24) as f32 * 30.0 - 20.0
+        })
+        .collect();
+    g.bench_function("max_262k", |b| {
+        b.iter(|| black_box(logits::max(black_box(&row))))
+    });
+    g.bench_function("softmax_at_262k", |b| {
+        b.iter(|| black_box(logits::softmax_at(black_box(&row), 7)))
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = token_event, reactor_hop, scheduler_ops
+    targets = token_event, reactor_hop, scheduler_ops, logits_passes
 }
 criterion_main!(benches);

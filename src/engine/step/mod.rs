@@ -134,6 +134,8 @@ pub struct Engine<'a, B: Backend> {
     saved: (u64, Instant),
     /// Writes what `persist` saves, off the engine thread.
     writer: Writer,
+    /// When the last decode ended.
+    decoded_at: Option<Instant>,
 }
 
 impl<'a, B: Backend> Engine<'a, B> {
@@ -170,6 +172,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 .ok(),
             saved: (0, Instant::now()),
             writer: Writer::default(),
+            decoded_at: None,
         };
         engine.publish();
         engine
@@ -345,8 +348,14 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let drafts: usize = self.active.iter().map(|s| s.draft.len()).sum();
                 let prompt_tokens = self.batch.len() - rows - drafts;
                 self.costs.observe(rows, prompt_tokens, drafts, ms);
+                // The engine's own work between two decodes (sampling,
+                // events, planning), or its idle time.
+                let host_ms = self
+                    .decoded_at
+                    .replace(now)
+                    .map_or(0.0, |at| (t0 - at).as_secs_f64() * 1e3);
                 log::trace!(
-                    "step: {rows} rows, {prompt_tokens} prompt tokens, {drafts} drafts: {ms:.1} ms"
+                    "step: {rows} rows, {prompt_tokens} prompt tokens, {drafts} drafts: {ms:.1} ms ({host_ms:.2} ms since the last)"
                 );
                 if decode_only && let Some(n) = self.threads.observe(rows, ms) {
                     log::debug!("decoding with {n} threads");
