@@ -27,26 +27,24 @@ pub struct Settings {
 const MAX_MATCH: usize = 16;
 
 /// A draft, and the length of the repeated run it follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Draft<'a> {
-    pub tokens: &'a [Token],
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Draft {
+    pub tokens: Vec<Token>,
     pub matched: usize,
 }
-
-const NONE: Draft<'static> = Draft {
-    tokens: &[],
-    matched: 0,
-};
 
 /// The draft for `history` (every token of the sequence, the pending one
 /// last): the tokens that followed the most recent earlier occurrence of its
 /// longest suffix of at least `min_match` tokens that occurred before, at
-/// most `max` of them.
-pub fn lookup(history: &[Token], min_match: usize, max: usize) -> Draft<'_> {
+/// most `max` of them. Where that occurrence overlaps the suffix itself
+/// (the text repeats a run of `period` tokens, two times at least), the
+/// draft goes on repeating it past the history's end, as an earlier
+/// occurrence in the run would give.
+pub fn lookup(history: &[Token], min_match: usize, max: usize) -> Draft {
     let n = history.len();
     let min_match = min_match.max(1);
     if max == 0 || n <= min_match {
-        return NONE;
+        return Draft::default();
     }
     let last = history[n - 1];
     let (mut best_len, mut best_end) = (0, 0);
@@ -67,10 +65,16 @@ pub fn lookup(history: &[Token], min_match: usize, max: usize) -> Draft<'_> {
         }
     }
     if best_len < min_match {
-        return NONE;
+        return Draft::default();
     }
+    let period = n - best_end;
+    let len = if best_len >= period {
+        max
+    } else {
+        max.min(period)
+    };
     Draft {
-        tokens: &history[best_end..(best_end + max).min(n)],
+        tokens: (0..len).map(|i| history[best_end + i % period]).collect(),
         matched: best_len,
     }
 }
@@ -216,23 +220,36 @@ mod tests {
         // "cat sat" occurred once; "t sat" and "at" match elsewhere too.
         let h = toks("the cat sat on the mat. the cat sat");
         let draft = lookup(&h, 2, 6);
-        assert_eq!((draft.tokens, draft.matched), (&toks(" on th")[..], 11));
+        assert_eq!((draft.tokens, draft.matched), (toks(" on th"), 11));
         // Capped by the history's end.
-        let h = toks("abcabc");
-        assert_eq!(lookup(&h, 2, 10).tokens, toks("abc"));
+        let h = toks("the cat sat on the mat. the cat");
+        assert_eq!(lookup(&h, 2, 40).tokens, toks(" sat on the mat. the cat"));
         // The most recent of equal matches.
         let h = toks("xy1 xy2 xy");
         assert_eq!(lookup(&h, 2, 1).tokens, toks("2"));
     }
 
     #[test]
+    fn a_repeating_run_is_drafted_on_past_the_end() {
+        // "abc" three times: the match overlaps the suffix, the run goes on.
+        let h = toks("xabcabcabc");
+        let draft = lookup(&h, 2, 7);
+        assert_eq!((draft.tokens, draft.matched), (toks("abcabca"), 6));
+        assert_eq!(lookup(&toks("zzzz"), 2, 5).tokens, toks("zzzzz"));
+        // A run seen only once before is not a repetition: capped as before.
+        let h = toks("abcd-abcd");
+        assert_eq!(lookup(&h, 2, 9).tokens, toks("-abcd"));
+    }
+
+    #[test]
     fn no_draft_without_a_long_enough_match() {
-        assert_eq!(lookup(&toks("abcdefg"), 2, 4), NONE);
-        assert_eq!(lookup(&toks("ab zb"), 2, 4), NONE);
+        let none = Draft::default();
+        assert_eq!(lookup(&toks("abcdefg"), 2, 4), none);
+        assert_eq!(lookup(&toks("ab zb"), 2, 4), none);
         assert_eq!(lookup(&toks("ab zb"), 1, 4).tokens, toks(" zb"));
-        assert_eq!(lookup(&toks("a"), 1, 4), NONE);
-        assert_eq!(lookup(&toks("abab"), 2, 0), NONE);
-        assert_eq!(lookup(&[], 2, 4), NONE);
+        assert_eq!(lookup(&toks("a"), 1, 4), none);
+        assert_eq!(lookup(&toks("abab"), 2, 0), none);
+        assert_eq!(lookup(&[], 2, 4), none);
     }
 
     #[test]

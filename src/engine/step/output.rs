@@ -39,6 +39,11 @@ impl<B: Backend> Engine<'_, B> {
         };
         let s = &mut self.active[i];
         if !draft.is_empty() {
+            log::trace!(
+                "draft: {accepted} of {} accepted after a {}-token match",
+                draft.len(),
+                s.matched
+            );
             s.rates.update(s.matched, accepted, draft.len());
             self.rates.update(s.matched, accepted, draft.len());
             s.progress.drafted += draft.len();
