@@ -53,10 +53,10 @@ struct Args {
     /// /v1/completions`, streamed, one kept-alive connection per client).
     #[arg(long, value_enum, default_value_t = Api::Ws)]
     api: Api,
-    /// Closed-loop scenarios: this many concurrent clients each (mixed workload).
+    /// Closed-loop scenarios: this many concurrent clients each (mixed workload; 0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 8])]
     concurrency: Vec<usize>,
-    /// Open-loop scenarios: Poisson arrivals at these rates, requests/s (mixed workload).
+    /// Open-loop scenarios: Poisson arrivals at these rates, requests/s (mixed workload; 0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [1.0])]
     rate: Vec<f64>,
     /// Clients of the shared-system-prompt scenario (0: skip it).
@@ -1149,7 +1149,7 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 
 fn scenarios(args: &Args) -> Vec<Scenario> {
     let mut v = Vec::new();
-    for &c in &args.concurrency {
+    for &c in args.concurrency.iter().filter(|&&c| c > 0) {
         v.push(Scenario {
             name: format!("closed c={c}, mix"),
             mode: Mode::Closed { clients: c },
@@ -1201,7 +1201,7 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
             workload: Workload::BesideLong,
         });
     }
-    for &r in &args.rate {
+    for &r in args.rate.iter().filter(|&&r| r > 0.0) {
         v.push(Scenario {
             name: format!("open {r} req/s, mix"),
             mode: Mode::Open { rate: r },
