@@ -290,7 +290,7 @@ pub struct Scheduler {
     pub prefill_chunk: usize,
     /// Inter-token gap (ms) to keep for generating requests while prompts go
     /// in (and that a stream's drafted step may take); 0: eight measured
-    /// one-stream steps (four for drafts).
+    /// one-stream steps (eight plain steps for drafts).
     pub itl_target_ms: f64,
     /// Most draft tokens (looked up in the request's own text) one step
     /// verifies for a sequence; 0: no speculative decoding.
