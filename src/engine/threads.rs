@@ -10,7 +10,7 @@
 //! doubles the wait for the next, up to `MAX_PROBE_EVERY`, and one that
 //! is far slower ends after `CLEAR_STEPS` steps (a probe then costs about
 //! 0.6% of the steps' time instead of 1.4%, 2.3% at the first wait instead
-//! of 5.3%); below it the wait stays short,
+//! of 5.2%); below it the wait stays short,
 //! for the cores may come back any time. A probe that wins, or a step time
 //! that moves by a quarter from where the last verdict left it, brings the
 //! next one back to `PROBE_EVERY`. Steps with prompt or draft tokens run at
