@@ -19,7 +19,8 @@
 //!   what arrived between two wake-ups. Cost per token.
 //! - `logits/*`: what sampling reads per token over Gemma 3's 262k logits:
 //!   the maximum (greedy's argmax starts with it) and the model's own
-//!   probability of the pick (`prob`, a softmax), and the two together.
+//!   probability of the pick (`prob`, a softmax, which takes the maximum
+//!   again).
 //! - `scheduler/*`: prefix-cache lookup of a 1k-token prompt among 64
 //!   entries, and a whole submit/admit/finish cycle of the scheduler.
 //!
