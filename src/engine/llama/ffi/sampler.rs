@@ -6,7 +6,8 @@ use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
-use super::{Context, Vocab, capturing_errors};
+use super::log::capturing_errors;
+use super::{Context, Vocab};
 use crate::core::{Constraint, SamplingParams};
 use crate::engine::backend::{BackendError, Filter, Sampled, Token};
 use crate::engine::logits::{self, softmax_at, top_logprobs};
