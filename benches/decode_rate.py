@@ -1,6 +1,6 @@
 """Single-stream decode rate, greedy and sampled, ours against llama-server.
 
-    python3 benches/decode_rate.py
+    python3 benches/decode_rate.py          # BENCH_QUICK=1: one short run each, for CI's smoke
 
 Starts target/release/inference-core and target/llama-tools/bin/llama-server
 alike (-t 2, -np 4, -c 4096, llama-server with --kv-unified), one after the
@@ -10,13 +10,14 @@ min-p 0.05 on both), after a warm-up, and its decode rate is read from the
 client: tokens after the first over the time since the first. Prints the
 medians and the ratios ours / llama-server. Needs websockets.
 """
-import asyncio, http.client, json, statistics, time
+import asyncio, http.client, json, os, statistics, time
 
 import websockets
 
 from servers import start_llama_server, start_ours, stop
 
-RUNS, N = 5, 256
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+RUNS, N = (1, 32) if QUICK else (5, 256)
 SAMPLING = {"top_k": 40, "top_p": 0.95, "min_p": 0.05}
 PROMPT = "Once upon a time, in a village by the sea,"
 

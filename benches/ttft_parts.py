@@ -1,6 +1,6 @@
 """Where a short prompt's time to first token goes, ours against llama-server.
 
-    python3 benches/ttft_parts.py
+    python3 benches/ttft_parts.py           # BENCH_QUICK=1: a few requests each, for CI's smoke
 
 Starts target/release/inference-core (--log-level debug) and
 target/llama-tools/bin/llama-server alike (-t 2, -np 4, -c 4096,
@@ -18,7 +18,8 @@ import websockets
 
 from servers import ROOT, start_llama_server, start_ours, stop
 
-RUNS, WARM = 20, 3
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+RUNS, WARM = (3, 1) if QUICK else (20, 3)
 
 
 def prompt(i):
