@@ -64,10 +64,15 @@ fn main() {
         "decode_rounds": rounds.iter().map(|r| json!({"ours": r.0, "llama_bench": r.1})).collect::<Vec<_>>()});
     println!("\n| figure ({threads} threads) | inference-core | llama-bench | ratio |");
     println!("|---|---|---|---|");
-    let tgs: Vec<f64> = rounds.iter().filter_map(|r| r.1).collect();
-    if let (false, Some(pp)) = (tgs.is_empty(), pp) {
+    let tgs: Option<Vec<f64>> = rounds.iter().map(|r| r.1).collect();
+    if let (Some(tgs), Some(pp)) = (tgs, pp) {
+        let ratio = median(rounds.iter().zip(&tgs).map(|(r, tg)| r.0 / tg).collect());
+        let each: Vec<String> = rounds
+            .iter()
+            .zip(&tgs)
+            .map(|(r, tg)| format!("{:.1}/{tg:.1}", r.0))
+            .collect();
         let tg = median(tgs);
-        let ratio = median(rounds.iter().map(|r| r.0 / r.1.unwrap()).collect());
         let pp_ms = 256.0 / pp * 1000.0;
         println!(
             "| decode tok/s (tg{n_gen}; ratio: median of {runs} alternating rounds) | {tg_served:.1} | {tg:.1} | {ratio:.2} |"
@@ -76,10 +81,7 @@ fn main() {
             "| 256-token prompt, ms (pp256) | {pp_ms_served:.1} | {pp_ms:.1} | {:.2} |",
             pp_ms_served / pp_ms
         );
-        let each: Vec<String> = rounds
-            .iter()
-            .map(|r| format!("{:.1}/{:.1}", r.0, r.1.unwrap()))
-            .collect();
+        println!("| TTFT, short prompt, ms (client) | {ttft:.1} | | |");
         println!(
             "\ndecode rounds, ours/llama-bench tok/s: {}",
             each.join(", ")
@@ -89,8 +91,8 @@ fn main() {
     } else {
         println!("| decode tok/s | {tg_served:.1} | (run benches/llama-tools.sh) | |");
         println!("| 256-token prompt, ms | {pp_ms_served:.1} | | |");
+        println!("| TTFT, short prompt, ms (client) | {ttft:.1} | | |");
     }
-    println!("| TTFT, short prompt, ms (client) | {ttft:.1} | | |");
     write_report("stream.json", &report);
 }
 
