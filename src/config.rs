@@ -319,8 +319,8 @@ impl Default for Scheduler {
 #[serde(default, deny_unknown_fields)]
 pub struct Constraints {
     /// Prepare constrained decoding at start-up (about 1 s on a thread of
-    /// its own and ~125 MB for a 262k-token vocabulary); off, constrained
-    /// requests are refused.
+    /// its own, at the lowest priority, and ~125 MB for a 262k-token
+    /// vocabulary); off, constrained requests are refused.
     pub enabled: bool,
     /// Longest schema, grammar or regex, in bytes.
     pub max_bytes: usize,

@@ -56,7 +56,9 @@ impl LlamaLoader {
 
     /// Builds the constraint compiler on a thread of its own, so that
     /// serving starts at once; a constrained request that comes before it
-    /// is ready waits for it.
+    /// is ready waits for it. The thread runs at the lowest priority: it
+    /// takes about a second of a core, and beside the first requests' decodes
+    /// (which use every core) it made their steps several times slower.
     fn prepare_grammars(&self, model: &Model) {
         let vocab = model.vocab();
         let (tokens, eog) = (vocab.all_token_bytes(), vocab.eog_tokens());
@@ -65,6 +67,9 @@ impl LlamaLoader {
         let spawned = std::thread::Builder::new()
             .name("grammars".into())
             .spawn(move || {
+                if !ffi::lower_thread_priority() {
+                    log::debug!("constrained decoding is prepared at normal priority");
+                }
                 cell.get_or_init(|| {
                     let _ = tx.send(());
                     Grammars::new(&tokens, &eog).map_err(|e| e.0)

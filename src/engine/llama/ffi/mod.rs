@@ -45,6 +45,15 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Gives the calling thread the lowest CPU priority (nice 19), so that
+/// work it does in the background yields to decoding; false where the
+/// system refuses.
+pub fn lower_thread_priority() -> bool {
+    // SAFETY: setpriority only reads its integer arguments; on Linux `who`
+    // 0 with PRIO_PROCESS names the calling thread.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) == 0 }
+}
+
 /// llama.cpp's version (its build number and commit).
 pub fn version() -> String {
     // SAFETY: returns a pointer to a static, NUL-terminated string owned by llama.cpp.
