@@ -147,6 +147,13 @@ fn soak_with_aborts_disconnects_and_malformed_messages() {
         .unwrap_or(90);
     let warmup = Duration::from_secs((secs / 4).clamp(10, 300));
     let server = Server::start(&[]);
+    // Constrained decoding is prepared once, at the lowest priority, on a
+    // thread of its own: under this traffic it would end (and its ~125 MB
+    // land) after the warm-up. A constrained request waits for it.
+    let ready = server
+        .connect()
+        .infer("ready", "x", json!({"regex": "[a-z]+", "max_tokens": 4}));
+    assert_eq!(ready.last["op"], "end", "{}", ready.last);
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let workers: Vec<_> = (0..WORKERS as u64)
