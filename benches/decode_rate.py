@@ -10,13 +10,12 @@ min-p 0.05 on both), after a warm-up, and its decode rate is read from the
 client: tokens after the first over the time since the first. Prints the
 medians and the ratios ours / llama-server. Needs websockets.
 """
-import asyncio, http.client, json, os, statistics, time
+import asyncio, http.client, json, statistics, time
 
 import websockets
 
-from servers import start_llama_server, start_ours, stop
+from servers import QUICK, start_llama_server, start_ours, stop
 
-QUICK = os.environ.get("BENCH_QUICK") == "1"
 RUNS, N = (1, 32) if QUICK else (5, 256)
 SAMPLING = {"top_k": 40, "top_p": 0.95, "min_p": 0.05}
 PROMPT = "Once upon a time, in a village by the sea,"

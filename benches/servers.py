@@ -8,6 +8,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.expanduser("~/.cache/inference-core/models/gemma-3-270m-q4_k_m.gguf")
+# BENCH_QUICK=1: a bench's smoke run (CI), fewer and shorter requests.
+QUICK = os.environ.get("BENCH_QUICK") == "1"
 
 
 def free_port():

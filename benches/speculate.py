@@ -20,9 +20,8 @@ import asyncio, http.client, json, os, statistics, sys, tempfile, time
 
 import websockets
 
-from servers import start_llama_server, start_ours, stop
+from servers import QUICK, start_llama_server, start_ours, stop
 
-QUICK = os.environ.get("BENCH_QUICK") == "1"
 RUNS, N = (1, 96) if QUICK else (5, 192)
 
 PARAGRAPH = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a can of oil and a "

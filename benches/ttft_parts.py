@@ -16,9 +16,8 @@ import asyncio, http.client, json, os, re, statistics, time
 
 import websockets
 
-from servers import ROOT, start_llama_server, start_ours, stop
+from servers import QUICK, ROOT, start_llama_server, start_ours, stop
 
-QUICK = os.environ.get("BENCH_QUICK") == "1"
 RUNS, WARM = (3, 1) if QUICK else (20, 3)
 
 
