@@ -47,11 +47,15 @@ pub fn exit_now(code: i32) -> ! {
 
 /// Gives the calling thread the lowest CPU priority (nice 19), so that
 /// work it does in the background yields to decoding; false where the
-/// system refuses.
+/// system refuses, and off Linux, where the same call would lower the
+/// whole process.
 pub fn lower_thread_priority() -> bool {
+    #[cfg(target_os = "linux")]
     // SAFETY: setpriority only reads its integer arguments; on Linux `who`
     // 0 with PRIO_PROCESS names the calling thread.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) == 0 }
+    return unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) == 0 };
+    #[cfg(not(target_os = "linux"))]
+    false
 }
 
 /// llama.cpp's version (its build number and commit).
