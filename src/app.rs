@@ -231,6 +231,7 @@ fn local_starter(
         page_size: s.page_size,
         queue_limit: s.max_queue,
         cache_entries: s.prefix_cache_entries,
+        host_cache_bytes: s.prefix_cache_host_mb << 20,
         prefill_chunk: s.prefill_chunk.max(1),
         itl_target_ms: (s.itl_target_ms > 0.0).then_some(s.itl_target_ms),
         // The tile rule is the CPU's flash attention's; offloaded layers

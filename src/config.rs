@@ -286,6 +286,9 @@ pub struct Scheduler {
     pub max_queue: usize,
     /// Cached prefixes kept in the KV pool (each holds one llama.cpp sequence id).
     pub prefix_cache_entries: usize,
+    /// Host memory (MiB) for cached prefixes moved out of the KV pool while
+    /// several requests run (kept cells slow every row); 0: they stay in it.
+    pub prefix_cache_host_mb: usize,
     /// Prompt tokens one step may carry while other requests are generating.
     pub prefill_chunk: usize,
     /// Inter-token gap (ms) to keep for generating requests while prompts go
@@ -306,6 +309,7 @@ impl Default for Scheduler {
             page_size: 16,
             max_queue: 64,
             prefix_cache_entries: 32,
+            prefix_cache_host_mb: 256,
             prefill_chunk: 128,
             itl_target_ms: 0.0,
             draft_max: 48,

@@ -251,6 +251,66 @@ fn a_repeated_long_prefix_is_served_from_the_cache_on_any_connection() {
 }
 
 #[test]
+fn a_prefix_moved_to_host_memory_while_others_run_is_loaded_back() {
+    let server = Server::start(&[]);
+    // Two long streams keep the engine busy, so a finished prompt that
+    // neither shares leaves the KV pool for host memory.
+    let mut busy = server.connect();
+    for id in ["long1", "long2"] {
+        busy.send(
+            json!({"op":"infer","id":id,"prompt":format!("{id}: count to a thousand."),
+            "params":{"max_tokens":1000,"ignore_eos":true}}),
+        );
+    }
+    let system = "You are a helpful assistant for a lighthouse museum. ".repeat(20);
+    let mut a = server.connect();
+    let first = a.infer(
+        "q1",
+        &format!("{system}\nQuestion: when was it built?\nAnswer:"),
+        json!({"temp":0,"max_tokens":4}),
+    );
+    assert_eq!(first.last["stats"]["cached_tokens"], 0, "{}", first.last);
+    let prompt_tokens = first.last["stats"]["prompt_tokens"].as_u64().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let kv = &status(&mut a)["kv"];
+        if kv["prefix_host_entries"] == 1 && kv["prefix_entries"] == 0 {
+            assert!(kv["prefix_host_bytes"].as_u64().unwrap() > 1 << 20, "{kv}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never left the pool: {kv}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A request that starts the same way gets those cells back, copied in.
+    let mut b = server.connect();
+    let second = b.infer(
+        "q2",
+        &format!("{system}\nQuestion: who lived there?\nAnswer:"),
+        json!({"temp":0,"max_tokens":4}),
+    );
+    assert_eq!(second.reason(), "length", "{}", second.last);
+    let cached = second.last["stats"]["cached_tokens"].as_u64().unwrap();
+    assert!(
+        cached + 32 >= prompt_tokens - 10,
+        "cached {cached} of {prompt_tokens}: {}",
+        second.last
+    );
+    for id in ["long1", "long2"] {
+        busy.send(json!({"op":"abort","id":id}));
+        assert_eq!(busy.collect(id).reason(), "abort");
+    }
+    assert_all_pages_back(&mut b);
+    let metrics = server.http_get("/metrics").1;
+    assert!(
+        metrics.contains("inference_core_prefix_cache_host_entries "),
+        "{metrics}"
+    );
+}
+
+#[test]
 fn queue_positions_overload_and_context_overflow() {
     let server = Server::start_with_config(
         "queue",

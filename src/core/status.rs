@@ -100,4 +100,7 @@ pub struct KvStatus {
     pub pages_cached: usize,
     pub pages_free: usize,
     pub prefix_entries: usize,
+    /// Cached prefixes copied out of the cells to host memory, and their bytes.
+    pub prefix_host_entries: usize,
+    pub prefix_host_bytes: usize,
 }

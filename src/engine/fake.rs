@@ -34,6 +34,8 @@ pub struct State {
     pub no_kv_slot: usize,
     pub fail_decode: bool,
     pub fail_load: bool,
+    /// `seq_load` calls that fail before one goes through.
+    pub fail_seq_loads: usize,
     pub fail_open: bool,
     /// While set, a decode waits (polling its abort callback) instead of finishing.
     pub hold: bool,
@@ -355,6 +357,12 @@ impl Backend for FakeBackend {
             .and_then(|n| <[u8; 4]>::try_from(n).ok())
             .map(u32::from_le_bytes)
             .ok_or_else(|| BackendError::State("not a fake state".into()))?;
+        let mut s = self.fake.state();
+        if s.fail_seq_loads > 0 {
+            s.fail_seq_loads -= 1;
+            return Err(BackendError::State("a fake failure".into()));
+        }
+        drop(s);
         assert_eq!(
             self.cells.get(&seq).copied().unwrap_or(0),
             0,

@@ -4,7 +4,7 @@
 //! `supervisor` starts the thread and loads, parks and wakes the model;
 //! `step` is the loop that serves requests over a `Backend` (the seam in
 //! `backend`; llama.cpp implements it in `llama`, a fake in the unit tests);
-//! `planner`, `scheduler`, `kv`, `prefix` and `speculate` decide, sans-I/O,
+//! `planner`, `scheduler`, `kv`, `prefix`, `host_cache` and `speculate` decide, sans-I/O,
 //! what each step does. Requests come in and events go out through `channel`; heartbeat,
 //! thermal pause and parking go through `Hooks`, which the ops layer implements. Each request
 //! carries an abort flag that the server sets; the engine checks it before
@@ -17,6 +17,7 @@ mod channel;
 mod fake;
 pub mod guide;
 mod hooks;
+pub mod host_cache;
 pub mod kv;
 #[cfg(feature = "llama")]
 pub mod llama;

@@ -1,33 +1,33 @@
-//! The prefix cache: token sequences whose KV cells stay in the pool after
-//! their request ended, so any later request on any connection that starts
-//! with the same tokens copies those cells instead of recomputing them.
+//! The prefix cache's index: token sequences kept after their request ended,
+//! so that any later request on any connection that starts with the same
+//! tokens reuses their KV state instead of recomputing it.
 //!
-//! Each entry is held by one llama.cpp sequence id (the finished request's own
-//! id, handed over to the cache) and covers whole pages. Lookup walks the
-//! prompt page by page with chained hashes (hash of page i folds in the hash of
-//! page i-1, so equal hashes mean equal prefixes, checked once on the tokens at
-//! the end): O(prompt pages), whatever the number of entries. Entries are
-//! evicted least-recently-used, only when pages or sequence ids are needed.
+//! Entries cover whole pages and are found by a key `K` with what holds them,
+//! `V`: the KV cells of one llama.cpp sequence id (the finished request's own
+//! id, handed over to the cache) and their pages, or a copy of that state in
+//! host memory (`ram`). Lookup walks the prompt page by page with chained
+//! hashes (hash of page i folds in the hash of page i-1, so equal hashes mean
+//! equal prefixes, checked once on the tokens at the end): O(prompt pages),
+//! whatever the number of entries. Entries are evicted least-recently-used.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use crate::engine::backend::{SeqId, Token};
-use crate::engine::kv::PageId;
+use crate::engine::backend::Token;
 
 #[derive(Debug)]
-pub struct Entry {
+pub struct Entry<V> {
     pub tokens: Vec<Token>,
-    pub pages: Vec<PageId>,
+    pub held: V,
     last_used: u64,
 }
 
 #[derive(Debug)]
-pub struct PrefixCache {
+pub struct PrefixCache<K, V> {
     page_size: usize,
-    entries: HashMap<SeqId, Entry>,
+    entries: HashMap<K, Entry<V>>,
     /// Chained hash of the first i pages -> entries that start with them.
-    index: HashMap<u64, Vec<SeqId>>,
+    index: HashMap<u64, Vec<K>>,
     clock: u64,
 }
 
@@ -38,8 +38,8 @@ fn chain(prev: u64, page: &[Token]) -> u64 {
     h.finish()
 }
 
-impl PrefixCache {
-    pub fn new(page_size: usize) -> PrefixCache {
+impl<K: Copy + Eq + Hash, V> PrefixCache<K, V> {
+    pub fn new(page_size: usize) -> Self {
         PrefixCache {
             page_size,
             entries: HashMap::new(),
@@ -56,13 +56,13 @@ impl PrefixCache {
         self.entries.len()
     }
 
-    pub fn get(&self, seq: SeqId) -> Option<&Entry> {
+    pub fn get(&self, seq: K) -> Option<&Entry<V>> {
         self.entries.get(&seq)
     }
 
     /// The entry sharing the most whole pages with `tokens` (at most
     /// `max_pages`), and how many pages it shares.
-    pub fn lookup(&self, tokens: &[Token], max_pages: usize) -> Option<(SeqId, usize)> {
+    pub fn lookup(&self, tokens: &[Token], max_pages: usize) -> Option<(K, usize)> {
         let mut hash = 0;
         let mut best = None;
         for (i, page) in tokens
@@ -82,7 +82,7 @@ impl PrefixCache {
     }
 
     /// Marks an entry as just used (for LRU eviction).
-    pub fn touch(&mut self, seq: SeqId) {
+    pub fn touch(&mut self, seq: K) {
         self.clock += 1;
         if let Some(e) = self.entries.get_mut(&seq) {
             e.last_used = self.clock;
@@ -97,7 +97,7 @@ impl PrefixCache {
 
     /// Entries whose whole token sequence is a prefix of `tokens` (they become
     /// redundant once `tokens` is cached).
-    pub fn prefixes_of(&self, tokens: &[Token]) -> Vec<SeqId> {
+    pub fn prefixes_of(&self, tokens: &[Token]) -> Vec<K> {
         self.entries
             .iter()
             .filter(|(_, e)| e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens))
@@ -105,11 +105,10 @@ impl PrefixCache {
             .collect()
     }
 
-    /// Caches `tokens` (whole pages) held by sequence `seq` in `pages`.
-    pub fn insert(&mut self, seq: SeqId, tokens: Vec<Token>, pages: Vec<PageId>) {
-        assert_eq!(
-            tokens.len(),
-            pages.len() * self.page_size,
+    /// Caches `tokens` (whole pages), held by `held` under the key `seq`.
+    pub fn insert(&mut self, seq: K, tokens: Vec<Token>, held: V) {
+        assert!(
+            tokens.len().is_multiple_of(self.page_size),
             "entries cover whole pages"
         );
         let mut hash = 0;
@@ -122,13 +121,13 @@ impl PrefixCache {
             seq,
             Entry {
                 tokens,
-                pages,
+                held,
                 last_used: self.clock,
             },
         );
     }
 
-    pub fn remove(&mut self, seq: SeqId) -> Option<Entry> {
+    pub fn remove(&mut self, seq: K) -> Option<Entry<V>> {
         let entry = self.entries.remove(&seq)?;
         let mut hash = 0;
         for page in entry.tokens.chunks_exact(self.page_size) {
@@ -143,15 +142,19 @@ impl PrefixCache {
         Some(entry)
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = (K, &Entry<V>)> {
+        self.entries.iter().map(|(&k, e)| (k, e))
+    }
+
     /// Every entry, the most recently used first.
-    pub fn by_recency(&self) -> Vec<(SeqId, &Entry)> {
-        let mut all: Vec<(SeqId, &Entry)> = self.entries.iter().map(|(&s, e)| (s, e)).collect();
+    pub fn by_recency(&self) -> Vec<(K, &Entry<V>)> {
+        let mut all: Vec<(K, &Entry<V>)> = self.entries.iter().map(|(&s, e)| (s, e)).collect();
         all.sort_by_key(|(_, e)| std::cmp::Reverse(e.last_used));
         all
     }
 
     /// The least recently used entry other than `except`.
-    pub fn lru(&self, except: Option<SeqId>) -> Option<SeqId> {
+    pub fn lru(&self, except: Option<K>) -> Option<K> {
         self.entries
             .iter()
             .filter(|(s, _)| Some(**s) != except)
@@ -163,6 +166,10 @@ impl PrefixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::backend::SeqId;
+    use crate::engine::kv::PageId;
+
+    type Cells = PrefixCache<SeqId, Vec<PageId>>;
 
     fn toks(n: usize, seed: i32) -> Vec<Token> {
         (0..n as i32).map(|i| i * 7 + seed).collect()
@@ -170,7 +177,7 @@ mod tests {
 
     #[test]
     fn longest_shared_whole_pages() {
-        let mut c = PrefixCache::new(4);
+        let mut c = Cells::new(4);
         c.insert(10, toks(12, 0), vec![0, 1, 2]);
         let mut prompt = toks(10, 0);
         prompt.extend([999, 998]);
@@ -184,7 +191,7 @@ mod tests {
 
     #[test]
     fn remove_and_lru() {
-        let mut c = PrefixCache::new(2);
+        let mut c = Cells::new(2);
         c.insert(1, toks(4, 0), vec![0, 1]);
         c.insert(2, toks(4, 5), vec![2, 3]);
         c.touch(1);
@@ -198,7 +205,7 @@ mod tests {
 
     #[test]
     fn entries_sharing_a_prefix_survive_each_others_eviction() {
-        let mut c = PrefixCache::new(2);
+        let mut c = Cells::new(2);
         let mut a = toks(2, 0);
         a.extend([50, 51]);
         let mut b = toks(2, 0);

@@ -1,9 +1,10 @@
 //! Admission control and KV bookkeeping for continuous batching.
 //!
 //! Sans-I/O: the scheduler decides, the engine executes. It holds the waiting
-//! queue (bounded FIFO), the KV page accounting (`kv`), the prefix cache
-//! (`prefix`) and the pool of llama.cpp sequence ids, and answers in
-//! `MemOp`s that the engine mirrors on the real KV cache.
+//! queue (bounded FIFO), the KV page accounting (`kv`), the prefix cache in
+//! two tiers (in cells: `prefix`; copied out to host memory: `host_cache`)
+//! and the pool of llama.cpp sequence ids, and answers in `MemOp`s that the
+//! engine mirrors on the real KV cache.
 //!
 //! Policy: a request is admitted when a slot is free and the pages for its
 //! prompt plus `max_tokens` (capped at the context) are free or can be freed by
@@ -16,10 +17,17 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::core::{KvStatus, RequestError, RequestKey, Status};
 use crate::engine::backend::{SeqId, Token};
+use crate::engine::host_cache::{HostCache, HostId};
 #[cfg(test)]
 use crate::engine::kv::Usage;
 use crate::engine::kv::{KvPages, PageId};
 use crate::engine::prefix::PrefixCache;
+
+/// Running requests from which cached prefixes that none of them shares move
+/// out of the cells to host memory: each kept cell costs every row of every
+/// step a mask entry per layer and head, and with one stream that is less
+/// than the copies.
+const BUSY: usize = 2;
 
 /// An operation on llama.cpp's KV cache, applied by the engine in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +36,12 @@ pub enum MemOp {
     Copy { src: SeqId, dst: SeqId, len: usize },
     /// `llama_memory_seq_rm(seq, from, -1)`: drop a sequence's cells from `from` on.
     Remove { seq: SeqId, from: usize },
+    /// `llama_state_seq_get_data(seq)`: copy a cached prefix, `tokens`, out
+    /// to host memory (`Scheduler::keep_in_host`).
+    Save { seq: SeqId, tokens: Vec<Token> },
+    /// `llama_state_seq_set_data`: load host entry `id` into the empty `seq`
+    /// (on failure, `Scheduler::load_failed`).
+    Load { id: HostId, seq: SeqId },
 }
 
 /// A tokenized request, as the scheduler sees it.
@@ -66,13 +80,16 @@ pub struct Config {
     pub page_size: usize,
     pub slots: usize,
     pub cache_entries: usize,
+    /// Bytes of cached prefixes host memory may hold (0: none).
+    pub host_bytes: usize,
     pub queue_limit: usize,
 }
 
 pub struct Scheduler {
     cfg: Config,
     kv: KvPages,
-    cache: PrefixCache,
+    cache: PrefixCache<SeqId, Vec<PageId>>,
+    host: HostCache,
     queue: VecDeque<Waiting>,
     active: HashMap<RequestKey, Active>,
     free_seqs: Vec<SeqId>,
@@ -86,6 +103,15 @@ impl Scheduler {
         Scheduler {
             kv: KvPages::new(cfg.n_ctx, cfg.page_size),
             cache: PrefixCache::new(cfg.page_size),
+            // No cells' cache, no host copies of it.
+            host: HostCache::new(
+                cfg.page_size,
+                if cfg.cache_entries > 0 {
+                    cfg.host_bytes
+                } else {
+                    0
+                },
+            ),
             queue: VecDeque::new(),
             active: HashMap::new(),
             free_seqs: (0..n_seq).rev().collect(),
@@ -112,6 +138,8 @@ impl Scheduler {
                 pages_cached: u.cached,
                 pages_free: u.free,
                 prefix_entries: self.cache.len(),
+                prefix_host_entries: self.host.len(),
+                prefix_host_bytes: self.host.bytes(),
             },
             ..Status::default()
         }
@@ -179,39 +207,53 @@ impl Scheduler {
     }
 
     /// Admits waiting requests, in order, while slots and pages allow.
+    #[cfg(test)]
     pub fn admit(&mut self) -> Vec<(Job, Admitted)> {
-        let mut out = Vec::new();
-        while self.active.len() < self.cfg.slots {
-            let Some(head) = self.queue.pop_front() else {
-                break;
-            };
-            match self.try_admit(&head.req) {
-                Some(admitted) => out.push((head.req, admitted)),
-                None => {
-                    self.queue.push_front(head);
-                    break;
-                }
+        std::iter::from_fn(|| self.admit_next()).collect()
+    }
+
+    /// Admits the request at the head of the queue if a slot and pages allow.
+    /// Its ops are to be applied before the next admission: a load from host
+    /// memory may fail (`load_failed`), and the next one may share its cells.
+    pub fn admit_next(&mut self) -> Option<(Job, Admitted)> {
+        if self.active.len() >= self.cfg.slots {
+            return None;
+        }
+        let head = self.queue.pop_front()?;
+        match self.try_admit(&head.req) {
+            Some(admitted) => Some((head.req, admitted)),
+            None => {
+                self.queue.push_front(head);
+                None
             }
         }
-        out
     }
 
     fn try_admit(&mut self, req: &Job) -> Option<Admitted> {
-        let p = self.cfg.page_size;
         let limit = (req.tokens.len() + req.max_tokens).min(self.capacity());
         let need = self.kv.pages_for(limit);
         // At least one prompt token is always decoded, for its logits.
-        let reusable = (req.tokens.len() - 1) / p;
+        let reusable = (req.tokens.len() - 1) / self.cfg.page_size;
         let mut hit = self.cache.lookup(&req.tokens, reusable);
+        let mut ops = Vec::new();
+        if let Some((id, k)) = self.host.lookup(&req.tokens, reusable)
+            && k > hit.map_or(0, |h| h.1)
+            && let Some(seq) = self.load_from_host(id, need - k, &mut ops)
+        {
+            hit = Some((seq, k));
+        }
         let shared: Vec<PageId> = hit.map_or_else(Vec::new, |(src, k)| {
-            self.cache.get(src).unwrap().pages[..k].to_vec()
+            self.cache.get(src).unwrap().held[..k].to_vec()
         });
         let shared_cached = shared.iter().filter(|&&id| self.kv.only_cached(id)).count();
         let reclaimable = self.kv.usage().cached - shared_cached;
         if self.kv.free_count() + reclaimable < need - shared.len() {
+            debug_assert!(
+                ops.is_empty(),
+                "a load from host memory is only planned to admit"
+            );
             return None;
         }
-        let mut ops = Vec::new();
         let seq = match self.free_seqs.pop() {
             Some(s) => s,
             None => {
@@ -223,14 +265,14 @@ impl Scheduler {
                         self.cache.lru(None)?
                     }
                 };
-                ops.push(self.evict(victim));
+                ops.extend(self.evict(victim));
                 self.free_seqs.pop().expect("eviction frees a sequence id")
             }
         };
         let shared = if hit.is_some() { shared } else { Vec::new() };
         let mut cached_tokens = 0;
         if let Some((src, k)) = hit {
-            cached_tokens = k * p;
+            cached_tokens = k * self.cfg.page_size;
             ops.push(MemOp::Copy {
                 src,
                 dst: seq,
@@ -245,7 +287,7 @@ impl Scheduler {
                 .cache
                 .lru(None)
                 .expect("admission counted enough reclaimable pages");
-            ops.push(self.evict(victim));
+            ops.extend(self.evict(victim));
         }
         let mut pages = shared;
         pages.extend(self.kv.alloc(fresh).expect("pages were made free"));
@@ -259,17 +301,98 @@ impl Scheduler {
         })
     }
 
+    /// Plans loading host entry `id` back into cells, as an entry of the
+    /// cells' cache under a sequence id of its own, when that leaves a
+    /// sequence id and `then` more pages for the request that asked: its
+    /// sequence, or `None` (nothing planned).
+    fn load_from_host(&mut self, id: HostId, then: usize, ops: &mut Vec<MemOp>) -> Option<SeqId> {
+        let tokens = self.host.tokens(id).to_vec();
+        let pages = self.kv.pages_for(tokens.len());
+        let ids = self.free_seqs.len() + self.cache.len();
+        if ids < 2 || self.kv.free_count() + self.kv.usage().cached < pages + then {
+            return None;
+        }
+        if self.free_seqs.is_empty() || self.cache.len() >= self.cfg.cache_entries {
+            let victim = self.cache.lru(None).expect("ids are held by the cache");
+            ops.extend(self.evict(victim));
+        }
+        while self.kv.free_count() < pages {
+            let victim = self.cache.lru(None).expect("counted above");
+            ops.extend(self.evict(victim));
+        }
+        let seq = self.free_seqs.pop().expect("made free above");
+        let held = self.kv.alloc(pages).expect("made free above");
+        self.kv.retain_cached(&held);
+        self.kv.release_active(&held);
+        self.cache.insert(seq, tokens, held);
+        self.host.touch(id);
+        self.changes += 1;
+        ops.push(MemOp::Load { id, seq });
+        Some(seq)
+    }
+
     /// How many times the prefix cache has changed so far.
     pub fn cache_changes(&self) -> u64 {
         self.changes
     }
 
-    fn evict(&mut self, seq: SeqId) -> MemOp {
+    /// Takes an entry out of the cells: a copy goes to host memory first,
+    /// unless host memory is off or holds it already.
+    fn evict(&mut self, seq: SeqId) -> Vec<MemOp> {
+        let tokens = &self.cache.get(seq).expect("evicting a cached entry").tokens;
+        let mut ops = Vec::new();
+        if self.host.enabled() && !self.host.covers(tokens) {
+            ops.push(MemOp::Save {
+                seq,
+                tokens: tokens.clone(),
+            });
+        }
+        ops.push(self.drop_entry(seq));
+        ops
+    }
+
+    /// Takes an entry out of the cells, without a copy.
+    fn drop_entry(&mut self, seq: SeqId) -> MemOp {
         self.changes += 1;
         let entry = self.cache.remove(seq).expect("evicting a cached entry");
-        self.kv.release_cached(&entry.pages);
+        self.kv.release_cached(&entry.held);
         self.free_seqs.push(seq);
         MemOp::Remove { seq, from: 0 }
+    }
+
+    /// While `BUSY` requests or more run, moves every cached prefix that none
+    /// of them shares a page with out of the cells to host memory.
+    pub fn spill_idle(&mut self) -> Vec<MemOp> {
+        if !self.host.enabled() || self.active.len() < BUSY {
+            return Vec::new();
+        }
+        let idle: Vec<SeqId> = self
+            .cache
+            .iter()
+            .filter(|(_, e)| e.held.iter().all(|&id| self.kv.only_cached(id)))
+            .map(|(seq, _)| seq)
+            .collect();
+        idle.into_iter().flat_map(|seq| self.evict(seq)).collect()
+    }
+
+    /// The state a `MemOp::Save` copied out.
+    pub fn keep_in_host(&mut self, tokens: Vec<Token>, state: Vec<u8>) {
+        if self.host.insert(tokens, state) {
+            self.changes += 1;
+        }
+    }
+
+    /// The state of host entry `id`, for a `MemOp::Load`.
+    pub fn host_state(&self, id: HostId) -> Option<&[u8]> {
+        self.host.state(id)
+    }
+
+    /// A `MemOp::Load` failed: host entry `id` goes, and so does the cells'
+    /// entry `seq` it was loaded for (to apply: the returned op). Requests
+    /// that were to share it hold its pages as their own and compute them.
+    pub fn load_failed(&mut self, id: HostId, seq: SeqId) -> MemOp {
+        self.host.remove(id);
+        self.drop_entry(seq)
     }
 
     /// A request ended; `decoded` are the tokens whose cells its sequence
@@ -286,11 +409,11 @@ impl Scheduler {
         let keep = self.cfg.cache_entries > 0 && full > 0 && !self.cache.covers(tokens);
         if keep {
             for redundant in self.cache.prefixes_of(tokens) {
-                ops.push(self.evict(redundant));
+                ops.push(self.drop_entry(redundant));
             }
             while self.cache.len() >= self.cfg.cache_entries {
                 let victim = self.cache.lru(None).expect("cache is not empty");
-                ops.push(self.evict(victim));
+                ops.extend(self.evict(victim));
             }
             self.kv.retain_cached(&a.pages[..full]);
             self.cache
@@ -311,7 +434,7 @@ impl Scheduler {
         ops
     }
 
-    /// Cached prefixes, the most recently used first: (sequence, tokens).
+    /// Cached prefixes in cells, the most recently used first: (sequence, tokens).
     pub fn cached(&self) -> Vec<(SeqId, &[Token])> {
         self.cache
             .by_recency()
@@ -320,17 +443,27 @@ impl Scheduler {
             .collect()
     }
 
+    /// Cached prefixes in host memory that the cells do not hold too, the
+    /// most recently used first: (tokens, state).
+    pub fn cached_in_host(&self) -> Vec<(&[Token], &[u8])> {
+        self.host
+            .by_recency()
+            .into_iter()
+            .filter(|(tokens, _)| !self.cache.covers(tokens))
+            .collect()
+    }
+
     /// Takes in a prefix restored from a saved state: a sequence id and whole
     /// pages for `tokens`, as a cache entry whose cells the engine then loads.
     /// `None` (nothing changed) when it is not whole pages, is already covered,
     /// or when no entry, sequence id or page is free: a restored prefix never
     /// pushes out anything.
-    pub fn adopt(&mut self, tokens: Vec<Token>) -> Option<SeqId> {
+    pub fn adopt(&mut self, tokens: &[Token]) -> Option<SeqId> {
         let p = self.cfg.page_size;
         if tokens.is_empty()
             || !tokens.len().is_multiple_of(p)
             || self.cache.len() >= self.cfg.cache_entries
-            || self.cache.covers(&tokens)
+            || self.cache.covers(tokens)
             || self.free_seqs.is_empty()
         {
             return None;
@@ -339,18 +472,18 @@ impl Scheduler {
         let seq = self.free_seqs.pop().expect("checked above");
         self.kv.retain_cached(&pages);
         self.kv.release_active(&pages);
-        self.cache.insert(seq, tokens, pages);
+        self.cache.insert(seq, tokens.to_vec(), pages);
         Some(seq)
     }
 
     /// Drops a cached prefix (a restore that failed).
     pub fn forget(&mut self, seq: SeqId) -> MemOp {
-        self.evict(seq)
+        self.drop_entry(seq)
     }
 
-    /// Frees the least recently used cached prefix (llama.cpp found no room
-    /// for a batch after all); `None` when the cache is empty.
-    pub fn evict_lru(&mut self) -> Option<MemOp> {
+    /// Frees the least recently used cached prefix in cells (llama.cpp found
+    /// no room for a batch after all); `None` when there is none.
+    pub fn evict_lru(&mut self) -> Option<Vec<MemOp>> {
         let victim = self.cache.lru(None)?;
         Some(self.evict(victim))
     }
@@ -383,6 +516,7 @@ mod tests {
             page_size: 4,
             slots,
             cache_entries: entries,
+            host_bytes: 0,
             queue_limit: 3,
         })
     }
@@ -566,11 +700,11 @@ mod tests {
     #[test]
     fn restored_prefixes_are_ordinary_entries_and_push_nothing_out() {
         let mut s = sched(32, 1, 2); // 8 pages, 2 entries
-        let a = s.adopt(prompt(8, 1)).unwrap();
-        assert_eq!(s.adopt(prompt(8, 1)), None, "already covered");
-        assert_eq!(s.adopt(prompt(6, 2)), None, "not whole pages");
-        let b = s.adopt(prompt(4, 3)).unwrap();
-        assert_eq!(s.adopt(prompt(4, 4)), None, "no entry free");
+        let a = s.adopt(&prompt(8, 1)).unwrap();
+        assert_eq!(s.adopt(&prompt(8, 1)), None, "already covered");
+        assert_eq!(s.adopt(&prompt(6, 2)), None, "not whole pages");
+        let b = s.adopt(&prompt(4, 3)).unwrap();
+        assert_eq!(s.adopt(&prompt(4, 4)), None, "no entry free");
         assert_eq!(s.usage().cached, 3);
         assert_eq!(
             s.cached().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
@@ -588,6 +722,179 @@ mod tests {
         s.check().unwrap();
     }
 
+    /// The cells each sequence holds, as llama.cpp would after the ops: they
+    /// check that the engine can apply them in order.
+    #[derive(Default)]
+    struct Cells(HashMap<SeqId, usize>);
+
+    impl Cells {
+        /// Applies `ops`, failing loads when `fail_loads`; false if one failed.
+        fn run(&mut self, s: &mut Scheduler, ops: Vec<MemOp>, fail_loads: bool) -> bool {
+            let mut ok = true;
+            for op in ops {
+                match op {
+                    MemOp::Copy { src, dst, len } => {
+                        let held = self.0.get(&src).copied().unwrap_or(0);
+                        assert!(
+                            held >= len || !ok,
+                            "copy of {len} from {src} holding {held}: {:?} host {}",
+                            self.0,
+                            s.host.len()
+                        );
+                        assert_eq!(self.0.get(&dst).copied().unwrap_or(0), 0, "copy into {dst}");
+                        self.0.insert(dst, len.min(held));
+                    }
+                    MemOp::Remove { seq, from } => {
+                        let held = self.0.entry(seq).or_default();
+                        *held = (*held).min(from);
+                    }
+                    MemOp::Save { seq, tokens } => {
+                        assert_eq!(self.0.get(&seq).copied().unwrap_or(0), tokens.len());
+                        let state = vec![0; tokens.len()];
+                        s.keep_in_host(tokens, state);
+                    }
+                    MemOp::Load { id, seq } => {
+                        assert_eq!(self.0.get(&seq).copied().unwrap_or(0), 0, "load into {seq}");
+                        if fail_loads || s.host.state(id).is_none() {
+                            let op = s.load_failed(id, seq);
+                            self.run(s, vec![op], false);
+                            ok = false;
+                        } else {
+                            self.0.insert(seq, s.host.tokens(id).len());
+                        }
+                    }
+                }
+            }
+            ok
+        }
+    }
+
+    fn with_host(n_ctx: usize, slots: usize, entries: usize) -> Scheduler {
+        Scheduler::new(Config {
+            host_bytes: 1 << 20,
+            ..sched(n_ctx, slots, entries).cfg
+        })
+    }
+
+    #[test]
+    fn idle_prefixes_move_to_host_memory_only_while_several_requests_run() {
+        let mut s = with_host(64, 2, 4);
+        let mut cells = Cells::default();
+        let system = prompt(10, 7);
+        s.submit(req(1, system.clone(), 4)).unwrap();
+        let (_, a) = s.admit().remove(0);
+        cells.run(&mut s, a.ops, false);
+        cells.0.insert(a.seq, 12);
+        let ops = s.finish(1, &system[..8]);
+        cells.run(&mut s, ops, false);
+        assert!(s.spill_idle().is_empty(), "nothing runs: it stays in cells");
+        // Two running requests that share nothing with it: it moves out.
+        for k in [2, 3] {
+            s.submit(req(k, prompt(6, k as i32), 4)).unwrap();
+        }
+        for (_, b) in s.admit() {
+            cells.run(&mut s, b.ops, false);
+        }
+        let ops = s.spill_idle();
+        assert_eq!(
+            ops,
+            vec![
+                MemOp::Save {
+                    seq: a.seq,
+                    tokens: system[..8].to_vec()
+                },
+                MemOp::Remove {
+                    seq: a.seq,
+                    from: 0
+                }
+            ]
+        );
+        cells.run(&mut s, ops, false);
+        let st = s.status().kv;
+        assert_eq!((st.prefix_entries, st.prefix_host_entries), (0, 1));
+        assert_eq!(s.usage().cached, 0, "its pages are free");
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn a_prefix_in_host_memory_is_loaded_back_and_shared_from_cells() {
+        let mut s = with_host(64, 3, 4);
+        let mut cells = Cells::default();
+        let system = prompt(8, 7);
+        s.keep_in_host(system.clone(), vec![0; 3]);
+        let mut first = system.clone();
+        first.extend([1, 2]);
+        s.submit(req(1, first.clone(), 4)).unwrap();
+        s.submit(req(2, first, 4)).unwrap();
+        let admitted = s.admit();
+        let (_, a) = &admitted[0];
+        let entry = match a.ops[0] {
+            MemOp::Load { seq, .. } => seq,
+            ref other => panic!("expected a load first, got {other:?}"),
+        };
+        assert_eq!(
+            a.ops[1..],
+            [MemOp::Copy {
+                src: entry,
+                dst: a.seq,
+                len: 8
+            }]
+        );
+        assert_eq!(a.cached_tokens, 8);
+        let (_, b) = &admitted[1];
+        assert_eq!(
+            b.ops,
+            [MemOp::Copy {
+                src: entry,
+                dst: b.seq,
+                len: 8
+            }],
+            "the second shares the cells the first loaded"
+        );
+        for (_, x) in admitted {
+            assert!(cells.run(&mut s, x.ops, false));
+        }
+        assert!(s.spill_idle().is_empty(), "both share it");
+        // Once neither shares it, it leaves the cells again: no second copy.
+        let ops = s.finish(1, &[]);
+        cells.run(&mut s, ops, false);
+        let ops = s.finish(2, &[]);
+        cells.run(&mut s, ops, false);
+        s.submit(req(3, prompt(4, 1), 4)).unwrap();
+        s.submit(req(4, prompt(4, 2), 4)).unwrap();
+        for (_, x) in s.admit() {
+            cells.run(&mut s, x.ops, false);
+        }
+        assert_eq!(
+            s.spill_idle(),
+            [MemOp::Remove {
+                seq: entry,
+                from: 0
+            }]
+        );
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn a_failed_load_leaves_the_request_its_pages_to_compute() {
+        let mut s = with_host(64, 2, 4);
+        let mut cells = Cells::default();
+        let system = prompt(8, 7);
+        s.keep_in_host(system.clone(), vec![0; 3]);
+        let mut first = system.clone();
+        first.push(1);
+        s.submit(req(1, first, 4)).unwrap();
+        let (_, a) = s.admit().remove(0);
+        assert_eq!(a.cached_tokens, 8);
+        assert!(!cells.run(&mut s, a.ops, true));
+        let st = s.status().kv;
+        assert_eq!((st.prefix_entries, st.prefix_host_entries), (0, 0));
+        assert_eq!(s.usage().owned, 4, "9 prompt + 4 reply: its own 4 pages");
+        s.check().unwrap();
+        s.finish(1, &[]);
+        assert_eq!(s.usage().free, 16);
+    }
+
     /// Property test: random submit/admit/abort/finish/evict sequences keep
     /// every page and sequence id accounted for, and all pages come back.
     #[test]
@@ -599,8 +906,19 @@ mod tests {
             rng ^= rng << 17;
             rng
         };
-        for _round in 0..200 {
-            let mut s = sched(128, 3, 5);
+        for round in 0..400 {
+            // Half the rounds with host memory, whose loads fail now and then.
+            let host = round % 2 == 1;
+            let mut s = if host {
+                // Room for a few entries: host memory evicts too.
+                Scheduler::new(Config {
+                    host_bytes: 64,
+                    ..sched(128, 3, 5).cfg
+                })
+            } else {
+                sched(128, 3, 5)
+            };
+            let mut cells = Cells::default();
             let mut running: Vec<(RequestKey, Vec<Token>)> = Vec::new();
             for key in 0..60u64 {
                 match next() % 5 {
@@ -616,18 +934,26 @@ mod tests {
                         {
                             let (k, toks) = running.swap_remove(i);
                             let keep = next() as usize % (toks.len() + 1);
-                            s.finish(k, &toks[..keep]);
+                            let ops = s.finish(k, &toks[..keep]);
+                            cells.run(&mut s, ops, false);
                         }
                     }
                     3 => {
-                        let _ = s.evict_lru();
+                        if let Some(ops) = s.evict_lru() {
+                            cells.run(&mut s, ops, false);
+                        }
+                        let ops = s.spill_idle();
+                        cells.run(&mut s, ops, false);
                     }
                     _ => {
                         s.cancel_queued(next() % key.max(1));
                     }
                 }
-                for (r, a) in s.admit() {
+                while let Some((r, a)) = s.admit_next() {
                     assert!(a.cached_tokens < r.tokens.len());
+                    cells.run(&mut s, a.ops, next() % 7 == 0);
+                    // What the request's sequence holds after its decodes.
+                    cells.0.insert(a.seq, r.tokens.len());
                     running.push((r.key, r.tokens));
                 }
                 s.check().unwrap();

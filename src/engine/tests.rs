@@ -23,6 +23,7 @@ fn config(slots: usize) -> EngineConfig {
         page_size: 4,
         queue_limit: 4,
         cache_entries: 4,
+        host_cache_bytes: 0,
         prefill_chunk: 8,
         itl_target_ms: None,
         mixed_rows: 64,
@@ -429,6 +430,59 @@ fn a_finished_prompt_is_reused_by_the_next_request() {
         .find(|b| b.iter().all(|t| !t.output) || b.len() > 1)
         .unwrap();
     assert!(first_of_b[0].pos >= cached, "recomputed a cached prefix");
+}
+
+#[test]
+fn a_prefix_moved_to_host_memory_while_others_run_comes_back() {
+    let fake = Fake {
+        n_ctx: 2048,
+        ..Fake::default()
+    };
+    fake.state().cost = Some((Duration::from_millis(2), Duration::ZERO));
+    let cfg = EngineConfig {
+        host_cache_bytes: 1 << 20,
+        ..config(3)
+    };
+    let mut h = Harness::start(fake, cfg, TestHooks::default());
+    // Two long replies keep the engine busy throughout (they end aborted).
+    let long = SamplingParams {
+        ignore_eos: true,
+        ..greedy(900)
+    };
+    let busy: Vec<_> = ["keep going", "and on"]
+        .map(|p| h.submit_input(PromptInput::Text(p.into()), long.clone()))
+        .into();
+    let system = "You are a terse assistant. ";
+    let (a, _) = h.submit(&format!("{system}Hi"));
+    assert_eq!(h.finish(a).end().1.cached_tokens, 0);
+    h.wait_until("the prefix in host memory", |h| {
+        let kv = h.engine.status().kv;
+        kv.prefix_host_entries == 1 && kv.prefix_host_bytes > 0
+    });
+    let (b, _) = h.submit(&format!("{system}Bye"));
+    let done = h.finish(b);
+    assert_eq!(done.text, "hello world");
+    let cached = done.end().1.cached_tokens;
+    assert!(cached >= 24 && cached.is_multiple_of(4), "{cached}");
+    // Both entries leave the cells again (the first without a second copy).
+    h.wait_until("both prefixes in host memory only", |h| {
+        let kv = h.engine.status().kv;
+        (kv.prefix_entries, kv.prefix_host_entries) == (0, 2)
+    });
+    // A load that fails: the prompt is computed instead, nothing else changes.
+    h.fake.state().fail_seq_loads = 1;
+    let (c, _) = h.submit(&format!("{system}Bye now"));
+    let done = h.finish(c);
+    assert_eq!(done.text, "hello world");
+    assert_eq!(done.end().1.cached_tokens, 0);
+    for (key, cancel) in busy {
+        cancel.store(true, Ordering::Relaxed);
+        assert_eq!(h.finish(key).end().0, FinishReason::Abort);
+    }
+    h.wait_until("an idle engine", |h| h.engine.status().busy_slots == 0);
+    let kv = h.engine.status().kv;
+    assert_eq!(kv.pages_owned, 0);
+    assert_eq!(kv.pages_free + kv.pages_cached, kv.pages_total);
 }
 
 #[test]

@@ -211,6 +211,18 @@ impl Metrics {
         );
         gauge(
             o,
+            "prefix_cache_host_entries",
+            "Prefixes copied out of the KV cache to host memory.",
+            s.kv.prefix_host_entries as f64,
+        );
+        gauge(
+            o,
+            "prefix_cache_host_bytes",
+            "Bytes of the prefixes in host memory.",
+            s.kv.prefix_host_bytes as f64,
+        );
+        gauge(
+            o,
             "connections",
             "Open client connections.",
             g.connections as f64,

@@ -496,6 +496,8 @@ impl Pool {
             kv.pages_cached += k.pages_cached;
             kv.pages_free += k.pages_free;
             kv.prefix_entries += k.prefix_entries;
+            kv.prefix_host_entries += k.prefix_host_entries;
+            kv.prefix_host_bytes += k.prefix_host_bytes;
             total.workers.push(WorkerStatus {
                 name: s.name.clone(),
                 kind: s.kind.as_str(),

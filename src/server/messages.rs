@@ -134,6 +134,8 @@ pub struct WireKv {
     pub pages_cached: usize,
     pub pages_free: usize,
     pub prefix_entries: usize,
+    pub prefix_host_entries: usize,
+    pub prefix_host_bytes: usize,
 }
 
 impl From<&Status> for WireStatus {
@@ -150,6 +152,8 @@ impl From<&Status> for WireStatus {
                 pages_cached: kv.pages_cached,
                 pages_free: kv.pages_free,
                 prefix_entries: kv.prefix_entries,
+                prefix_host_entries: kv.prefix_host_entries,
+                prefix_host_bytes: kv.prefix_host_bytes,
             },
             engine: ops.engine,
             throttled: ops.throttled,
@@ -291,7 +295,7 @@ mod tests {
         status.ops.throttled = Some(false);
         assert_eq!(
             ServerMsg::Status(&(&status).into()).to_json(),
-            r#"{"op":"status","slots":4,"busy_slots":1,"queued":0,"kv":{"page_size":0,"pages_total":256,"pages_owned":0,"pages_cached":0,"pages_free":0,"prefix_entries":0},"engine":"busy","throttled":false,"workers":[]}"#
+            r#"{"op":"status","slots":4,"busy_slots":1,"queued":0,"kv":{"page_size":0,"pages_total":256,"pages_owned":0,"pages_cached":0,"pages_free":0,"prefix_entries":0,"prefix_host_entries":0,"prefix_host_bytes":0},"engine":"busy","throttled":false,"workers":[]}"#
         );
     }
 

@@ -183,7 +183,7 @@ impl<B: Backend> Engine<'_, B> {
     /// Starts every request the scheduler admits (their places are told
     /// after the whole intake, by `admit`).
     fn start_admitted(&mut self) {
-        for (job, admitted) in self.scheduler.admit() {
+        while let Some((job, admitted)) = self.scheduler.admit_next() {
             let Waiting {
                 req,
                 mut progress,
@@ -193,15 +193,19 @@ impl<B: Backend> Engine<'_, B> {
                 .waiting
                 .remove(&job.key)
                 .expect("admitted requests are waiting");
-            self.apply(&admitted.ops);
-            progress.cached_tokens = admitted.cached_tokens;
+            let cached = if self.apply(&admitted.ops) {
+                admitted.cached_tokens
+            } else {
+                0
+            };
+            progress.cached_tokens = cached;
             self.active.push(Seq {
                 banned: banned(&req.params, self.backend.eog_tokens(), true),
                 guide,
                 sampler,
                 stream: crate::engine::text::TextStream::new(req.params.stop.clone()),
                 id: admitted.seq,
-                decoded: job.tokens[..admitted.cached_tokens].to_vec(),
+                decoded: job.tokens[..cached].to_vec(),
                 prompt: job.tokens,
                 pending: None,
                 limit: admitted.limit,

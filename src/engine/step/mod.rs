@@ -46,6 +46,8 @@ pub struct EngineConfig {
     pub queue_limit: usize,
     /// Cached prefixes kept in the KV pool.
     pub cache_entries: usize,
+    /// Bytes of cached prefixes moved out of the pool to host memory.
+    pub host_cache_bytes: usize,
     /// Prompt tokens a step may carry while other sequences are generating.
     pub prefill_chunk: usize,
     /// Inter-token gap to keep for running streams while prompts go in: the
@@ -148,6 +150,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             page_size: cfg.page_size,
             slots: cfg.slots,
             cache_entries: cfg.cache_entries,
+            host_bytes: cfg.host_cache_bytes,
             queue_limit: cfg.queue_limit,
         });
         let mut costs = Costs::new(cfg.slots);
@@ -212,6 +215,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
             self.reap_cancelled();
             self.admit();
+            self.spill_idle();
             if self.active.is_empty() && !self.waiting.is_empty() {
                 // Nothing can start yet (cannot happen with a consistent pool, but
                 // never spin): wait for a command, or re-check cancellations soon.
@@ -281,12 +285,50 @@ impl<'a, B: Backend> Engine<'a, B> {
         *self.io.status.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
     }
 
-    fn apply(&mut self, ops: &[MemOp]) {
+    /// Mirrors the scheduler's operations on the KV cache, in order; false
+    /// when a prefix could not be loaded back from host memory (nothing was
+    /// then copied from it: a request admitted to share it computes it).
+    fn apply(&mut self, ops: &[MemOp]) -> bool {
+        let mut failed = None;
         for op in ops {
-            match *op {
-                MemOp::Copy { src, dst, len } => self.backend.seq_cp(src, dst, len),
-                MemOp::Remove { seq, from } => self.backend.seq_rm(seq, from),
+            match op {
+                MemOp::Copy { src, .. } if Some(*src) == failed => {}
+                &MemOp::Copy { src, dst, len } => self.backend.seq_cp(src, dst, len),
+                &MemOp::Remove { seq, from } => self.backend.seq_rm(seq, from),
+                MemOp::Save { seq, tokens } => match self.backend.seq_save(*seq) {
+                    Ok(state) => self.scheduler.keep_in_host(tokens.clone(), state),
+                    Err(e) => log::warn!("cannot copy a cached prefix to host memory: {e}"),
+                },
+                &MemOp::Load { id, seq } => {
+                    // A copy saved just before may have pushed the entry out.
+                    let loaded = match self.scheduler.host_state(id) {
+                        Some(state) => self.backend.seq_load(seq, state).map_err(|e| e.to_string()),
+                        None => Err("it left host memory".into()),
+                    };
+                    if let Err(e) = loaded {
+                        log::warn!("cannot load a cached prefix from host memory: {e}");
+                        let op = self.scheduler.load_failed(id, seq);
+                        self.apply(&[op]);
+                        failed = Some(seq);
+                    }
+                }
             }
+        }
+        failed.is_none()
+    }
+
+    /// Moves the cached prefixes no running request shares out of the cells
+    /// while several run (`Scheduler::spill_idle`).
+    fn spill_idle(&mut self) {
+        let ops = self.scheduler.spill_idle();
+        if !ops.is_empty() {
+            let t0 = Instant::now();
+            self.apply(&ops);
+            log::debug!(
+                "moved cached prefixes to host memory: {} ops, {:.1} ms",
+                ops.len(),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
         }
     }
 
@@ -363,11 +405,11 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
             match result {
                 Err(DecodeError::NoKvSlot) => match self.scheduler.evict_lru() {
-                    Some(op) => {
+                    Some(ops) => {
                         log::warn!(
                             "llama.cpp found no KV slot: evicting a cached prefix and retrying"
                         );
-                        self.apply(&[op]);
+                        self.apply(&ops);
                     }
                     None => break Err(DecodeError::NoKvSlot),
                 },

@@ -9,25 +9,35 @@ use crate::engine::backend::Backend;
 use crate::engine::snapshot::Prefix;
 
 impl<B: Backend> Engine<'_, B> {
-    /// The cached prefixes' states, the most recently used first, while
-    /// they fit in `budget` bytes.
+    /// The cached prefixes' states, those in cells then those in host
+    /// memory, each the most recently used first, while they fit in
+    /// `budget` bytes.
     pub fn save_prefixes(&self, budget: usize) -> Vec<Prefix> {
         let mut out = Vec::new();
         let mut used = 0;
+        let mut keep = |prefix: Prefix| {
+            let fits = used + prefix.bytes() <= budget;
+            if fits {
+                used += prefix.bytes();
+                out.push(prefix);
+            }
+            fits
+        };
         for (seq, tokens) in self.scheduler.cached() {
             match self.backend.seq_save(seq) {
                 Ok(state) => {
-                    let prefix = Prefix {
-                        tokens: tokens.to_vec(),
-                        state,
-                    };
-                    if used + prefix.bytes() > budget {
-                        break;
+                    let tokens = tokens.to_vec();
+                    if !keep(Prefix { tokens, state }) {
+                        return out;
                     }
-                    used += prefix.bytes();
-                    out.push(prefix);
                 }
                 Err(e) => log::warn!("cannot save a cached prefix: {e}"),
+            }
+        }
+        for (tokens, state) in self.scheduler.cached_in_host() {
+            let (tokens, state) = (tokens.to_vec(), state.to_vec());
+            if !keep(Prefix { tokens, state }) {
+                break;
             }
         }
         out
@@ -54,12 +64,14 @@ impl<B: Backend> Engine<'_, B> {
     }
 
     /// Takes saved prefixes back into the prefix cache, the most recent
-    /// first, while entries and pages are free; returns how many.
+    /// first: into cells while entries and pages are free, the others into
+    /// host memory; returns how many went into cells.
     pub fn restore_prefixes(&mut self, prefixes: Vec<Prefix>) -> usize {
         let mut restored = 0;
         // Oldest first, so the most recent ends up the most recently used.
         for prefix in prefixes.into_iter().rev() {
-            let Some(seq) = self.scheduler.adopt(prefix.tokens) else {
+            let Some(seq) = self.scheduler.adopt(&prefix.tokens) else {
+                self.scheduler.keep_in_host(prefix.tokens, prefix.state);
                 continue;
             };
             match self.backend.seq_load(seq, &prefix.state) {
