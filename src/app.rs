@@ -241,6 +241,11 @@ fn local_starter(
         } else {
             config.model.batch_size as usize
         },
+        output_tile: if n_gpu_layers == 0 && config.model.weight_repack {
+            crate::engine::planner::CPU_OUTPUT_TILE
+        } else {
+            1
+        },
         speculate: crate::engine::speculate::Settings {
             max_draft: s.draft_max,
             min_match: s.draft_min_match,

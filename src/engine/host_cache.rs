@@ -10,13 +10,14 @@
 
 use crate::engine::backend::Token;
 use crate::engine::prefix::PrefixCache;
+use crate::engine::snapshot::State;
 
 pub type HostId = u64;
 
 #[derive(Debug)]
 pub struct HostCache {
     page_size: usize,
-    index: PrefixCache<HostId, Vec<u8>>,
+    index: PrefixCache<HostId, State>,
     bytes: usize,
     budget: usize,
     next: HostId,
@@ -60,8 +61,8 @@ impl HostCache {
         &self.index.get(id).expect("a host entry").tokens
     }
 
-    pub fn state(&self, id: HostId) -> Option<&[u8]> {
-        self.index.get(id).map(|e| e.held.as_slice())
+    pub fn state(&self, id: HostId) -> Option<&State> {
+        self.index.get(id).map(|e| &e.held)
     }
 
     /// Whether an entry already starts with all of `tokens`.
@@ -76,7 +77,7 @@ impl HostCache {
     /// Keeps the state of `tokens`, unless they are not whole pages, an entry
     /// covers them already or it alone is over the budget. Entries it covers
     /// go; then the least recently used ones, until everything fits.
-    pub fn insert(&mut self, tokens: Vec<Token>, state: Vec<u8>) -> bool {
+    pub fn insert(&mut self, tokens: Vec<Token>, state: State) -> bool {
         if tokens.is_empty()
             || !tokens.len().is_multiple_of(self.page_size)
             || state.len() > self.budget
@@ -104,18 +105,24 @@ impl HostCache {
     }
 
     /// Every entry, the most recently used first: (tokens, state).
-    pub fn by_recency(&self) -> Vec<(&[Token], &[u8])> {
+    pub fn by_recency(&self) -> Vec<(&[Token], &State)> {
         self.index
             .by_recency()
             .into_iter()
-            .map(|(_, e)| (e.tokens.as_slice(), e.held.as_slice()))
+            .map(|(_, e)| (e.tokens.as_slice(), &e.held))
             .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    fn state(n: usize, byte: u8) -> State {
+        Arc::new(vec![byte; n])
+    }
 
     fn toks(n: usize, seed: i32) -> Vec<Token> {
         (0..n as i32).map(|i| i * 7 + seed).collect()
@@ -124,29 +131,29 @@ mod tests {
     #[test]
     fn the_budget_bounds_the_bytes_least_recently_used_out() {
         let mut h = HostCache::new(4, 10);
-        assert!(h.insert(toks(4, 0), vec![0; 4]));
-        assert!(h.insert(toks(4, 1), vec![0; 4]));
+        assert!(h.insert(toks(4, 0), state(4, 0)));
+        assert!(h.insert(toks(4, 1), state(4, 0)));
         let (first, _) = h.lookup(&toks(4, 0), 1).unwrap();
         h.touch(first);
-        assert!(h.insert(toks(4, 2), vec![0; 4]));
+        assert!(h.insert(toks(4, 2), state(4, 0)));
         assert_eq!((h.len(), h.bytes()), (2, 8));
         assert!(h.lookup(&toks(4, 1), 1).is_none(), "the least recent went");
         assert!(h.lookup(&toks(4, 0), 1).is_some());
-        assert!(!h.insert(toks(8, 3), vec![0; 11]), "alone over the budget");
-        assert!(!h.insert(toks(6, 3), vec![0; 1]), "not whole pages");
+        assert!(!h.insert(toks(8, 3), state(11, 0)), "alone over the budget");
+        assert!(!h.insert(toks(6, 3), state(1, 0)), "not whole pages");
         assert_eq!(h.bytes(), 8);
     }
 
     #[test]
     fn a_longer_entry_replaces_its_prefixes_and_a_covered_one_is_not_kept() {
         let mut h = HostCache::new(2, 100);
-        assert!(h.insert(toks(4, 0), vec![1; 4]));
-        assert!(h.insert(toks(8, 0), vec![2; 8]));
+        assert!(h.insert(toks(4, 0), state(4, 1)));
+        assert!(h.insert(toks(8, 0), state(8, 2)));
         assert_eq!((h.len(), h.bytes()), (1, 8));
-        assert!(!h.insert(toks(6, 0), vec![3; 6]), "covered");
+        assert!(!h.insert(toks(6, 0), state(6, 3)), "covered");
         let (id, pages) = h.lookup(&toks(6, 0), 10).unwrap();
         assert_eq!((pages, h.tokens(id).len()), (3, 8));
-        assert_eq!(h.state(id), Some(&[2u8; 8][..]));
+        assert_eq!(h.state(id).map(|s| s.as_slice()), Some(&[2u8; 8][..]));
         h.remove(id);
         assert_eq!((h.len(), h.bytes()), (0, 0));
         assert!(!HostCache::new(2, 0).enabled());

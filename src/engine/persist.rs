@@ -169,17 +169,27 @@ impl Store {
         let mut keep = Vec::new();
         let mut used = 0;
         for prefix in prefixes {
-            let bytes = encode(prefix, &self.binding);
-            if used + bytes.len() > self.max_bytes {
-                break;
-            }
             let name = format!(
                 "prefix-{:08x}.{EXT}",
                 crc32fast::hash(&token_bytes(&prefix.tokens))
             );
-            match write_atomic(&self.dir.join(&name), &bytes) {
-                Ok(()) => {
-                    used += bytes.len();
+            let path = self.dir.join(&name);
+            // A file already saved for these tokens is kept, its time renewed
+            // (loading goes by it): most saves add a few prefixes to many.
+            let written = match self.saved_size(&path, prefix) {
+                Some(size) => touch(&path).map(|()| size),
+                None => {
+                    let bytes = encode(prefix, &self.binding);
+                    if used + bytes.len() > self.max_bytes {
+                        break;
+                    }
+                    write_atomic(&path, &bytes).map(|()| bytes.len())
+                }
+            };
+            match written {
+                Ok(size) if used + size > self.max_bytes => break,
+                Ok(size) => {
+                    used += size;
                     keep.push(name);
                 }
                 Err(e) => {
@@ -190,6 +200,26 @@ impl Store {
         }
         self.remove_others(&keep);
         keep.len()
+    }
+
+    /// The size of the file at `path` if it holds `prefix` for this binding
+    /// (judged by its header: the name is a hash of the tokens).
+    fn saved_size(&self, path: &Path, prefix: &Prefix) -> Option<usize> {
+        let mut file = fs::File::open(path).ok()?;
+        let size = file.metadata().ok()?.len() as usize;
+        let mut head = vec![0u8; size.min(4096)];
+        io::Read::read_exact(&mut file, &mut head).ok()?;
+        let rest = head.strip_prefix(MAGIC)?;
+        let (len, rest) = rest.split_first_chunk::<4>()?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let header: Header = serde_json::from_slice(rest.get(..len)?).ok()?;
+        let body = prefix.tokens.len() * 4 + prefix.state.len();
+        (header.version == VERSION
+            && header.binding == self.binding
+            && header.tokens == prefix.tokens.len()
+            && header.state_bytes == prefix.state.len()
+            && size == MAGIC.len() + 4 + len + body)
+            .then_some(size)
     }
 
     /// Deletes snapshot files not in `keep` (and temporary files left by a crash).
@@ -212,7 +242,11 @@ fn token_bytes(tokens: &[Token]) -> Vec<u8> {
 }
 
 fn encode(prefix: &Prefix, binding: &str) -> Vec<u8> {
-    let body = [token_bytes(&prefix.tokens), prefix.state.clone()].concat();
+    let body = [
+        token_bytes(&prefix.tokens).as_slice(),
+        prefix.state.as_slice(),
+    ]
+    .concat();
     let header = serde_json::to_vec(&Header {
         version: VERSION,
         binding: binding.to_owned(),
@@ -251,8 +285,15 @@ fn decode(bytes: &[u8], binding: &str) -> Result<Prefix, Skip> {
             .chunks_exact(4)
             .map(|c| Token::from_le_bytes(c.try_into().expect("chunks of 4")))
             .collect(),
-        state: state.to_vec(),
+        state: Arc::new(state.to_vec()),
     })
+}
+
+fn touch(path: &Path) -> io::Result<()> {
+    fs::File::options()
+        .write(true)
+        .open(path)?
+        .set_modified(std::time::SystemTime::now())
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -279,7 +320,7 @@ mod tests {
     fn prefix(seed: i32) -> Prefix {
         Prefix {
             tokens: (0..32).map(|t| t + seed * 100).collect(),
-            state: vec![seed as u8; 1000],
+            state: Arc::new(vec![seed as u8; 1000]),
         }
     }
 
@@ -294,6 +335,28 @@ mod tests {
         // A new save replaces the old set.
         assert_eq!(store.save(&[prefix(3)]), 1);
         assert_eq!(store.load(), [prefix(3)]);
+        fs::remove_dir_all(store.dir()).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_prefix_saved_already_is_not_written_again_unless_its_binding_changed() {
+        use std::os::unix::fs::MetadataExt;
+        let d = dir("unchanged");
+        let inode = |store: &Store| {
+            let file = fs::read_dir(store.dir()).unwrap().next().unwrap().unwrap();
+            file.metadata().unwrap().ino()
+        };
+        let store = Store::new(d.clone(), "model=a".into(), 1 << 20);
+        assert_eq!(store.save(&[prefix(1)]), 1);
+        let first = inode(&store);
+        assert_eq!(store.save(&[prefix(1)]), 1);
+        assert_eq!(inode(&store), first, "kept as it was");
+        let other = Store::new(d, "model=b".into(), 1 << 20);
+        assert_eq!(other.save(&[prefix(1)]), 1);
+        assert_ne!(inode(&other), first, "written for the new binding");
+        assert_eq!(other.load(), [prefix(1)]);
+        assert!(store.load().is_empty());
         fs::remove_dir_all(store.dir()).unwrap();
     }
 

@@ -55,6 +55,28 @@ pub struct Budget {
 /// weights as fast as larger ones (llama-bench pp32-pp128: 585-632 tok/s).
 pub const CPU_MIXED_ROWS: usize = 63;
 
+/// Rows of logits that the CPU computes together, in its repacked matrix
+/// products (`model.weight_repack`): ggml multiplies the activations four
+/// rows at a time and each row left over on its own, one pass through the
+/// weights a row, and the output layer (262k tokens for the default model)
+/// is most of a step. llama-batched-bench, decode steps of B sequences here:
+/// B=4 33.4 ms, 5 49.0, 6 52.7, 7 58.4, 8 40.7, 9 55.5, 11 65.4, 12 50.5.
+/// Steps with 5 rows of logits or more are padded to a multiple of this by
+/// asking logits of prompt tokens, which are then ignored (`padded_outputs`).
+pub const CPU_OUTPUT_TILE: usize = 4;
+
+/// How many more rows of logits make a step of `outputs` cheaper: up to the
+/// next multiple of `tile` (1: never), from one tile and a row on. Below
+/// that every row is a pass of its own, and the tile is dearer than 2-3 of
+/// them.
+pub fn padded_outputs(outputs: usize, tile: usize) -> usize {
+    if tile <= 1 || outputs <= tile || outputs.is_multiple_of(tile) {
+        0
+    } else {
+        tile - outputs % tile
+    }
+}
+
 /// Plans one step; `seqs` are in admission order.
 pub fn plan(seqs: &[SeqView], budget: Budget) -> Vec<Work> {
     let mut work: Vec<Work> = seqs
@@ -365,6 +387,13 @@ mod tests {
             plan(&[prompt(600), prompt(700)], BUDGET),
             [Work::Prefill(512), Work::Idle]
         );
+    }
+
+    #[test]
+    fn logits_are_padded_to_whole_tiles_from_one_tile_and_a_row_on() {
+        let pads: Vec<usize> = (0..=13).map(|n| padded_outputs(n, 4)).collect();
+        assert_eq!(pads, [0, 0, 0, 0, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3]);
+        assert_eq!(padded_outputs(7, 1), 0, "no tile: no padding");
     }
 
     #[test]

@@ -22,11 +22,12 @@ use crate::engine::host_cache::{HostCache, HostId};
 use crate::engine::kv::Usage;
 use crate::engine::kv::{KvPages, PageId};
 use crate::engine::prefix::PrefixCache;
+use crate::engine::snapshot::State;
 
-/// Running requests from which cached prefixes that none of them shares move
-/// out of the cells to host memory: each kept cell costs every row of every
-/// step a mask entry per layer and head, and with one stream that is less
-/// than the copies.
+/// From this many running requests on, cached prefixes that none of them
+/// shares move out of the cells to host memory: every kept cell costs each
+/// row of each step a mask entry per layer and head; with one stream that
+/// costs less than the copies would.
 const BUSY: usize = 2;
 
 /// An operation on llama.cpp's KV cache, applied by the engine in order.
@@ -376,14 +377,14 @@ impl Scheduler {
     }
 
     /// The state a `MemOp::Save` copied out.
-    pub fn keep_in_host(&mut self, tokens: Vec<Token>, state: Vec<u8>) {
+    pub fn keep_in_host(&mut self, tokens: Vec<Token>, state: State) {
         if self.host.insert(tokens, state) {
             self.changes += 1;
         }
     }
 
     /// The state of host entry `id`, for a `MemOp::Load`.
-    pub fn host_state(&self, id: HostId) -> Option<&[u8]> {
+    pub fn host_state(&self, id: HostId) -> Option<&State> {
         self.host.state(id)
     }
 
@@ -445,7 +446,7 @@ impl Scheduler {
 
     /// Cached prefixes in host memory that the cells do not hold too, the
     /// most recently used first: (tokens, state).
-    pub fn cached_in_host(&self) -> Vec<(&[Token], &[u8])> {
+    pub fn cached_in_host(&self) -> Vec<(&[Token], &State)> {
         self.host
             .by_recency()
             .into_iter()
@@ -750,7 +751,7 @@ mod tests {
                     }
                     MemOp::Save { seq, tokens } => {
                         assert_eq!(self.0.get(&seq).copied().unwrap_or(0), tokens.len());
-                        let state = vec![0; tokens.len()];
+                        let state = std::sync::Arc::new(vec![0; tokens.len()]);
                         s.keep_in_host(tokens, state);
                     }
                     MemOp::Load { id, seq } => {
@@ -821,7 +822,7 @@ mod tests {
         let mut s = with_host(64, 3, 4);
         let mut cells = Cells::default();
         let system = prompt(8, 7);
-        s.keep_in_host(system.clone(), vec![0; 3]);
+        s.keep_in_host(system.clone(), std::sync::Arc::new(vec![0; 3]));
         let mut first = system.clone();
         first.extend([1, 2]);
         s.submit(req(1, first.clone(), 4)).unwrap();
@@ -880,7 +881,7 @@ mod tests {
         let mut s = with_host(64, 2, 4);
         let mut cells = Cells::default();
         let system = prompt(8, 7);
-        s.keep_in_host(system.clone(), vec![0; 3]);
+        s.keep_in_host(system.clone(), std::sync::Arc::new(vec![0; 3]));
         let mut first = system.clone();
         first.push(1);
         s.submit(req(1, first, 4)).unwrap();

@@ -64,13 +64,16 @@ impl<S> Seq<S> {
 
     /// Looks up its draft for this step, beside `rows` decode rows in a
     /// step that costs `step_ms` so far where a draft token adds `token_ms`,
-    /// in at most `room` batch tokens; returns what it adds to the step.
+    /// in at most `room` batch tokens, ending the step's `outputs` rows of
+    /// logits so far on a whole `tile` (`speculate::fit_tile`); returns what
+    /// it adds to the step.
     pub fn draft(
         &mut self,
         settings: &speculate::Settings,
         rows: usize,
         (step_ms, token_ms): (f64, f64),
         room: usize,
+        (outputs, tile): (usize, usize),
     ) -> f64 {
         if self.guide.is_some() {
             return 0.0;
@@ -85,6 +88,7 @@ impl<S> Seq<S> {
         let found = speculate::lookup(&self.decoded, settings.min_match, available);
         let p = self.rates.rate(found.matched);
         let k = speculate::length(found.tokens.len(), p, rows, step_ms, token_ms);
+        let k = speculate::fit_tile(k, found.tokens.len(), outputs, tile);
         self.draft.extend_from_slice(&found.tokens[..k]);
         self.matched = found.matched;
         self.decoded.pop();

@@ -1,14 +1,19 @@
 //! Saved prefixes: the KV state of cached prompt prefixes, kept across a park
 //! (in memory) and a restart (in files, `engine::persist`).
 
+use std::sync::Arc;
+
 use crate::engine::backend::Token;
 
-/// One cached prefix: its tokens and its sequence's KV state (opaque bytes
-/// from `Backend::seq_save`).
+/// A sequence's KV state: opaque bytes from `Backend::seq_save`, shared
+/// between the host-memory cache and a save without a copy.
+pub type State = Arc<Vec<u8>>;
+
+/// One cached prefix: its tokens and its sequence's KV state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prefix {
     pub tokens: Vec<Token>,
-    pub state: Vec<u8>,
+    pub state: State,
 }
 
 impl Prefix {

@@ -183,6 +183,25 @@ pub fn length(available: usize, p: f64, rows: usize, step_ms: f64, token_ms: f64
     if best_rate > plain * 1.03 { best } else { 0 }
 }
 
+/// A draft length `k` moved so that the step's rows of logits, `outputs`
+/// before it, end on a whole tile (`planner::CPU_OUTPUT_TILE`; 1: as it
+/// is): up to the tile's end where `available` tokens allow (a fuller tile
+/// costs less than one with rows left over), else down to the last tile's
+/// end. Steps within the first tile keep `k`: there every row is a pass of
+/// its own.
+pub fn fit_tile(k: usize, available: usize, outputs: usize, tile: usize) -> usize {
+    let total = outputs + k;
+    if k == 0 || tile <= 1 || total <= tile || total.is_multiple_of(tile) {
+        return k;
+    }
+    let up = total.next_multiple_of(tile);
+    if up - outputs <= available {
+        up - outputs
+    } else {
+        (total - total % tile).saturating_sub(outputs)
+    }
+}
+
 /// How long a drafted step of a stream decoded alone may take without
 /// `itl_target_ms`, in plain steps: its tokens then come in bursts at most
 /// this far apart.
@@ -213,6 +232,20 @@ mod tests {
 
     fn toks(s: &str) -> Vec<Token> {
         s.chars().map(|c| c as Token).collect()
+    }
+
+    #[test]
+    fn drafts_end_the_logits_on_a_whole_tile() {
+        // Alone: 1 row + 5 drafts = 6 rows -> 8 when the lookup has 7, else 4.
+        assert_eq!(fit_tile(5, 7, 1, 4), 7);
+        assert_eq!(fit_tile(5, 6, 1, 4), 3);
+        assert_eq!(fit_tile(2, 9, 1, 4), 2, "within the first tile");
+        assert_eq!(fit_tile(3, 9, 1, 4), 3, "a whole tile already");
+        // Beside 6 rows: 1 draft -> 2 when it can, else none.
+        assert_eq!(fit_tile(1, 2, 6, 4), 2);
+        assert_eq!(fit_tile(1, 1, 6, 4), 0);
+        assert_eq!(fit_tile(0, 9, 6, 4), 0);
+        assert_eq!(fit_tile(5, 9, 1, 1), 5, "no tile");
     }
 
     #[test]

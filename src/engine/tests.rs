@@ -27,6 +27,7 @@ fn config(slots: usize) -> EngineConfig {
         prefill_chunk: 8,
         itl_target_ms: None,
         mixed_rows: 64,
+        output_tile: 1,
         speculate: crate::engine::speculate::Settings {
             max_draft: 0,
             min_match: 2,

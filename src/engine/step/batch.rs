@@ -36,6 +36,7 @@ impl<B: Backend> Engine<'_, B> {
             speculate::allowance(decodes, self.cfg.itl_target_ms, step_ms, token_ms)
         });
         self.batch.clear();
+        let mut drafted = 0;
         for (s, work) in self.active.iter_mut().zip(plan) {
             s.work = work;
             s.row = None;
@@ -56,7 +57,11 @@ impl<B: Backend> Engine<'_, B> {
                         let room = self.cfg.n_batch.saturating_sub(self.batch.len());
                         let settings = &self.cfg.speculate;
                         let room = room.min(allowance);
-                        *step_ms += s.draft(settings, decodes, (*step_ms, *token_ms), room);
+                        // The other decode rows and the drafts so far.
+                        let outputs = decodes + drafted;
+                        let fit = (outputs, self.cfg.output_tile);
+                        *step_ms += s.draft(settings, decodes, (*step_ms, *token_ms), room, fit);
+                        drafted += s.draft.len();
                         allowance -= s.draft.len();
                         for (i, &token) in s.draft.iter().enumerate() {
                             self.batch.push(BatchToken {
@@ -83,6 +88,23 @@ impl<B: Backend> Engine<'_, B> {
                         });
                     }
                 }
+            }
+        }
+        self.pad_outputs();
+    }
+
+    /// Asks logits of prompt tokens (ignored) while that fills the last tile
+    /// of logits rows (`planner::padded_outputs`): a whole tile costs less.
+    fn pad_outputs(&mut self) {
+        let outputs = self.batch.iter().filter(|t| t.output).count();
+        let mut pad = planner::padded_outputs(outputs, self.cfg.output_tile);
+        for t in self.batch.iter_mut().rev() {
+            if pad == 0 {
+                break;
+            }
+            if !t.output {
+                t.output = true;
+                pad -= 1;
             }
         }
     }

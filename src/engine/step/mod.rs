@@ -59,6 +59,9 @@ pub struct EngineConfig {
     /// Tokens a step whose rows come from more than one sequence may carry
     /// (`planner::CPU_MIXED_ROWS` on the CPU; `n_batch`: no cap).
     pub mixed_rows: usize,
+    /// Rows of logits computed together (`planner::CPU_OUTPUT_TILE` on the
+    /// CPU with repacked weights; 1: no padding).
+    pub output_tile: usize,
     /// Draft-free speculative decoding.
     pub speculate: speculate::Settings,
     /// Bytes of cached prefixes kept in memory while parked (most recent first).
@@ -296,7 +299,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 &MemOp::Copy { src, dst, len } => self.backend.seq_cp(src, dst, len),
                 &MemOp::Remove { seq, from } => self.backend.seq_rm(seq, from),
                 MemOp::Save { seq, tokens } => match self.backend.seq_save(*seq) {
-                    Ok(state) => self.scheduler.keep_in_host(tokens.clone(), state),
+                    Ok(state) => self.scheduler.keep_in_host(tokens.clone(), Arc::new(state)),
                     Err(e) => log::warn!("cannot copy a cached prefix to host memory: {e}"),
                 },
                 &MemOp::Load { id, seq } => {

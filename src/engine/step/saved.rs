@@ -2,6 +2,7 @@
 //! state directory (written off the engine thread by `persist::Writer`) and
 //! taken back into the prefix cache at start-up.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::Engine;
@@ -26,7 +27,7 @@ impl<B: Backend> Engine<'_, B> {
         for (seq, tokens) in self.scheduler.cached() {
             match self.backend.seq_save(seq) {
                 Ok(state) => {
-                    let tokens = tokens.to_vec();
+                    let (tokens, state) = (tokens.to_vec(), Arc::new(state));
                     if !keep(Prefix { tokens, state }) {
                         return out;
                     }
@@ -35,7 +36,7 @@ impl<B: Backend> Engine<'_, B> {
             }
         }
         for (tokens, state) in self.scheduler.cached_in_host() {
-            let (tokens, state) = (tokens.to_vec(), state.to_vec());
+            let (tokens, state) = (tokens.to_vec(), state.clone());
             if !keep(Prefix { tokens, state }) {
                 break;
             }
