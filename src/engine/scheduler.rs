@@ -817,12 +817,17 @@ mod tests {
         s.check().unwrap();
     }
 
+    /// A scheduler with `slots` whose host memory holds `system`.
+    fn with_host_prefix(slots: usize, system: &[Token]) -> (Scheduler, Cells) {
+        let mut s = with_host(64, slots, 4);
+        s.keep_in_host(system.to_vec(), std::sync::Arc::new(vec![0; 3]));
+        (s, Cells::default())
+    }
+
     #[test]
     fn a_prefix_in_host_memory_is_loaded_back_and_shared_from_cells() {
-        let mut s = with_host(64, 3, 4);
-        let mut cells = Cells::default();
         let system = prompt(8, 7);
-        s.keep_in_host(system.clone(), std::sync::Arc::new(vec![0; 3]));
+        let (mut s, mut cells) = with_host_prefix(3, &system);
         let mut first = system.clone();
         first.extend([1, 2]);
         s.submit(req(1, first.clone(), 4)).unwrap();
@@ -878,10 +883,8 @@ mod tests {
 
     #[test]
     fn a_failed_load_leaves_the_request_its_pages_to_compute() {
-        let mut s = with_host(64, 2, 4);
-        let mut cells = Cells::default();
         let system = prompt(8, 7);
-        s.keep_in_host(system.clone(), std::sync::Arc::new(vec![0; 3]));
+        let (mut s, mut cells) = with_host_prefix(2, &system);
         let mut first = system.clone();
         first.push(1);
         s.submit(req(1, first, 4)).unwrap();

@@ -487,6 +487,54 @@ fn a_prefix_moved_to_host_memory_while_others_run_comes_back() {
 }
 
 #[test]
+fn rows_of_logits_fill_their_last_tile_with_prompt_tokens() {
+    let fake = Fake {
+        n_ctx: 2048,
+        ..Fake::default()
+    };
+    let cfg = EngineConfig {
+        output_tile: 4,
+        ..config(6)
+    };
+    let mut h = Harness::start(fake, cfg, TestHooks::default());
+    let long = SamplingParams {
+        ignore_eos: true,
+        ..greedy(60)
+    };
+    let streams: Vec<u64> = (0..5)
+        .map(|i| {
+            let prompt = PromptInput::Text(format!("stream {i}"));
+            h.submit_input(prompt, long.clone()).0
+        })
+        .collect();
+    h.wait_until("five streams decoding", |h| {
+        h.fake.state().batches.last().is_some_and(|b| b.len() == 5)
+    });
+    let (late, _) = h.submit("a prompt that arrives while five streams decode");
+    assert_eq!(h.finish(late).text, "hello world");
+    for key in streams {
+        assert_eq!(h.finish(key).end().0, FinishReason::Length);
+    }
+    let batches = h.fake.state().batches.clone();
+    let padded = batches
+        .iter()
+        .filter(|b| b.len() > 5 && b.iter().filter(|t| t.output).count() == 8)
+        .count();
+    assert!(
+        padded > 0,
+        "five decode rows beside a prompt: 8 rows of logits"
+    );
+    for b in &batches {
+        let outputs = b.iter().filter(|t| t.output).count();
+        let prompt = b.iter().any(|t| !t.output);
+        assert!(
+            outputs <= 4 || outputs % 4 == 0 || !prompt,
+            "{outputs} rows of logits with prompt tokens left to pad"
+        );
+    }
+}
+
+#[test]
 fn no_kv_slot_evicts_a_cached_prefix_and_retries() {
     let mut h = Harness::new(1);
     let (a, _) = h.submit("a prompt that stays cached");
