@@ -209,16 +209,13 @@ impl Store {
         let size = file.metadata().ok()?.len() as usize;
         let mut head = vec![0u8; size.min(4096)];
         io::Read::read_exact(&mut file, &mut head).ok()?;
-        let rest = head.strip_prefix(MAGIC)?;
-        let (len, rest) = rest.split_first_chunk::<4>()?;
-        let len = u32::from_le_bytes(*len) as usize;
-        let header: Header = serde_json::from_slice(rest.get(..len)?).ok()?;
+        let (header, rest) = split_header(&head).ok()?;
         let body = prefix.tokens.len() * 4 + prefix.state.len();
         (header.version == VERSION
             && header.binding == self.binding
             && header.tokens == prefix.tokens.len()
             && header.state_bytes == prefix.state.len()
-            && size == MAGIC.len() + 4 + len + body)
+            && size == head.len() - rest.len() + body)
             .then_some(size)
     }
 
@@ -263,7 +260,8 @@ fn encode(prefix: &Prefix, binding: &str) -> Vec<u8> {
     out
 }
 
-fn decode(bytes: &[u8], binding: &str) -> Result<Prefix, Skip> {
+/// A file's header and what follows it (all or part of the body).
+fn split_header(bytes: &[u8]) -> Result<(Header, &[u8]), Skip> {
     let rest = bytes.strip_prefix(MAGIC).ok_or(Skip::Magic)?;
     let (len, rest) = rest.split_first_chunk::<4>().ok_or(Skip::Header)?;
     let len = u32::from_le_bytes(*len) as usize;
@@ -271,7 +269,12 @@ fn decode(bytes: &[u8], binding: &str) -> Result<Prefix, Skip> {
         return Err(Skip::Header);
     }
     let (header, body) = rest.split_at(len);
-    let header: Header = serde_json::from_slice(header).map_err(|_| Skip::Header)?;
+    let header = serde_json::from_slice(header).map_err(|_| Skip::Header)?;
+    Ok((header, body))
+}
+
+fn decode(bytes: &[u8], binding: &str) -> Result<Prefix, Skip> {
+    let (header, body) = split_header(bytes)?;
     if header.version != VERSION || header.binding != binding {
         return Err(Skip::Binding);
     }

@@ -321,11 +321,7 @@ impl Scheduler {
             let victim = self.cache.lru(None).expect("counted above");
             ops.extend(self.evict(victim));
         }
-        let seq = self.free_seqs.pop().expect("made free above");
-        let held = self.kv.alloc(pages).expect("made free above");
-        self.kv.retain_cached(&held);
-        self.kv.release_active(&held);
-        self.cache.insert(seq, tokens, held);
+        let seq = self.enter(tokens).expect("made free above");
         self.host.touch(id);
         self.changes += 1;
         ops.push(MemOp::Load { id, seq });
@@ -465,15 +461,24 @@ impl Scheduler {
             || !tokens.len().is_multiple_of(p)
             || self.cache.len() >= self.cfg.cache_entries
             || self.cache.covers(tokens)
-            || self.free_seqs.is_empty()
         {
             return None;
         }
-        let pages = self.kv.alloc(tokens.len() / p)?;
+        self.enter(tokens.to_vec())
+    }
+
+    /// A cache entry for `tokens` (whole pages) on a free sequence id and
+    /// free pages, whose cells the engine then loads; `None` (nothing
+    /// changed) when either is short.
+    fn enter(&mut self, tokens: Vec<Token>) -> Option<SeqId> {
+        if self.free_seqs.is_empty() {
+            return None;
+        }
+        let pages = self.kv.alloc(self.kv.pages_for(tokens.len()))?;
         let seq = self.free_seqs.pop().expect("checked above");
         self.kv.retain_cached(&pages);
         self.kv.release_active(&pages);
-        self.cache.insert(seq, tokens.to_vec(), pages);
+        self.cache.insert(seq, tokens, pages);
         Some(seq)
     }
 
