@@ -36,6 +36,10 @@ pub struct Seq<S> {
     /// the length of the repeated run they follow.
     pub draft: Vec<Token>,
     pub matched: usize,
+    /// Its draft is guessed tokens that fill a tile of logits rows
+    /// (`Seq::guess`): they cost nothing, so their fate teaches `rates`
+    /// nothing.
+    pub guessed: bool,
     /// How often its drafts were right.
     pub rates: Rates,
 }
@@ -75,15 +79,7 @@ impl<S> Seq<S> {
         room: usize,
         (outputs, tile): (usize, usize),
     ) -> f64 {
-        if self.guide.is_some() {
-            return 0.0;
-        }
-        // Its positions and its reply: the token sampled after the draft is
-        // one of the reply's too.
-        let positions = self.limit.saturating_sub(self.decoded.len() + 1);
-        let reply = (self.req.params.max_tokens as usize)
-            .saturating_sub(self.progress.completion_tokens + 1);
-        let available = settings.max_draft.min(positions).min(reply).min(room);
+        let available = settings.max_draft.min(self.draft_room()).min(room);
         self.decoded.extend(self.pending);
         let found = speculate::lookup(&self.decoded, settings.min_match, available);
         let p = self.rates.rate(found.matched);
@@ -96,6 +92,35 @@ impl<S> Seq<S> {
             self.rates.rest();
         }
         self.draft.len() as f64 * token_ms
+    }
+
+    /// Adds a guessed token to its draft (`speculate::guess`), where it has
+    /// no draft of its own and room for one more; false where it does not.
+    pub fn guess(&mut self) -> bool {
+        if (!self.draft.is_empty() && !self.guessed) || self.draft.len() >= self.draft_room() {
+            return false;
+        }
+        let len = self.decoded.len();
+        self.decoded.extend(self.pending);
+        self.decoded.extend_from_slice(&self.draft);
+        let token = speculate::guess(&self.decoded);
+        self.decoded.truncate(len);
+        self.draft.extend(token);
+        self.guessed = true;
+        token.is_some()
+    }
+
+    /// Draft tokens it may have: none with a constraint, else as many as
+    /// its positions and its reply leave (the token sampled after the draft
+    /// is one of the reply's too).
+    fn draft_room(&self) -> usize {
+        if self.guide.is_some() {
+            return 0;
+        }
+        let positions = self.limit.saturating_sub(self.decoded.len() + 1);
+        let reply = (self.req.params.max_tokens as usize)
+            .saturating_sub(self.progress.completion_tokens + 1);
+        positions.min(reply)
     }
 }
 

@@ -79,6 +79,16 @@ pub fn lookup(history: &[Token], min_match: usize, max: usize) -> Draft {
     }
 }
 
+/// A guess at the token after `history` (the pending one last), for a row
+/// of logits that would otherwise be dearer left out
+/// (`planner::padded_outputs`): what followed the last token when it
+/// occurred before, else the last token again. Any token will do: it is
+/// verified as a draft is.
+pub fn guess(history: &[Token]) -> Option<Token> {
+    let found = lookup(history, 1, 1);
+    found.tokens.first().or(history.last()).copied()
+}
+
 /// How often draft tokens were right: the tokens kept over the tokens
 /// verified (the kept ones and the first wrong one), older counts weighing
 /// less and less, from a prior of one of two.
@@ -283,6 +293,14 @@ mod tests {
         assert_eq!(lookup(&toks("a"), 1, 4), none);
         assert_eq!(lookup(&toks("abab"), 2, 0), none);
         assert_eq!(lookup(&[], 2, 4), none);
+    }
+
+    #[test]
+    fn a_guess_is_what_followed_the_last_token_before_or_that_token() {
+        assert_eq!(guess(&toks("abcxa")), Some('b' as Token));
+        assert_eq!(guess(&toks("abcab")), Some('c' as Token));
+        assert_eq!(guess(&toks("abc")), Some('c' as Token), "never seen before");
+        assert_eq!(guess(&[]), None);
     }
 
     #[test]

@@ -534,6 +534,68 @@ fn rows_of_logits_fill_their_last_tile_with_prompt_tokens() {
     }
 }
 
+/// Decode steps of five streams, where no draft matches, guess a token for
+/// three of them to fill the second tile of logits rows: the text is the
+/// plain one, and right guesses (the repeated 'x' past the reply) are kept.
+#[test]
+fn decode_steps_guess_tokens_to_fill_their_last_tile_of_logits() {
+    let run = |max_draft: usize| {
+        let fake = Fake {
+            n_ctx: 2048,
+            ..Fake::default()
+        };
+        let cfg = EngineConfig {
+            output_tile: 4,
+            speculate: crate::engine::speculate::Settings {
+                max_draft,
+                // No run of the text matches: only guesses.
+                min_match: 32,
+            },
+            ..config(5)
+        };
+        let mut h = Harness::start(fake, cfg, TestHooks::default());
+        let long = SamplingParams {
+            ignore_eos: true,
+            ..greedy(40)
+        };
+        let streams: Vec<u64> = (0..5)
+            .map(|i| {
+                let prompt = PromptInput::Text(format!("stream {i}"));
+                h.submit_input(prompt, long.clone()).0
+            })
+            .collect();
+        let done: Vec<_> = streams.into_iter().map(|key| h.finish(key)).collect();
+        let batches = h.fake.state().batches.clone();
+        (done, batches)
+    };
+    let (plain, _) = run(0);
+    let (guessed, batches) = run(8);
+    for (a, b) in plain.iter().zip(&guessed) {
+        assert_eq!(a.text, b.text);
+        assert!(a.text.starts_with("hello worldxxx"), "{:?}", a.text);
+        assert_eq!(b.end().0, FinishReason::Length);
+    }
+    let seqs = |b: &Vec<BatchToken>| {
+        let mut seqs: Vec<_> = b.iter().map(|t| t.seq).collect();
+        seqs.dedup();
+        seqs.len()
+    };
+    let five: Vec<usize> = batches
+        .iter()
+        .filter(|b| b.iter().all(|t| t.output) && seqs(b) == 5)
+        .map(Vec::len)
+        .collect();
+    // Near the reply's end the streams run out of room for guesses.
+    let filled = five.iter().filter(|&&n| n == 8).count();
+    assert!(filled * 2 > five.len(), "{five:?}");
+    assert!(five.iter().all(|&n| n <= 8), "{five:?}");
+    let kept: usize = guessed
+        .iter()
+        .map(|d| d.end().1.accepted_draft_tokens)
+        .sum();
+    assert!(kept > 0, "guessed 'x' after 'x'");
+}
+
 #[test]
 fn no_kv_slot_evicts_a_cached_prefix_and_retries() {
     let mut h = Harness::new(1);

@@ -1,6 +1,7 @@
 //! What the next decode carries: the planner's work for every sequence
 //! (decode rows first, prompt chunks sized to the gap target) and, in steps
-//! without prompts, the drafts speculation pays for.
+//! without prompts, the drafts speculation pays for and guesses that fill
+//! the last tile of logits rows.
 
 use super::Engine;
 use crate::engine::backend::{Backend, BatchToken};
@@ -35,42 +36,45 @@ impl<B: Backend> Engine<'_, B> {
         let mut allowance = draft_costs.map_or(0, |(step_ms, token_ms)| {
             speculate::allowance(decodes, self.cfg.itl_target_ms, step_ms, token_ms)
         });
-        self.batch.clear();
         let mut drafted = 0;
         for (s, work) in self.active.iter_mut().zip(plan) {
             s.work = work;
-            s.row = None;
             s.draft.clear();
-            match work {
+            s.guessed = false;
+            if let (Work::Decode, Some((step_ms, token_ms))) = (work, draft_costs.as_mut()) {
+                let room = self.cfg.n_batch.saturating_sub(decodes + drafted);
+                let settings = &self.cfg.speculate;
+                let room = room.min(allowance);
+                // The other decode rows and the drafts so far.
+                let outputs = decodes + drafted;
+                let fit = (outputs, self.cfg.output_tile);
+                *step_ms += s.draft(settings, decodes, (*step_ms, *token_ms), room, fit);
+                drafted += s.draft.len();
+                allowance -= s.draft.len();
+            }
+        }
+        if drafting {
+            self.guess_to_tile(decodes + drafted);
+        }
+        self.batch.clear();
+        for s in self.active.iter_mut() {
+            s.row = None;
+            match s.work {
                 Work::Idle => {}
                 Work::Decode => {
                     let token = s.pending.expect("a decoding sequence has a token");
                     s.row = Some(self.batch.len());
                     let pos = s.decoded.len();
-                    self.batch.push(BatchToken {
-                        token,
-                        pos,
-                        seq: s.id,
-                        output: true,
-                    });
-                    if let Some((step_ms, token_ms)) = draft_costs.as_mut() {
-                        let room = self.cfg.n_batch.saturating_sub(self.batch.len());
-                        let settings = &self.cfg.speculate;
-                        let room = room.min(allowance);
-                        // The other decode rows and the drafts so far.
-                        let outputs = decodes + drafted;
-                        let fit = (outputs, self.cfg.output_tile);
-                        *step_ms += s.draft(settings, decodes, (*step_ms, *token_ms), room, fit);
-                        drafted += s.draft.len();
-                        allowance -= s.draft.len();
-                        for (i, &token) in s.draft.iter().enumerate() {
-                            self.batch.push(BatchToken {
-                                token,
-                                pos: pos + 1 + i,
-                                seq: s.id,
-                                output: true,
-                            });
-                        }
+                    let draft = s.draft.iter().enumerate();
+                    let tokens = std::iter::once((pos, token))
+                        .chain(draft.map(|(i, &token)| (pos + 1 + i, token)));
+                    for (pos, token) in tokens {
+                        self.batch.push(BatchToken {
+                            token,
+                            pos,
+                            seq: s.id,
+                            output: true,
+                        });
                     }
                 }
                 Work::Prefill(n) => {
@@ -91,6 +95,26 @@ impl<B: Backend> Engine<'_, B> {
             }
         }
         self.pad_outputs();
+    }
+
+    /// Gives decoding sequences without a draft a guessed token each, round
+    /// after round, while that fills the last tile of the step's `outputs`
+    /// rows of logits (`planner::padded_outputs`): a whole tile costs less
+    /// than one with rows left over, and a right guess is a token more.
+    fn guess_to_tile(&mut self, outputs: usize) {
+        let room = self.cfg.n_batch.saturating_sub(outputs);
+        let mut pad = planner::padded_outputs(outputs, self.cfg.output_tile).min(room);
+        while pad > 0 {
+            let before = pad;
+            for s in self.active.iter_mut().filter(|s| s.work == Work::Decode) {
+                if pad > 0 && s.guess() {
+                    pad -= 1;
+                }
+            }
+            if pad == before {
+                return;
+            }
+        }
     }
 
     /// Asks logits of prompt tokens (ignored) while that fills the last tile

@@ -214,6 +214,7 @@ impl<B: Backend> Engine<'_, B> {
                 row: None,
                 draft: Vec::new(),
                 matched: 0,
+                guessed: false,
                 rates: self.rates.inherit(),
                 req,
             });

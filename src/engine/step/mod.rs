@@ -341,10 +341,12 @@ impl<'a, B: Backend> Engine<'a, B> {
         if self.batch.is_empty() {
             return;
         }
+        // Guesses only fill a tile: a step with them is a decode step.
+        let drafted = |s: &Seq<B::Sampler>| if s.guessed { 0 } else { s.draft.len() };
         let decode_only = self
             .active
             .iter()
-            .all(|s| s.draft.is_empty() && matches!(s.work, Work::Idle | Work::Decode));
+            .all(|s| drafted(s) == 0 && matches!(s.work, Work::Idle | Work::Decode));
         let threads = if decode_only {
             self.threads.threads()
         } else {
@@ -390,8 +392,10 @@ impl<'a, B: Backend> Engine<'a, B> {
                     .filter(|s| s.work == Work::Decode)
                     .count();
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
-                let drafts: usize = self.active.iter().map(|s| s.draft.len()).sum();
-                let prompt_tokens = self.batch.len() - rows - drafts;
+                let drafts: usize = self.active.iter().map(drafted).sum();
+                let guesses: usize =
+                    self.active.iter().map(|s| s.draft.len()).sum::<usize>() - drafts;
+                let prompt_tokens = self.batch.len() - rows - drafts - guesses;
                 self.costs.observe(rows, prompt_tokens, drafts, ms);
                 // The engine's own work between two decodes (sampling,
                 // events, planning), or its idle time.
@@ -400,7 +404,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                     .replace(now)
                     .map_or(0.0, |at| (t0 - at).as_secs_f64() * 1e3);
                 log::trace!(
-                    "step: {rows} rows, {prompt_tokens} prompt tokens, {drafts} drafts: {ms:.1} ms ({host_ms:.2} ms since the last)"
+                    "step: {rows} rows, {prompt_tokens} prompt tokens, {drafts} drafts, {guesses} guesses: {ms:.1} ms ({host_ms:.2} ms since the last)"
                 );
                 if decode_only && let Some(n) = self.threads.observe(rows, ms) {
                     log::debug!("decoding with {n} threads");

@@ -40,12 +40,18 @@ impl<B: Backend> Engine<'_, B> {
         let s = &mut self.active[i];
         if !draft.is_empty() {
             log::trace!(
-                "draft: {accepted} of {} accepted after a {}-token match",
+                "draft: {accepted} of {} accepted {}",
                 draft.len(),
-                s.matched
+                if s.guessed {
+                    "(guessed)".to_string()
+                } else {
+                    format!("after a {}-token match", s.matched)
+                }
             );
-            s.rates.update(s.matched, accepted, draft.len());
-            self.rates.update(s.matched, accepted, draft.len());
+            if !s.guessed {
+                s.rates.update(s.matched, accepted, draft.len());
+                self.rates.update(s.matched, accepted, draft.len());
+            }
             s.progress.drafted += draft.len();
             s.progress.accepted += accepted;
             if outcome.is_none() && accepted < draft.len() {
