@@ -154,6 +154,12 @@ const ALPHA: f64 = 0.2;
 /// step this far.
 pub const AUTO_TARGET_STEPS: f64 = 8.0;
 
+/// The least a draft token is taken to add to a step, as a share of it:
+/// where guesses fill the tile of logits rows (`padded_outputs`), a step
+/// costs the same with a few drafts as without, and a fitted cost near
+/// zero would let drafts grow without bound until the fit caught up.
+pub const MIN_DRAFT_SHARE: f64 = 1.0 / 32.0;
+
 /// Prompt tokens a step carries at the least while others generate, so a
 /// prompt always progresses.
 pub const MIN_CHUNK: usize = 8;
@@ -230,10 +236,11 @@ impl Costs {
     /// lengths were seen, a guess that lets them be tried (the decode-only
     /// step, and an eighth of it a token).
     pub fn draft_estimate(&self, rows: usize) -> Option<(f64, f64)> {
-        self.draft(rows).or_else(|| {
+        let (step, per) = self.draft(rows).or_else(|| {
             let step = self.decode(rows)?;
             Some((step, step / 8.0))
-        })
+        })?;
+        Some((step, per.max(step * MIN_DRAFT_SHARE)))
     }
 
     /// Prompt tokens a step beside `rows` decodes may carry to stay within
@@ -502,6 +509,16 @@ mod tests {
             c.draft_estimate(3),
             Some((32.0, 4.0)),
             "as the nearest fewer rows"
+        );
+        // Drafts that seem free are taken to cost a little.
+        for k in [0, 3, 0, 3, 0, 3] {
+            c.observe(3, 0, k, 40.0 + 0.01 * k as f64);
+        }
+        let (base, per) = c.draft_estimate(3).unwrap();
+        let floor = 40.0 * MIN_DRAFT_SHARE;
+        assert!(
+            (base - 40.0).abs() < 1e-6 && (per - floor).abs() < 1e-6,
+            "{base} {per}"
         );
     }
 

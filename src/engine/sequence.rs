@@ -95,9 +95,11 @@ impl<S> Seq<S> {
     }
 
     /// Adds a guessed token to its draft (`speculate::guess`), where it has
-    /// no draft of its own and room for one more; false where it does not.
-    pub fn guess(&mut self) -> bool {
-        if (!self.draft.is_empty() && !self.guessed) || self.draft.len() >= self.draft_room() {
+    /// no draft of its own and room for one more within `max_draft`; false
+    /// where it does not.
+    pub fn guess(&mut self, max_draft: usize) -> bool {
+        let room = self.draft_room().min(max_draft);
+        if (!self.draft.is_empty() && !self.guessed) || self.draft.len() >= room {
             return false;
         }
         let len = self.decoded.len();

@@ -492,6 +492,9 @@ fn rows_of_logits_fill_their_last_tile_with_prompt_tokens() {
         n_ctx: 2048,
         ..Fake::default()
     };
+    // Decodes that take time: the five streams are still running when the
+    // late prompt comes.
+    fake.state().cost = Some((Duration::from_millis(2), Duration::ZERO));
     let cfg = EngineConfig {
         output_tile: 4,
         ..config(6)
@@ -544,6 +547,8 @@ fn decode_steps_guess_tokens_to_fill_their_last_tile_of_logits() {
             n_ctx: 2048,
             ..Fake::default()
         };
+        // Decodes that take time: all five are admitted before one ends.
+        fake.state().cost = Some((Duration::from_millis(2), Duration::ZERO));
         let cfg = EngineConfig {
             output_tile: 4,
             speculate: crate::engine::speculate::Settings {

@@ -100,14 +100,20 @@ impl<B: Backend> Engine<'_, B> {
     /// Gives decoding sequences without a draft a guessed token each, round
     /// after round, while that fills the last tile of the step's `outputs`
     /// rows of logits (`planner::padded_outputs`): a whole tile costs less
-    /// than one with rows left over, and a right guess is a token more.
+    /// than one with rows left over, and a right guess is a token more. The
+    /// streams with the fewest tokens so far guess first.
     fn guess_to_tile(&mut self, outputs: usize) {
         let room = self.cfg.n_batch.saturating_sub(outputs);
         let mut pad = planner::padded_outputs(outputs, self.cfg.output_tile).min(room);
+        let mut order: Vec<usize> = (0..self.active.len())
+            .filter(|&i| self.active[i].work == Work::Decode)
+            .collect();
+        order.sort_by_key(|&i| self.active[i].progress.completion_tokens);
+        let max_draft = self.cfg.speculate.max_draft;
         while pad > 0 {
             let before = pad;
-            for s in self.active.iter_mut().filter(|s| s.work == Work::Decode) {
-                if pad > 0 && s.guess() {
+            for &i in &order {
+                if pad > 0 && self.active[i].guess(max_draft) {
                     pad -= 1;
                 }
             }
