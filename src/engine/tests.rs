@@ -486,30 +486,42 @@ fn a_prefix_moved_to_host_memory_while_others_run_comes_back() {
     assert_eq!(kv.pages_free + kv.pages_cached, kv.pages_total);
 }
 
-#[test]
-fn rows_of_logits_fill_their_last_tile_with_prompt_tokens() {
+/// Five streams of `max_tokens` each (EOS ignored) on an engine whose rows
+/// of logits go in tiles of four, with `slots` and drafts of up to
+/// `max_draft` tokens from 32-token matches (none in these texts: only
+/// guesses), over a fake whose decodes take 2 ms: every stream is admitted
+/// before one ends.
+fn five_streams_in_tiles(slots: usize, max_draft: usize, max_tokens: u32) -> (Harness, Vec<u64>) {
     let fake = Fake {
         n_ctx: 2048,
         ..Fake::default()
     };
-    // Decodes that take time: the five streams are still running when the
-    // late prompt comes.
     fake.state().cost = Some((Duration::from_millis(2), Duration::ZERO));
     let cfg = EngineConfig {
         output_tile: 4,
-        ..config(6)
+        speculate: crate::engine::speculate::Settings {
+            max_draft,
+            min_match: 32,
+        },
+        ..config(slots)
     };
     let mut h = Harness::start(fake, cfg, TestHooks::default());
     let long = SamplingParams {
         ignore_eos: true,
-        ..greedy(60)
+        ..greedy(max_tokens)
     };
-    let streams: Vec<u64> = (0..5)
+    let streams = (0..5)
         .map(|i| {
             let prompt = PromptInput::Text(format!("stream {i}"));
             h.submit_input(prompt, long.clone()).0
         })
         .collect();
+    (h, streams)
+}
+
+#[test]
+fn rows_of_logits_fill_their_last_tile_with_prompt_tokens() {
+    let (mut h, streams) = five_streams_in_tiles(6, 0, 60);
     h.wait_until("five streams decoding", |h| {
         h.fake.state().batches.last().is_some_and(|b| b.len() == 5)
     });
@@ -543,32 +555,7 @@ fn rows_of_logits_fill_their_last_tile_with_prompt_tokens() {
 #[test]
 fn decode_steps_guess_tokens_to_fill_their_last_tile_of_logits() {
     let run = |max_draft: usize| {
-        let fake = Fake {
-            n_ctx: 2048,
-            ..Fake::default()
-        };
-        // Decodes that take time: all five are admitted before one ends.
-        fake.state().cost = Some((Duration::from_millis(2), Duration::ZERO));
-        let cfg = EngineConfig {
-            output_tile: 4,
-            speculate: crate::engine::speculate::Settings {
-                max_draft,
-                // No run of the text matches: only guesses.
-                min_match: 32,
-            },
-            ..config(5)
-        };
-        let mut h = Harness::start(fake, cfg, TestHooks::default());
-        let long = SamplingParams {
-            ignore_eos: true,
-            ..greedy(40)
-        };
-        let streams: Vec<u64> = (0..5)
-            .map(|i| {
-                let prompt = PromptInput::Text(format!("stream {i}"));
-                h.submit_input(prompt, long.clone()).0
-            })
-            .collect();
+        let (mut h, streams) = five_streams_in_tiles(5, max_draft, 40);
         let done: Vec<_> = streams.into_iter().map(|key| h.finish(key)).collect();
         let batches = h.fake.state().batches.clone();
         (done, batches)
