@@ -105,6 +105,9 @@ impl<B: Backend> Engine<'_, B> {
     fn guess_to_tile(&mut self, outputs: usize) {
         let room = self.cfg.n_batch.saturating_sub(outputs);
         let mut pad = planner::padded_outputs(outputs, self.cfg.output_tile).min(room);
+        if pad == 0 {
+            return;
+        }
         let mut order: Vec<usize> = (0..self.active.len())
             .filter(|&i| self.active[i].work == Work::Decode)
             .collect();
