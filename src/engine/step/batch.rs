@@ -42,13 +42,12 @@ impl<B: Backend> Engine<'_, B> {
             s.draft.clear();
             s.guessed = false;
             if let (Work::Decode, Some((step_ms, token_ms))) = (work, draft_costs.as_mut()) {
-                let room = self.cfg.n_batch.saturating_sub(decodes + drafted);
-                let settings = &self.cfg.speculate;
-                let room = room.min(allowance);
-                // The other decode rows and the drafts so far.
+                // The decode rows and the drafts so far.
                 let outputs = decodes + drafted;
+                let room = self.cfg.n_batch.saturating_sub(outputs).min(allowance);
                 let fit = (outputs, self.cfg.output_tile);
-                *step_ms += s.draft(settings, decodes, (*step_ms, *token_ms), room, fit);
+                let costs = (*step_ms, *token_ms);
+                *step_ms += s.draft(&self.cfg.speculate, decodes, costs, room, fit);
                 drafted += s.draft.len();
                 allowance -= s.draft.len();
             }

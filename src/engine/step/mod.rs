@@ -393,8 +393,8 @@ impl<'a, B: Backend> Engine<'a, B> {
                     .count();
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
                 let drafts: usize = self.active.iter().map(drafted).sum();
-                let guesses: usize =
-                    self.active.iter().map(|s| s.draft.len()).sum::<usize>() - drafts;
+                let guessed = self.active.iter().filter(|s| s.guessed);
+                let guesses: usize = guessed.map(|s| s.draft.len()).sum();
                 let prompt_tokens = self.batch.len() - rows - drafts - guesses;
                 self.costs.observe(rows, prompt_tokens, drafts, ms);
                 // The engine's own work between two decodes (sampling,
