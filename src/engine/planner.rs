@@ -144,6 +144,9 @@ pub struct Costs {
     prompt_ms: f64,
     /// Decode steps' time against their draft tokens, by rows.
     drafts: Vec<Fit>,
+    /// EWMA of the time (ms) of steps without prompt tokens, by rows of
+    /// logits (decode rows, drafts and guesses); 0: not seen yet.
+    outputs_ms: Vec<f64>,
 }
 
 /// Weight of the newest step in the averages.
@@ -170,7 +173,25 @@ impl Costs {
             decode_ms: vec![0.0; slots + 1],
             prompt_ms: 0.0,
             drafts: vec![Fit::default(); slots + 1],
+            outputs_ms: Vec::new(),
         }
+    }
+
+    /// Records a step without prompt tokens that computed `outputs` rows of
+    /// logits in `ms`.
+    pub fn observe_outputs(&mut self, outputs: usize, ms: f64) {
+        if !ms.is_finite() || ms <= 0.0 || outputs == 0 {
+            return;
+        }
+        if self.outputs_ms.len() <= outputs {
+            self.outputs_ms.resize(outputs + 1, 0.0);
+        }
+        self.outputs_ms[outputs] = ewma(self.outputs_ms[outputs], ms);
+    }
+
+    /// A step without prompt tokens of `outputs` rows of logits, as seen.
+    pub fn outputs(&self, outputs: usize) -> Option<f64> {
+        self.outputs_ms.get(outputs).copied().filter(|&d| d > 0.0)
     }
 
     /// Records a step of `rows` decode rows, `prompt_tokens` prompt tokens

@@ -89,6 +89,43 @@ pub fn guess(history: &[Token]) -> Option<Token> {
     found.tokens.first().or(history.last()).copied()
 }
 
+/// How often a stream's first guessed token was right, over every stream,
+/// the recent guesses weighing most, from a prior of one of two. A guess
+/// after a right one is taken to be right as often.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuessRate(f64);
+
+/// What the rate keeps of its weight at each guess verified (about the
+/// last fifty count).
+const GUESS_KEEP: f64 = 0.98;
+
+impl Default for GuessRate {
+    fn default() -> GuessRate {
+        GuessRate(0.5)
+    }
+}
+
+impl GuessRate {
+    pub fn rate(&self) -> f64 {
+        self.0
+    }
+
+    pub fn update(&mut self, right: bool) {
+        self.0 = self.0 * GUESS_KEEP + if right { 1.0 - GUESS_KEEP } else { 0.0 };
+    }
+}
+
+/// How much faster tokens must come for a tile of guesses to be added: a
+/// longer step delays every stream's next token.
+const TILE_GAIN: f64 = 1.05;
+
+/// Whether a step that makes `tokens` tokens (expected) in `base_ms` makes
+/// them clearly faster (`TILE_GAIN`) with a tile more of guessed rows,
+/// expected to keep `gain` tokens more, that takes it to `with_ms`.
+pub fn tile_pays(tokens: f64, base_ms: f64, gain: f64, with_ms: f64) -> bool {
+    gain > 0.0 && (tokens + gain) * base_ms >= TILE_GAIN * tokens * with_ms
+}
+
 /// How often draft tokens were right: the tokens kept over the tokens
 /// verified (the kept ones and the first wrong one), older counts weighing
 /// less and less, from a prior of one of two.
@@ -293,6 +330,31 @@ mod tests {
         assert_eq!(lookup(&toks("a"), 1, 4), none);
         assert_eq!(lookup(&toks("abab"), 2, 0), none);
         assert_eq!(lookup(&[], 2, 4), none);
+    }
+
+    #[test]
+    fn a_tile_of_guesses_pays_where_its_kept_tokens_outrun_its_cost() {
+        // Four streams: a step of 4 rows takes 33 ms, of 8 rows 41 ms.
+        assert!(tile_pays(4.0, 33.0, 4.0 * 0.65, 41.0));
+        assert!(!tile_pays(4.0, 33.0, 4.0 * 0.2, 41.0));
+        // ... or 55 and 86 (another day): at 60% right, 3% faster is not enough.
+        assert!(!tile_pays(4.0, 55.0, 4.0 * 0.6, 86.0));
+        assert!(tile_pays(4.0, 55.0, 4.0 * 0.68, 86.0));
+        // One stream: 11 ms alone, 33 ms with three chained guesses.
+        let chained = |a: f64| a + a * a + a * a * a;
+        assert!(!tile_pays(1.0, 11.0, chained(0.65), 33.0));
+        assert!(tile_pays(1.0, 11.0, chained(0.99), 33.0));
+        assert!(!tile_pays(4.0, 33.0, 0.0, 30.0), "nothing to gain");
+        let mut rate = GuessRate::default();
+        assert_eq!(rate.rate(), 0.5);
+        for _ in 0..200 {
+            rate.update(true);
+        }
+        assert!(rate.rate() > 0.98);
+        for _ in 0..50 {
+            rate.update(false);
+        }
+        assert!(rate.rate() < 0.4, "{}", rate.rate());
     }
 
     #[test]

@@ -489,14 +489,19 @@ fn a_prefix_moved_to_host_memory_while_others_run_comes_back() {
 /// Five streams of `max_tokens` each (EOS ignored) on an engine whose rows
 /// of logits go in tiles of four, with `slots` and drafts of up to
 /// `max_draft` tokens from 32-token matches (none in these texts: only
-/// guesses), over a fake whose decodes take 2 ms: every stream is admitted
-/// before one ends.
-fn five_streams_in_tiles(slots: usize, max_draft: usize, max_tokens: u32) -> (Harness, Vec<u64>) {
+/// guesses), over a fake whose decodes take `cost` (a step, a batch token;
+/// 2 ms a step lets every stream be admitted before one ends).
+fn five_streams_in_tiles(
+    slots: usize,
+    max_draft: usize,
+    max_tokens: u32,
+    cost: (Duration, Duration),
+) -> (Harness, Vec<u64>) {
     let fake = Fake {
         n_ctx: 2048,
         ..Fake::default()
     };
-    fake.state().cost = Some((Duration::from_millis(2), Duration::ZERO));
+    fake.state().cost = Some(cost);
     let cfg = EngineConfig {
         output_tile: 4,
         speculate: crate::engine::speculate::Settings {
@@ -521,7 +526,7 @@ fn five_streams_in_tiles(slots: usize, max_draft: usize, max_tokens: u32) -> (Ha
 
 #[test]
 fn rows_of_logits_fill_their_last_tile_with_prompt_tokens() {
-    let (mut h, streams) = five_streams_in_tiles(6, 0, 60);
+    let (mut h, streams) = five_streams_in_tiles(6, 0, 60, FLAT);
     h.wait_until("five streams decoding", |h| {
         h.fake.state().batches.last().is_some_and(|b| b.len() == 5)
     });
@@ -549,43 +554,71 @@ fn rows_of_logits_fill_their_last_tile_with_prompt_tokens() {
     }
 }
 
-/// Decode steps of five streams, where no draft matches, guess a token for
-/// three of them to fill the second tile of logits rows: the text is the
-/// plain one, and right guesses (the repeated 'x' past the reply) are kept.
-#[test]
-fn decode_steps_guess_tokens_to_fill_their_last_tile_of_logits() {
-    let run = |max_draft: usize| {
-        let (mut h, streams) = five_streams_in_tiles(5, max_draft, 40);
-        let done: Vec<_> = streams.into_iter().map(|key| h.finish(key)).collect();
-        let batches = h.fake.state().batches.clone();
-        (done, batches)
-    };
-    let (plain, _) = run(0);
-    let (guessed, batches) = run(8);
-    for (a, b) in plain.iter().zip(&guessed) {
-        assert_eq!(a.text, b.text);
-        assert!(a.text.starts_with("hello worldxxx"), "{:?}", a.text);
-        assert_eq!(b.end().0, FinishReason::Length);
-    }
+/// A fake step's cost: the same whatever it carries.
+const FLAT: (Duration, Duration) = (Duration::from_millis(2), Duration::ZERO);
+
+/// Five streams as `five_streams_in_tiles` with drafts of up to `max_draft`
+/// tokens: their replies, and the sizes of the decode steps that carried
+/// all five (each row a row of logits).
+fn five_streams_decoding(max_draft: usize, cost: (Duration, Duration)) -> (Vec<Done>, Vec<usize>) {
+    let (mut h, streams) = five_streams_in_tiles(5, max_draft, 40, cost);
+    let done: Vec<_> = streams.into_iter().map(|key| h.finish(key)).collect();
     let seqs = |b: &Vec<BatchToken>| {
         let mut seqs: Vec<_> = b.iter().map(|t| t.seq).collect();
         seqs.dedup();
         seqs.len()
     };
-    let five: Vec<usize> = batches
+    let five = h
+        .fake
+        .state()
+        .batches
         .iter()
         .filter(|b| b.iter().all(|t| t.output) && seqs(b) == 5)
         .map(Vec::len)
         .collect();
+    (done, five)
+}
+
+/// Decode steps of five streams, where no draft matches, guess tokens to
+/// fill the second tile of logits rows, and, where steps cost the same
+/// whatever their rows and the guesses are right (the repeated 'x' past the
+/// reply), a third tile too: the text is the plain one, and right guesses
+/// are kept.
+#[test]
+fn decode_steps_guess_tokens_to_fill_their_last_tile_of_logits() {
+    let (plain, _) = five_streams_decoding(0, FLAT);
+    let (guessed, five) = five_streams_decoding(8, FLAT);
+    for (a, b) in plain.iter().zip(&guessed) {
+        assert_eq!(a.text, b.text);
+        assert!(a.text.starts_with("hello worldxxx"), "{:?}", a.text);
+        assert_eq!(b.end().0, FinishReason::Length);
+    }
     // Near the reply's end the streams run out of room for guesses.
-    let filled = five.iter().filter(|&&n| n == 8).count();
-    assert!(filled * 2 > five.len(), "{five:?}");
-    assert!(five.iter().all(|&n| n <= 8), "{five:?}");
+    let tiled = five.iter().filter(|&&n| n >= 8 && n % 4 == 0).count();
+    assert!(tiled * 2 > five.len(), "{five:?}");
+    assert!(five.contains(&12), "a third tile pays: {five:?}");
+    assert!(five.iter().all(|&n| n <= 12), "{five:?}");
     let kept: usize = guessed
         .iter()
         .map(|d| d.end().1.accepted_draft_tokens)
         .sum();
     assert!(kept > 0, "guessed 'x' after 'x'");
+}
+
+/// Where every row of a step costs as much as the others, a tile of
+/// guesses more cannot make tokens come faster: it is tried, then left,
+/// while the tile the five streams' rows begin is still filled.
+#[test]
+fn a_tile_of_guesses_more_is_left_where_it_does_not_pay() {
+    let cost = (Duration::ZERO, Duration::from_millis(1));
+    let (guessed, five) = five_streams_decoding(8, cost);
+    assert!(guessed.iter().all(|d| d.end().0 == FinishReason::Length));
+    let more = five.iter().filter(|&&n| n > 8).count();
+    assert!(more <= 2, "{five:?}");
+    assert!(
+        five.iter().filter(|&&n| n == 8).count() * 2 > five.len(),
+        "{five:?}"
+    );
 }
 
 #[test]

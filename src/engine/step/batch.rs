@@ -9,6 +9,10 @@ use crate::engine::planner::{self, Budget, Work};
 use crate::engine::sequence::Seq;
 use crate::engine::speculate;
 
+/// A tile of guesses that did not pay is tried again every this many times
+/// it was declined: the guesses' rate and the steps' costs move.
+const EXPLORE_EVERY: usize = 64;
+
 impl<B: Backend> Engine<'_, B> {
     /// Fills the batch with the planned work of every sequence.
     pub(super) fn build_batch(&mut self) {
@@ -52,8 +56,10 @@ impl<B: Backend> Engine<'_, B> {
                 allowance -= s.draft.len();
             }
         }
+        self.extra_tile = false;
         if drafting {
             self.guess_to_tile(decodes + drafted);
+            self.extra_tile = self.guess_tile(decodes, target);
         }
         self.batch.clear();
         for s in self.active.iter_mut() {
@@ -99,28 +105,108 @@ impl<B: Backend> Engine<'_, B> {
     /// Gives decoding sequences without a draft a guessed token each, round
     /// after round, while that fills the last tile of the step's `outputs`
     /// rows of logits (`planner::padded_outputs`): a whole tile costs less
-    /// than one with rows left over, and a right guess is a token more. The
-    /// streams with the fewest tokens so far guess first.
+    /// than one with rows left over, and a right guess is a token more.
     fn guess_to_tile(&mut self, outputs: usize) {
         let room = self.cfg.n_batch.saturating_sub(outputs);
-        let mut pad = planner::padded_outputs(outputs, self.cfg.output_tile).min(room);
-        if pad == 0 {
-            return;
+        let pad = planner::padded_outputs(outputs, self.cfg.output_tile).min(room);
+        self.guess_rows(pad);
+    }
+
+    /// Adds a whole tile of guessed rows of logits to a decode step that
+    /// ends on one (or has fewer rows than one), where the steps measured
+    /// say the tokens the guesses are expected to keep (`GuessRate`) make
+    /// the step's tokens come faster, and it stays within the gap target
+    /// `gap_ms`. Four streams' steps took 33 ms with one tile and 41 with
+    /// two on one day (`docs/BENCHMARKS.md`), 55 and 86 on another: 31
+    /// right guesses in 100 pay on the first, 65 on the second
+    /// (`speculate::tile_pays`). A step it has not seen is tried; one that
+    /// did not pay, now and then again, for the rate moves. True where it
+    /// added the tile.
+    fn guess_tile(&mut self, decodes: usize, gap_ms: Option<f64>) -> bool {
+        let tile = self.cfg.output_tile;
+        if tile <= 1 {
+            return false;
+        }
+        let rows = |s: &Seq<B::Sampler>| (s.work == Work::Decode).then_some(1 + s.draft.len());
+        let outputs: usize = self.active.iter().filter_map(rows).sum();
+        let want = (outputs / tile + 1) * tile;
+        if (outputs > tile && !outputs.is_multiple_of(tile)) || want > self.cfg.n_batch {
+            return false;
+        }
+        let Some(base_ms) = self.costs.outputs(outputs) else {
+            return false;
+        };
+        let with_ms = self.costs.outputs(want);
+        if with_ms.zip(gap_ms).is_some_and(|(with, gap)| with > gap) {
+            return false;
+        }
+        // The tokens a draft is expected to keep, each right as often as
+        // the stream's drafts (or the guesses) were, after a right one.
+        let a = self.guess_rate.rate();
+        let kept = |s: &Seq<B::Sampler>| {
+            let p = if s.guessed {
+                a
+            } else {
+                s.rates.rate(s.matched)
+            };
+            (1..=s.draft.len() as i32).map(|k| p.powi(k)).sum::<f64>()
+        };
+        let before: Vec<(usize, f64)> = self
+            .active
+            .iter()
+            .map(|s| (s.draft.len(), kept(s)))
+            .collect();
+        let tokens = decodes as f64 + before.iter().map(|b| b.1).sum::<f64>();
+        let added = self.guess_rows(want - outputs);
+        let gain = self
+            .active
+            .iter()
+            .zip(&before)
+            .map(|(s, b)| kept(s) - b.1)
+            .sum::<f64>();
+        let pays = match with_ms {
+            Some(with_ms) => speculate::tile_pays(tokens, base_ms, gain, with_ms),
+            None => a >= 0.5,
+        };
+        if added == want - outputs && pays {
+            return true;
+        }
+        self.declined += 1;
+        if added == want - outputs && self.declined.is_multiple_of(EXPLORE_EVERY) {
+            return true;
+        }
+        for (s, &(n, _)) in self.active.iter_mut().zip(&before) {
+            if s.guessed {
+                s.draft.truncate(n);
+                s.guessed = n > 0;
+            }
+        }
+        false
+    }
+
+    /// Gives decoding sequences without a draft of their own a guessed
+    /// token each, round after round, the streams with the fewest tokens so
+    /// far first, until `n` are given or none can take one; returns how
+    /// many were.
+    fn guess_rows(&mut self, n: usize) -> usize {
+        if n == 0 {
+            return 0;
         }
         let mut order: Vec<usize> = (0..self.active.len())
             .filter(|&i| self.active[i].work == Work::Decode)
             .collect();
         order.sort_by_key(|&i| self.active[i].progress.completion_tokens);
         let max_draft = self.cfg.speculate.max_draft;
-        while pad > 0 {
-            let before = pad;
+        let mut given = 0;
+        loop {
+            let before = given;
             for &i in &order {
-                if pad > 0 && self.active[i].guess(max_draft) {
-                    pad -= 1;
+                if given < n && self.active[i].guess(max_draft) {
+                    given += 1;
                 }
             }
-            if pad == before {
-                return;
+            if given == n || given == before {
+                return given;
             }
         }
     }

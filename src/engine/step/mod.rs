@@ -135,6 +135,12 @@ pub struct Engine<'a, B: Backend> {
     threads: ThreadTuner,
     /// How often drafts were right, over every sequence: where a new one starts.
     rates: speculate::Rates,
+    /// How often guessed tokens were right, over every sequence.
+    guess_rate: speculate::GuessRate,
+    /// The current step carries a tile of guesses beyond its last one
+    /// (`guess_tile`), and how often one was declined.
+    extra_tile: bool,
+    declined: usize,
     /// `scheduler.cache_changes()` at the last save, and when it was.
     saved: (u64, Instant),
     /// Writes what `persist` saves, off the engine thread.
@@ -173,6 +179,9 @@ impl<'a, B: Backend> Engine<'a, B> {
             costs,
             threads: ThreadTuner::new(threads),
             rates: Default::default(),
+            guess_rate: Default::default(),
+            extra_tile: false,
+            declined: 0,
             masks: MaskWorker::spawn()
                 .inspect_err(|e| log::warn!("masks are computed between decodes: no thread ({e})"))
                 .ok(),
@@ -396,7 +405,15 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let guessed = self.active.iter().filter(|s| s.guessed);
                 let guesses: usize = guessed.map(|s| s.draft.len()).sum();
                 let prompt_tokens = self.batch.len() - rows - drafts - guesses;
-                self.costs.observe(rows, prompt_tokens, drafts, ms);
+                let outputs = rows + drafts + guesses;
+                if prompt_tokens == 0 {
+                    self.costs.observe_outputs(outputs, ms);
+                }
+                // A step with a tile of guesses more costs what its rows of
+                // logits do, not what its decode rows and drafts would.
+                if !self.extra_tile {
+                    self.costs.observe(rows, prompt_tokens, drafts, ms);
+                }
                 // The engine's own work between two decodes (sampling,
                 // events, planning), or its idle time.
                 let host_ms = self
@@ -406,7 +423,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 log::trace!(
                     "step: {rows} rows, {prompt_tokens} prompt tokens, {drafts} drafts, {guesses} guesses: {ms:.1} ms ({host_ms:.2} ms since the last)"
                 );
-                if decode_only && let Some(n) = self.threads.observe(rows, ms) {
+                if decode_only && let Some(n) = self.threads.observe(outputs, ms) {
                     log::debug!("decoding with {n} threads");
                 }
             }

@@ -51,6 +51,8 @@ impl<B: Backend> Engine<'_, B> {
             if !s.guessed {
                 s.rates.update(s.matched, accepted, draft.len());
                 self.rates.update(s.matched, accepted, draft.len());
+            } else if accepted > 0 || outcome.is_none() {
+                self.guess_rate.update(accepted > 0);
             }
             s.progress.drafted += draft.len();
             s.progress.accepted += accepted;
