@@ -112,8 +112,10 @@ impl<B: Backend> Engine<'_, B> {
         self.guess_rows(pad);
     }
 
-    /// Adds a whole tile of guessed rows of logits to a decode step that
-    /// ends on one (or has fewer rows than one), where the steps measured
+    /// Adds a whole tile of guessed rows of logits to a decode step of two
+    /// streams or more that ends on one (or has fewer rows than one; a
+    /// stream alone has its drafts, sized by what they cost, and a tile
+    /// tried there would be a gap three steps long), where the steps measured
     /// say the tokens the guesses are expected to keep (`GuessRate`) make
     /// the step's tokens come faster, and it stays within the gap target
     /// `gap_ms`. Four streams' steps took 33 ms with one tile and 41 with
@@ -124,7 +126,7 @@ impl<B: Backend> Engine<'_, B> {
     /// added the tile.
     fn guess_tile(&mut self, decodes: usize, gap_ms: Option<f64>) -> bool {
         let tile = self.cfg.output_tile;
-        if tile <= 1 {
+        if tile <= 1 || decodes < 2 {
             return false;
         }
         let rows = |s: &Seq<B::Sampler>| (s.work == Work::Decode).then_some(1 + s.draft.len());
