@@ -210,7 +210,7 @@ impl Rates {
 
 /// Tokens a sequence is expected to gain from a draft of `k` tokens each
 /// right with probability `p`, the token sampled after them included.
-fn expected(p: f64, k: usize) -> f64 {
+pub fn expected(p: f64, k: usize) -> f64 {
     (0..=k).map(|i| p.powi(i as i32)).sum()
 }
 

@@ -142,39 +142,36 @@ impl<B: Backend> Engine<'_, B> {
         if with_ms.zip(gap_ms).is_some_and(|(with, gap)| with > gap) {
             return false;
         }
-        // The tokens a draft is expected to keep, each right as often as
-        // the stream's drafts (or the guesses) were, after a right one.
+        // The tokens each decoding stream is expected to make, its draft's
+        // tokens each right as often as its drafts (or the guesses) were.
         let a = self.guess_rate.rate();
-        let kept = |s: &Seq<B::Sampler>| {
-            let p = if s.guessed {
-                a
-            } else {
-                s.rates.rate(s.matched)
-            };
-            (1..=s.draft.len() as i32).map(|k| p.powi(k)).sum::<f64>()
+        let expected = |s: &Seq<B::Sampler>| match (s.work, s.guessed) {
+            (Work::Decode, true) => speculate::expected(a, s.draft.len()),
+            (Work::Decode, false) => speculate::expected(s.rates.rate(s.matched), s.draft.len()),
+            _ => 0.0,
         };
         let before: Vec<(usize, f64)> = self
             .active
             .iter()
-            .map(|s| (s.draft.len(), kept(s)))
+            .map(|s| (s.draft.len(), expected(s)))
             .collect();
-        let tokens = decodes as f64 + before.iter().map(|b| b.1).sum::<f64>();
-        let added = self.guess_rows(want - outputs);
-        let gain = self
+        let tokens: f64 = before.iter().map(|b| b.1).sum();
+        let full = self.guess_rows(want - outputs) == want - outputs;
+        let gain: f64 = self
             .active
             .iter()
             .zip(&before)
-            .map(|(s, b)| kept(s) - b.1)
-            .sum::<f64>();
+            .map(|(s, b)| expected(s) - b.1)
+            .sum();
         let pays = match with_ms {
             Some(with_ms) => speculate::tile_pays(tokens, base_ms, gain, with_ms),
             None => a >= 0.5,
         };
-        if added == want - outputs && pays {
+        if full && pays {
             return true;
         }
         self.declined += 1;
-        if added == want - outputs && self.declined.is_multiple_of(EXPLORE_EVERY) {
+        if full && self.declined.is_multiple_of(EXPLORE_EVERY) {
             return true;
         }
         for (s, &(n, _)) in self.active.iter_mut().zip(&before) {
