@@ -116,6 +116,11 @@ struct Args {
     /// llama-server binary (default: target/llama-tools/bin/llama-server, built by benches/llama-tools.sh).
     #[arg(long)]
     llama_server: Option<PathBuf>,
+    /// An argument more for llama-server, repeatable: `--llama-server-arg=--spec-type
+    /// --llama-server-arg=ngram-simple` compares single streams with its own n-gram
+    /// speculation, whose tokens also come in bursts.
+    #[arg(long, allow_hyphen_values = true)]
+    llama_server_arg: Vec<String>,
     /// Names the outputs: target/bench/load-<tag>.{json,svg} (`--api ws`),
     /// target/bench/load-openai-<tag>.{json,svg} (`--api openai`).
     #[arg(long, default_value = "suite")]
@@ -903,7 +908,8 @@ fn start_llama_server(bin: &Path, model: &Path, args: &Args, threads: usize) -> 
     cmd.args(["-m", model.to_str().unwrap(), "--host", "127.0.0.1"])
         .args(["--port", &port.to_string(), "-t", &threads.to_string()])
         .args(["-c", &args.ctx_size.to_string()])
-        .args(["-np", &args.parallel.to_string()]);
+        .args(["-np", &args.parallel.to_string()])
+        .args(&args.llama_server_arg);
     // Like ours, one KV cache shared by all slots (otherwise each slot gets ctx/np).
     if help.contains("--kv-unified") {
         cmd.arg("--kv-unified");

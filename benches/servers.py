@@ -32,9 +32,11 @@ def wait_http(port):
 
 
 def start_ours(args, stderr=subprocess.DEVNULL, state="/tmp/bench-state"):
-    """target/release/inference-core with `args` (-t 2 --parallel 4 ...); returns (process, port)."""
+    """target/release/inference-core (or `BENCH_SERVER_BIN`, another build) with `args`
+    (-t 2 --parallel 4 ...); returns (process, port)."""
     port = free_port()
-    p = subprocess.Popen([os.path.join(ROOT, "target/release/inference-core"), "--port", str(port), *args],
+    binary = os.environ.get("BENCH_SERVER_BIN") or os.path.join(ROOT, "target/release/inference-core")
+    p = subprocess.Popen([binary, "--port", str(port), *args],
                          stderr=stderr, env={**os.environ, "INFERENCE_CORE_STATE": state})
     wait_http(port)
     return p, port
