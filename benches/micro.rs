@@ -261,6 +261,9 @@ fn logits_passes(c: &mut Criterion) {
     g.bench_function("softmax_at_262k", |b| {
         b.iter(|| black_box(logits::softmax_at(black_box(&row), 7)))
     });
+    g.bench_function("top_k_40_262k", |b| {
+        b.iter(|| black_box(logits::top_k(black_box(&row), 40, |_| true)))
+    });
     g.finish();
 }
 

@@ -1,5 +1,6 @@
 //! The model's own probabilities from raw logits: the softmax at one token
-//! (every token event's `prob`) and the top log-probabilities. Sans-I/O.
+//! (every token event's `prob`) and the top log-probabilities; and the top
+//! k logits a sampler's top-k keeps. Sans-I/O.
 //!
 //! These run once per sampled token over the whole vocabulary (262k entries
 //! for Gemma 3), so they are written for the compiler to vectorize: lanes of
@@ -15,6 +16,8 @@
 use crate::engine::backend::Token;
 
 const LANES: usize = 16;
+/// Logits `top_k` passes over by their maximum alone where it cannot enter.
+const BLOCK: usize = 256;
 
 /// e^x for x <= 0 (e^x of anything below -87, -inf included, is 0).
 #[inline(always)]
@@ -90,18 +93,41 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(Token, f32)> {
         return Vec::new();
     }
     let log_sum = sum_exp(logits, max).ln() + max;
-    // The best k so far, most likely first (k is small: at most 20).
-    let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
-    for (i, &l) in logits.iter().enumerate() {
-        if best.len() < k || l > best[best.len() - 1].0 {
-            let at = best.partition_point(|b| b.0 >= l);
-            best.insert(at, (l, i));
+    top_k(logits, k, |_| true)
+        .into_iter()
+        .map(|(i, l)| (i, l - log_sum))
+        .collect()
+}
+
+/// The `k` largest logits among the tokens `allows` lets through, with
+/// their tokens, largest first (of equals, the lower token first). For a
+/// small `k` (a sampler's top-k, the top log-probabilities): a block of
+/// `BLOCK` logits whose maximum cannot enter the list is passed over by
+/// that vectorized maximum alone, and over a vocabulary most blocks are
+/// (0.12 ms for 40 of 262k here, where copying all of them for llama.cpp's
+/// chain to sort took about 1 ms).
+pub fn top_k(logits: &[f32], k: usize, allows: impl Fn(Token) -> bool) -> Vec<(Token, f32)> {
+    let mut best: Vec<(Token, f32)> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return best;
+    }
+    let offer = |best: &mut Vec<(Token, f32)>, i: usize, l: f32| {
+        let full = best.len() == k;
+        if (!full || l > best[k - 1].1) && allows(i as Token) {
+            let at = best.partition_point(|b| b.1 >= l);
+            best.insert(at, (i as Token, l));
             best.truncate(k);
         }
+    };
+    for (c, chunk) in logits.chunks(BLOCK).enumerate() {
+        if best.len() == k && max(chunk) <= best[k - 1].1 {
+            continue;
+        }
+        for (j, &l) in chunk.iter().enumerate() {
+            offer(&mut best, c * BLOCK + j, l);
+        }
     }
-    best.into_iter()
-        .map(|(l, i)| (i as Token, l - log_sum))
-        .collect()
+    best
 }
 
 #[cfg(test)]
@@ -154,6 +180,32 @@ mod tests {
         assert!((top[0].1.exp() - softmax_at(&logits, 1)).abs() < 1e-6);
         assert_eq!(top_logprobs(&logits, 10).len(), 4);
         assert!(top_logprobs(&logits, 0).is_empty());
+    }
+
+    #[test]
+    fn top_k_is_a_sort_cut_short() {
+        // A vocabulary-sized spread with many equal logits, not a multiple of
+        // the lanes: the same as sorting everything (largest first, of equals
+        // the lower token first) and keeping k, with or without a filter.
+        let logits: Vec<f32> = (0..262_147)
+            .map(|i| ((i * 7919 % 100_003) as f32 / 5000.0) - 10.0)
+            .collect();
+        let sorted = |allows: &dyn Fn(Token) -> bool| {
+            let mut all: Vec<(Token, f32)> = (0..logits.len() as Token)
+                .filter(|&t| allows(t))
+                .map(|t| (t, logits[t as usize]))
+                .collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            all
+        };
+        let odd = |t: Token| t % 2 == 1;
+        for k in [1, 40, 200] {
+            assert_eq!(top_k(&logits, k, |_| true), sorted(&|_| true)[..k]);
+            assert_eq!(top_k(&logits, k, odd), sorted(&odd)[..k]);
+        }
+        assert_eq!(top_k(&logits, 3, |t| t == 5), [(5, logits[5])]);
+        assert!(top_k(&logits, 0, |_| true).is_empty());
+        assert_eq!(top_k(&[1.0, f32::NEG_INFINITY], 5, |_| true).len(), 2);
     }
 
     #[test]

@@ -19,6 +19,11 @@ pub struct Sampler {
     /// Plain greedy (nothing that rewrites logits): pick the argmax straight
     /// from the logits, skipping the copy of the vocabulary into `candidates`.
     greedy: bool,
+    /// The chain's first step is its top-k (`Some(k)`: nothing before it
+    /// rewrites logits): `candidates` gets only those k, found by one
+    /// vectorized pass, instead of the whole vocabulary for the chain to
+    /// sort. What the chain keeps and draws from is the same.
+    top_k_first: Option<usize>,
     /// Report the log-probabilities of this many most likely tokens.
     top: Option<usize>,
     /// llama.cpp's GBNF sampler, outside the chain: a pick is checked
@@ -137,10 +142,14 @@ impl Sampler {
                 add(sys::llama_sampler_init_dist(seed));
             }
         }
+        let untouched = !penalized && !dry && spec.logit_bias.is_empty();
+        let top_k = usize::try_from(spec.top_k).unwrap_or(0);
         Ok(Sampler {
             chain,
             candidates: Vec::new(),
-            greedy: spec.temp <= 0.0 && !penalized && !dry && spec.logit_bias.is_empty(),
+            greedy: spec.temp <= 0.0 && untouched,
+            top_k_first: (spec.temp > 0.0 && untouched && (1..=TOP_K_FIRST_MAX).contains(&top_k))
+                .then_some(top_k),
             top: spec.logprobs.map(usize::from),
             grammar,
         })
@@ -188,17 +197,23 @@ impl Sampler {
         }
         self.candidates.clear();
         let all = filter.mask.is_none() && filter.banned.is_empty();
-        self.candidates.extend(
-            logits
-                .iter()
-                .enumerate()
-                .filter(|&(id, _)| all || filter.allows(id as Token))
-                .map(|(id, &logit)| sys::llama_token_data {
-                    id: id as Token,
-                    logit,
-                    p: 0.0,
-                }),
-        );
+        let top_k = self.top_k_first.filter(|_| !with_grammar);
+        let data = |(id, logit): (Token, f32)| sys::llama_token_data { id, logit, p: 0.0 };
+        match top_k {
+            Some(k) => self.candidates.extend(
+                logits::top_k(logits, k, |id| all || filter.allows(id))
+                    .into_iter()
+                    .map(data),
+            ),
+            None => self.candidates.extend(
+                logits
+                    .iter()
+                    .enumerate()
+                    .map(|(id, &logit)| (id as Token, logit))
+                    .filter(|&(id, _)| all || filter.allows(id))
+                    .map(data),
+            ),
+        }
         if self.candidates.is_empty() {
             return Err(BackendError::NothingSampled);
         }
@@ -206,7 +221,9 @@ impl Sampler {
             data: self.candidates.as_mut_ptr(),
             size: self.candidates.len(),
             selected: -1,
-            sorted: false,
+            // The top k come largest first: the chain's top-k then only
+            // keeps them, as after its own sort.
+            sorted: top_k.is_some(),
         };
         if let (true, Some(grammar)) = (with_grammar, self.grammar) {
             // SAFETY: as below; the grammar sampler only sets refused logits to -inf.
@@ -237,6 +254,10 @@ impl Sampler {
         }
     }
 }
+
+/// The largest top-k whose candidates `Sampler::pick` finds itself; above
+/// it the insertions would cost more than the chain's own sort.
+const TOP_K_FIRST_MAX: usize = 256;
 
 /// The most likely token that `filter` allows (the first of equals).
 fn argmax(logits: &[f32], filter: &Filter<'_>) -> Option<Token> {
@@ -329,5 +350,59 @@ mod tests {
         assert_eq!(argmax(&logits, &only(&[0, 1, 2, 3])), None);
         let p = softmax_at(&logits, 2);
         assert!(p > 0.8 && p < 0.85, "{p}");
+    }
+
+    /// llama.cpp's default chain (top-k 40, top-p 0.95, min-p 0.05,
+    /// temperature 0.8, the draw) on `candidates`, seeded: the token drawn.
+    fn draw(candidates: &mut [sys::llama_token_data], sorted: bool, seed: u32) -> Token {
+        // SAFETY: plain constructors; the chain owns the samplers, `arr`
+        // points into `candidates` for the call, and the chain is freed once.
+        unsafe {
+            let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
+            sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_top_k(40));
+            sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_top_p(0.95, 1));
+            sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_min_p(0.05, 1));
+            sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_temp(0.8));
+            sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_dist(seed));
+            let mut arr = sys::llama_token_data_array {
+                data: candidates.as_mut_ptr(),
+                size: candidates.len(),
+                selected: -1,
+                sorted,
+            };
+            sys::llama_sampler_apply(chain, &mut arr);
+            let token = (*arr.data.add(arr.selected as usize)).id;
+            sys::llama_sampler_free(chain);
+            token
+        }
+    }
+
+    #[test]
+    fn the_top_k_found_first_draws_what_the_whole_vocabulary_draws() {
+        const N: usize = 50_000;
+        let data = |(id, logit): (Token, f32)| sys::llama_token_data { id, logit, p: 0.0 };
+        for seed in 0..200u32 {
+            // Distinct logits (a draw among equals may go either way), a
+            // different order for each seed, a few well above the rest.
+            let logits: Vec<f32> = (0..N)
+                .map(|i| {
+                    let rank = (i * 7919 + seed as usize * 12_345) % N;
+                    let l = rank as f32 / N as f32 * 12.0 - 6.0;
+                    if rank > N - 50 { l + 6.0 } else { l }
+                })
+                .collect();
+            let mut whole: Vec<_> = (0..N as Token)
+                .map(|i| data((i, logits[i as usize])))
+                .collect();
+            let mut first: Vec<_> = logits::top_k(&logits, 40, |_| true)
+                .into_iter()
+                .map(data)
+                .collect();
+            assert_eq!(
+                draw(&mut whole, false, seed),
+                draw(&mut first, true, seed),
+                "seed {seed}"
+            );
+        }
     }
 }
