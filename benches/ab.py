@@ -13,11 +13,11 @@ clients sending unique prompts back to back (greedy unless --temp, ignore_eos,
 their median, which is the figure to report. Extra server arguments go after
 `--` (e.g. `-- --config my.toml`). Needs websockets.
 """
-import argparse, asyncio, json, os, statistics, subprocess, sys, time
+import argparse, asyncio, json, os, shutil, statistics, sys, time
 
 import websockets
 
-from servers import QUICK, ROOT, free_port, stop, wait_http
+from servers import QUICK, ROOT, start_ours, stop
 
 
 def parse():
@@ -59,12 +59,8 @@ async def client(port, i, a, window, counts):
 
 
 def measure(binary, a, state):
-    port = free_port()
-    env = {**os.environ, "INFERENCE_CORE_STATE": state}
-    p = subprocess.Popen([binary, "--port", str(port), "-t", "2", "--parallel", "8", *a.server_args],
-                         stderr=subprocess.DEVNULL, env=env)
+    p, port = start_ours(["-t", "2", "--parallel", "8", *a.server_args], state=state, binary=binary)
     try:
-        wait_http(port)
         t = time.monotonic()
         window, counts = (t + a.warmup, t + a.warmup + a.seconds), [0] * a.clients
 
@@ -85,13 +81,13 @@ def main():
         order = [("A", a.old), ("B", a.new)] if r % 2 == 0 else [("B", a.new), ("A", a.old)]
         got = {}
         for name, binary in order:
-            subprocess.run(["rm", "-rf", state])
+            shutil.rmtree(state, ignore_errors=True)
             got[name] = measure(binary, a, state)
         if got["A"] == 0:
             sys.exit("A streamed no tokens")
         ratios.append(got["B"] / got["A"])
         print(f"round {r + 1}: A {got['A']} tokens, B {got['B']} tokens, B/A {ratios[-1]:.3f}", flush=True)
-    subprocess.run(["rm", "-rf", state])
+    shutil.rmtree(state, ignore_errors=True)
     print(f"B/A median {statistics.median(ratios):.3f} over {a.rounds} pair(s), "
           f"{a.clients} clients, {a.seconds:g} s each (A {a.old}, B {a.new})")
 

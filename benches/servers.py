@@ -31,11 +31,11 @@ def wait_http(port):
     sys.exit(f"no server on {port}")
 
 
-def start_ours(args, stderr=subprocess.DEVNULL, state="/tmp/bench-state"):
-    """target/release/inference-core (or `BENCH_SERVER_BIN`, another build) with `args`
-    (-t 2 --parallel 4 ...); returns (process, port)."""
+def start_ours(args, stderr=subprocess.DEVNULL, state="/tmp/bench-state", binary=None):
+    """target/release/inference-core (or `binary`, else `BENCH_SERVER_BIN`: another build) with
+    `args` (-t 2 --parallel 4 ...); returns (process, port)."""
     port = free_port()
-    binary = os.environ.get("BENCH_SERVER_BIN") or os.path.join(ROOT, "target/release/inference-core")
+    binary = binary or os.environ.get("BENCH_SERVER_BIN") or os.path.join(ROOT, "target/release/inference-core")
     p = subprocess.Popen([binary, "--port", str(port), *args],
                          stderr=stderr, env={**os.environ, "INFERENCE_CORE_STATE": state})
     wait_http(port)
