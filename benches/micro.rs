@@ -18,9 +18,9 @@
 //!   stream, where the engine is slower than the loop), or one per batch of
 //!   what arrived between two wake-ups. Cost per token.
 //! - `logits/*`: what sampling reads per token over Gemma 3's 262k logits:
-//!   the maximum (greedy's argmax starts with it) and the model's own
-//!   probability of the pick (`prob`, a softmax, which takes the maximum
-//!   again).
+//!   a plain maximum (for scale), then a greedy pick and a top-k pick, each
+//!   with the model's own probability of the pick (`prob`), from one
+//!   `logits::Row`.
 //! - `scheduler/*`: prefix-cache lookup of a 1k-token prompt among 64
 //!   entries, and a whole submit/admit/finish cycle of the scheduler.
 //!
@@ -258,11 +258,21 @@ fn logits_passes(c: &mut Criterion) {
     g.bench_function("max_262k", |b| {
         b.iter(|| black_box(logits::max(black_box(&row))))
     });
-    g.bench_function("softmax_at_262k", |b| {
-        b.iter(|| black_box(logits::softmax_at(black_box(&row), 7)))
+    // What a sampled token reads: the row's one pass (its blocks' maxima,
+    // the softmax's sum), then greedy's pick or a top-k, and the pick's
+    // probability.
+    g.bench_function("greedy_262k", |b| {
+        b.iter(|| {
+            let read = logits::Row::new(black_box(&row));
+            black_box(read.most_likely().map(|t| read.prob(t)))
+        })
     });
     g.bench_function("top_k_40_262k", |b| {
-        b.iter(|| black_box(logits::top_k(black_box(&row), 40, |_| true)))
+        b.iter(|| {
+            let read = logits::Row::new(black_box(&row));
+            let top = read.top_k(40, |_| true);
+            black_box(read.prob(top[0].0))
+        })
     });
     g.finish();
 }

@@ -10,7 +10,7 @@ use super::log::capturing_errors;
 use super::{Context, Vocab};
 use crate::core::{Constraint, SamplingParams};
 use crate::engine::backend::{BackendError, Filter, Sampled, Token};
-use crate::engine::logits::{self, softmax_at, top_logprobs};
+use crate::engine::logits::Row;
 
 /// A llama.cpp sampler chain plus the candidate buffer it works on.
 pub struct Sampler {
@@ -165,12 +165,12 @@ impl Sampler {
         row: usize,
         filter: &Filter<'_>,
     ) -> Result<Sampled, BackendError> {
-        let logits = ctx.logits(row)?;
-        let mut token = self.pick(logits, filter, false)?;
+        let logits = Row::new(ctx.logits(row)?);
+        let mut token = self.pick(&logits, filter, false)?;
         if let Some(grammar) = self.grammar
             && !grammar_allows(grammar, token)
         {
-            token = self.pick(logits, filter, true)?;
+            token = self.pick(&logits, filter, true)?;
         }
         if !self.greedy {
             // SAFETY: the chain is valid; accept only updates its history.
@@ -181,14 +181,18 @@ impl Sampler {
             // allows (checked above), so accepting it keeps its stacks non-empty.
             unsafe { sys::llama_sampler_accept(grammar.as_ptr(), token) };
         }
-        Ok(self.sampled(logits, token))
+        Ok(Sampled {
+            token,
+            prob: logits.prob(token),
+            top: self.top.map(|k| logits.top_logprobs(k)),
+        })
     }
 
     /// One pick by the chain among the allowed tokens; `with_grammar` first
     /// applies the grammar to every candidate.
     fn pick(
         &mut self,
-        logits: &[f32],
+        logits: &Row<'_>,
         filter: &Filter<'_>,
         with_grammar: bool,
     ) -> Result<Token, BackendError> {
@@ -201,12 +205,14 @@ impl Sampler {
         let data = |(id, logit): (Token, f32)| sys::llama_token_data { id, logit, p: 0.0 };
         match top_k {
             Some(k) => self.candidates.extend(
-                logits::top_k(logits, k, |id| all || filter.allows(id))
+                logits
+                    .top_k(k, |id| all || filter.allows(id))
                     .into_iter()
                     .map(data),
             ),
             None => self.candidates.extend(
                 logits
+                    .logits()
                     .iter()
                     .enumerate()
                     .map(|(id, &logit)| (id as Token, logit))
@@ -245,14 +251,6 @@ impl Sampler {
         }
         Ok(chosen.id)
     }
-
-    fn sampled(&self, logits: &[f32], token: Token) -> Sampled {
-        Sampled {
-            token,
-            prob: softmax_at(logits, token),
-            top: self.top.map(|k| top_logprobs(logits, k)),
-        }
-    }
 }
 
 /// The largest top-k whose candidates `Sampler::pick` finds itself: each
@@ -261,17 +259,16 @@ impl Sampler {
 const TOP_K_FIRST_MAX: usize = 256;
 
 /// The most likely token that `filter` allows (the first of equals).
-fn argmax(logits: &[f32], filter: &Filter<'_>) -> Option<Token> {
-    // Usually the most likely of all is allowed: a vectorized maximum and a
-    // search for its first place beat one branchy pass.
-    let top = logits::max(logits);
-    if let Some(i) = logits.iter().position(|&l| l == top)
-        && filter.allows(i as Token)
+fn argmax(logits: &Row<'_>, filter: &Filter<'_>) -> Option<Token> {
+    // Usually the most likely of all is allowed, and the row knows it: the
+    // branchy pass is for the rest.
+    if let Some(i) = logits.most_likely()
+        && filter.allows(i)
     {
-        return Some(i as Token);
+        return Some(i);
     }
     let mut best: Option<(Token, f32)> = None;
-    for (i, &l) in logits.iter().enumerate() {
+    for (i, &l) in logits.logits().iter().enumerate() {
         if best.is_none_or(|b| l > b.1) && filter.allows(i as Token) {
             best = Some((i as Token, l));
         }
@@ -346,10 +343,11 @@ mod tests {
     fn greedy_skips_banned_tokens_and_reports_the_models_probability() {
         let logits = [0.0, 5.0, 5.0_f32.ln() + 5.0, 1.0];
         let only = |banned: &'static [Token]| Filter { mask: None, banned };
-        assert_eq!(argmax(&logits, &only(&[])), Some(2));
-        assert_eq!(argmax(&logits, &only(&[2])), Some(1));
-        assert_eq!(argmax(&logits, &only(&[0, 1, 2, 3])), None);
-        let p = softmax_at(&logits, 2);
+        let row = Row::new(&logits);
+        assert_eq!(argmax(&row, &only(&[])), Some(2));
+        assert_eq!(argmax(&row, &only(&[2])), Some(1));
+        assert_eq!(argmax(&row, &only(&[0, 1, 2, 3])), None);
+        let p = row.prob(2);
         assert!(p > 0.8 && p < 0.85, "{p}");
     }
 
@@ -395,7 +393,8 @@ mod tests {
             let mut whole: Vec<_> = (0..N as Token)
                 .map(|i| data((i, logits[i as usize])))
                 .collect();
-            let mut first: Vec<_> = logits::top_k(&logits, 40, |_| true)
+            let mut first: Vec<_> = Row::new(&logits)
+                .top_k(40, |_| true)
                 .into_iter()
                 .map(data)
                 .collect();
