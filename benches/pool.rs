@@ -18,7 +18,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{Stream, collect, connect, median, send, start_server, write_report};
+use common::{Stream, collect, config, connect, median, send, start_server, write_report};
 use serde_json::{Value, json};
 
 /// A system prompt of about 600 tokens, different for each `n`.
@@ -34,14 +34,6 @@ fn system_prompt(n: usize) -> String {
         ));
     }
     s
-}
-
-fn config(name: &str, text: &str) -> String {
-    let dir = common::manifest_dir().join("target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
 }
 
 /// `clients` closed-loop clients send `total` requests; `prompt(i)` is the

@@ -27,14 +27,8 @@ fn main() {
     let model = model_path();
     let llama_bench = llama_tool("llama-bench").filter(|_| !quick());
 
-    let plain = manifest_dir().join("target/bench/stream-plain.toml");
-    std::fs::write(&plain, "[scheduler]\ndraft_max = 0\n").unwrap();
-    let server = start_server(&[
-        "-t",
-        &threads.to_string(),
-        "--config",
-        plain.to_str().unwrap(),
-    ]);
+    let plain = config("stream-plain", "[scheduler]\ndraft_max = 0\n");
+    let server = start_server(&["-t", &threads.to_string(), "--config", &plain]);
     let mut ws = connect(server.port);
     request(&mut ws, "Warm-up", 8);
 

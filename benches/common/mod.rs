@@ -160,6 +160,15 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Writes a server config `target/bench/<name>.toml`; its path.
+pub fn config(name: &str, text: &str) -> String {
+    let dir = manifest_dir().join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
 pub fn write_report(name: &str, report: &Value) {
     let dir = manifest_dir().join("target/bench");
     std::fs::create_dir_all(&dir).unwrap();
