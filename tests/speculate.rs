@@ -5,6 +5,7 @@
 //! distribution with the same draws; it is the plain one too except where
 //! a near-tie rounds the other way in a wider batch (as it can beside other
 //! streams without drafts), so it is checked for its drafts, not its text.
+//! A request's own `draft_max` of 0 turns drafts off for it alone.
 //! Speed is measured by `python3 benches/speculate.py`, not here.
 
 mod util;
@@ -48,6 +49,8 @@ fn drafted_replies_are_the_plain_ones() {
         json!({"temp": 0.8, "seed": 7, "max_tokens": 96, "ignore_eos": true}),
         json!({"temp": 0, "max_tokens": 96, "stop": ["fishing"]}),
         json!({"temp": 0, "max_tokens": 96, "logprobs": 2}),
+        // A request of its own without drafts: token by token, the same text.
+        json!({"temp": 0, "max_tokens": 96, "ignore_eos": true, "draft_max": 0}),
     ];
     // No prefix cache, so both servers compute every prompt the same way.
     let plain = Server::start_with_config(
@@ -96,4 +99,6 @@ fn drafted_replies_are_the_plain_ones() {
         );
         assert!(accepted >= 30 && accepted * 2 >= drafted, "{stats}");
     }
+    assert_eq!(got[4].0, got[0].0);
+    assert_eq!(got[4].2["draft_tokens"], 0, "{}", got[4].2);
 }

@@ -66,6 +66,10 @@ pub struct SamplingParams {
     pub min_tokens: u32,
     /// Tokens that end the generation like a stop string (their text is not sent).
     pub stop_token_ids: Vec<i32>,
+    /// Most draft tokens one step verifies for this request, within the
+    /// server's `scheduler.draft_max`; 0: none, each token its own step (an
+    /// even cadence); `None`: the server's. The text is the same either way.
+    pub draft_max: Option<u32>,
     /// What the output must match; `None`: anything.
     #[serde(skip)]
     pub constraint: Option<Constraint>,
@@ -98,6 +102,7 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             min_tokens: 0,
             stop_token_ids: Vec::new(),
+            draft_max: None,
             constraint: None,
         }
     }

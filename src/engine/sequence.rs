@@ -113,16 +113,17 @@ impl<S> Seq<S> {
     }
 
     /// Draft tokens it may have: none with a constraint, else as many as
-    /// its positions and its reply leave (the token sampled after the draft
-    /// is one of the reply's too).
+    /// its own `draft_max`, its positions and its reply leave (the token
+    /// sampled after the draft is one of the reply's too).
     fn draft_room(&self) -> usize {
         if self.guide.is_some() {
             return 0;
         }
+        let asked = self.req.params.draft_max.map_or(usize::MAX, |d| d as usize);
         let positions = self.limit.saturating_sub(self.decoded.len() + 1);
         let reply = (self.req.params.max_tokens as usize)
             .saturating_sub(self.progress.completion_tokens + 1);
-        positions.min(reply)
+        asked.min(positions).min(reply)
     }
 }
 

@@ -1004,6 +1004,32 @@ fn drafts_from_repeated_text_give_exactly_the_plain_reply_in_fewer_steps() {
     );
 }
 
+/// A request's own `draft_max` bounds its drafts within the server's: 0
+/// decodes it token by token, as with speculation off, and the text is
+/// the same.
+#[test]
+fn a_request_may_ask_for_shorter_drafts_or_none() {
+    let reply = "abcdefgh abcdefgh abcdefgh abcdefgh abcdefgX abcdefgh";
+    let run = |draft_max: Option<u32>| {
+        let mut h = drafting(reply, 8, 2, 200);
+        let params = SamplingParams {
+            draft_max,
+            ..greedy(reply.len() as u32)
+        };
+        let (key, _) = h.submit_input(PromptInput::Text("abcdefgh".into()), params);
+        let done = h.finish(key);
+        let widest = h.fake.state().batches.iter().skip(1).map(Vec::len).max();
+        let drafted = done.end().1.draft_tokens;
+        (done.text, drafted, widest.unwrap())
+    };
+    let (text, drafted, _) = run(None);
+    assert!(drafted > 0);
+    assert_eq!(run(Some(0)), (text.clone(), 0, 1));
+    let (short, _, widest) = run(Some(2));
+    assert_eq!(short, text);
+    assert!(widest <= 3, "{widest} tokens in a step");
+}
+
 /// A draft never runs past the reply's length or the sequence's pages.
 #[test]
 fn drafts_stop_at_max_tokens() {

@@ -225,6 +225,7 @@ struct Params {
     logit_bias: Option<Value>,
     min_tokens: Option<u32>,
     stop_token_ids: Option<Vec<i32>>,
+    draft_max: Option<u32>,
     /// Constraints: at most one of these.
     json_schema: Option<Value>,
     regex: Option<String>,
@@ -284,6 +285,7 @@ impl Params {
             },
             min_tokens: self.min_tokens.unwrap_or(d.min_tokens),
             stop_token_ids: self.stop_token_ids.unwrap_or(d.stop_token_ids),
+            draft_max: self.draft_max.or(d.draft_max),
             constraint: one_constraint([
                 (
                     "params.json_schema",
@@ -526,7 +528,7 @@ mod tests {
 
     #[test]
     fn infer_with_prompt_and_params() {
-        let msg = parse(r#"{"op":"infer","id":"r1","prompt":"Hi","params":{"temp":0,"max_tokens":8,"stop":["\n"]}}"#).unwrap();
+        let msg = parse(r#"{"op":"infer","id":"r1","prompt":"Hi","params":{"temp":0,"max_tokens":8,"stop":["\n"],"draft_max":0}}"#).unwrap();
         let ClientMsg::Infer(req) = msg else { panic!() };
         assert_eq!(req.id.as_deref(), Some("r1"));
         assert_eq!(req.input, PromptInput::Text("Hi".into()));
@@ -534,7 +536,9 @@ mod tests {
         assert_eq!(g.temp, 0.0);
         assert_eq!(g.max_tokens, 8);
         assert_eq!(g.stop, vec!["\n".to_owned()]);
+        assert_eq!(g.draft_max, Some(0));
         assert_eq!(g.top_k, SamplingParams::default().top_k);
+        assert!(parse(r#"{"op":"infer","prompt":"Hi","params":{"draft_max":-1}}"#).is_err());
     }
 
     #[test]

@@ -588,7 +588,10 @@ fn params(
     if let Some(b) = f.boolean("ignore_eos")? {
         p.ignore_eos = b;
     }
-    // Beyond OpenAI's own: llama-server's and vLLM's names.
+    // Beyond OpenAI's own: llama-server's and vLLM's names, and ours.
+    if let Some(x) = f.integer("draft_max", 0, u32::MAX.into())? {
+        p.draft_max = Some(x as u32);
+    }
     if let Some(x) = f.number("typical_p", 0.0, 1.0)? {
         p.typical_p = x;
     }
@@ -700,7 +703,7 @@ mod tests {
             "max_completion_tokens": 7, "max_tokens": 99, "temperature": 0, "top_p": 0.5,
             "stop": "\n", "seed": 42, "presence_penalty": 0.5, "frequency_penalty": -0.5,
             "logprobs": true, "top_logprobs": 3, "n": 1, "user": "u", "top_k": 5, "min_p": 0.1,
-            "repeat_penalty": 1.1, "something_new": {"ignored": true},
+            "repeat_penalty": 1.1, "draft_max": 0, "something_new": {"ignored": true},
         }))
         .unwrap();
         assert_eq!(r.model.as_deref(), Some("m"));
@@ -716,6 +719,7 @@ mod tests {
         assert_eq!((p.stop.clone(), p.seed), (vec!["\n".to_string()], Some(42)));
         assert_eq!((p.presence_penalty, p.frequency_penalty), (0.5, -0.5));
         assert_eq!((p.logprobs, p.top_k, p.min_p), (Some(3), 5, 0.1));
+        assert_eq!(p.draft_max, Some(0));
         assert_eq!(r.spec.kind, RequestKind::Generate);
     }
 
