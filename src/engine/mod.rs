@@ -13,6 +13,7 @@
 
 pub mod backend;
 mod channel;
+mod cpu_share;
 #[cfg(test)]
 mod fake;
 pub mod guide;

@@ -14,8 +14,15 @@
 //! for the cores may come back any time. A probe that wins, or a step time
 //! that moves by a quarter from where the last verdict left it, brings the
 //! next one back to `PROBE_EVERY`. Steps with prompt or draft tokens run at
-//! the kept count, never a probe's. Sans-I/O: it sees step times and answers
-//! thread counts.
+//! the kept count, never a probe's.
+//!
+//! Where the box is known to be quiet (other processes took less than
+//! `QUIET_CORES` of the CPUs in the last second: `engine::cpu_share`), the
+//! tuner at every thread does not probe at all: there is nothing to find,
+//! and each probe's steps at one thread of two were the slowest gaps of a
+//! lone stream (2x a plain step, 1% of its gaps: its ITL p99). Probes start
+//! again as soon as the box is not quiet. Sans-I/O: it sees step times and
+//! the others' share, and answers thread counts.
 
 /// Decode-only steps between two probes, at first.
 pub const PROBE_EVERY: usize = 128;
@@ -27,6 +34,8 @@ pub const PROBE_STEPS: usize = 6;
 /// included) if its steps took `CLEAR_LOSS` times those it left or more.
 pub const CLEAR_STEPS: usize = 3;
 const CLEAR_LOSS: f64 = 1.3;
+/// Other processes taking less than this many cores leave the box quiet.
+pub const QUIET_CORES: f64 = 0.25;
 
 #[derive(Debug, Clone)]
 pub struct ThreadTuner {
@@ -44,6 +53,8 @@ pub struct ThreadTuner {
     interval: usize,
     /// The timing the last verdict kept.
     settled: Option<Timing>,
+    /// Other processes take (next to) nothing of the CPUs.
+    quiet: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,7 +87,14 @@ impl ThreadTuner {
             up: false,
             interval: PROBE_EVERY,
             settled: None,
+            quiet: false,
         }
+    }
+
+    /// What other processes took of the CPUs lately, in cores (`None`:
+    /// unknown, which is not quiet).
+    pub fn others(&mut self, cores: Option<f64>) {
+        self.quiet = cores.is_some_and(|c| c < QUIET_CORES);
     }
 
     /// Threads for a decode-only step (the probed count while probing).
@@ -142,7 +160,7 @@ impl ThreadTuner {
             self.interval = PROBE_EVERY;
             self.settled = None;
         }
-        if self.steps < self.interval {
+        if self.steps < self.interval || (self.quiet && self.current == self.max) {
             return None;
         }
         let (Some(before), next) = (self.here, self.neighbour()) else {
@@ -208,6 +226,29 @@ mod tests {
             starts.len() * CLEAR_STEPS,
             "short probes only: one thread is clearly slower"
         );
+    }
+
+    #[test]
+    fn on_a_quiet_box_it_does_not_probe_until_something_else_runs() {
+        let mut t = ThreadTuner::new(2);
+        t.others(Some(0.1));
+        let used = run(&mut t, 4000, |n| 30.0 / n as f64);
+        assert_eq!(used, vec![2; 4000]);
+        // Something else takes a core: probes start again, and within a
+        // short wait (as in the test below) one thread wins.
+        t.others(Some(1.0));
+        run(&mut t, PROBE_EVERY + 2 * PROBE_STEPS + 40, |n| {
+            if n == 2 { 45.0 } else { 20.0 }
+        });
+        assert_eq!(t.threads(), 1);
+        // Below every thread it probes on, quiet or not, to climb back.
+        t.others(Some(0.0));
+        run(&mut t, PROBE_EVERY + PROBE_STEPS + 2, |n| 30.0 / n as f64);
+        assert_eq!(t.threads(), 2);
+        // Unknown is not quiet.
+        t.others(None);
+        let used = run(&mut t, 1000, |n| 30.0 / n as f64);
+        assert!(used.contains(&1));
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use crate::core::{EngineState, FinishReason, Request, RequestError, RequestKey, Status};
 use crate::engine::backend::{Backend, BatchToken, DecodeError};
 use crate::engine::channel::{Command, EventSink};
+use crate::engine::cpu_share::CpuShare;
 use crate::engine::guide::{Guide, GuideLimits, MaskWorker};
 use crate::engine::hooks::Hooks;
 use crate::engine::persist::{Store, Writer};
@@ -133,6 +134,8 @@ pub struct Engine<'a, B: Backend> {
     costs: Costs,
     /// Decode threads, by measurement (fewer when other processes take the cores).
     threads: ThreadTuner,
+    /// What other processes take of the CPUs, which the tuner is told.
+    cpu: CpuShare,
     /// How often drafts were right, over every sequence: where a new one starts.
     rates: speculate::Rates,
     /// How often guessed tokens were right, over every sequence.
@@ -178,6 +181,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             store,
             costs,
             threads: ThreadTuner::new(threads),
+            cpu: CpuShare::new(),
             rates: Default::default(),
             guess_rate: Default::default(),
             extra_tile: false,
@@ -423,8 +427,11 @@ impl<'a, B: Backend> Engine<'a, B> {
                 log::trace!(
                     "step: {rows} rows, {prompt_tokens} prompt tokens, {drafts} drafts, {guesses} guesses: {ms:.1} ms ({host_ms:.2} ms since the last)"
                 );
-                if decode_only && let Some(n) = self.threads.observe(outputs, ms) {
-                    log::debug!("decoding with {n} threads");
+                if decode_only {
+                    self.threads.others(self.cpu.others(now));
+                    if let Some(n) = self.threads.observe(outputs, ms) {
+                        log::debug!("decoding with {n} threads");
+                    }
                 }
             }
             match result {
