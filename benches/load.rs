@@ -43,7 +43,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tungstenite::{Message, WebSocket};
 
-use common::{LlamaServer, manifest_dir, model_path, start_server, write_report};
+use common::{LlamaServer, bench_dir, manifest_dir, model_path, start_server, write_report};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Load generator: inference-core vs llama-server")]
@@ -1224,7 +1224,7 @@ fn main() {
     }
     let threads = args.threads.unwrap_or_else(common::threads);
     let model = model_path();
-    std::fs::create_dir_all(manifest_dir().join("target/bench")).unwrap();
+    bench_dir(); // llama-server's log and the report go there
     let llama_bin = args
         .llama_server
         .clone()

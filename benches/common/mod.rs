@@ -160,20 +160,24 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Writes a server config `target/bench/<name>.toml`; its path.
-pub fn config(name: &str, text: &str) -> String {
+/// `target/bench`, where the benches write what they make; created if missing
+/// (a fresh checkout has none).
+pub fn bench_dir() -> PathBuf {
     let dir = manifest_dir().join("target/bench");
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.toml"));
+    dir
+}
+
+/// Writes a server config `target/bench/<name>.toml`; its path.
+pub fn config(name: &str, text: &str) -> String {
+    let path = bench_dir().join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
 }
 
 pub fn write_report(name: &str, report: &Value) {
-    let dir = manifest_dir().join("target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
-        dir.join(name),
+        bench_dir().join(name),
         serde_json::to_string_pretty(report).unwrap(),
     )
     .unwrap();
