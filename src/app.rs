@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use crate::config::{Config, LlamaWorker, WorkerConfig};
 use crate::engine::guide::GuideLimits;
 use crate::engine::llama::{self, LlamaConfig, LlamaLoader};
-use crate::engine::{EngineConfig, Ready, StateConfig};
+use crate::engine::{EngineConfig, Ready, StateConfig, scheduler};
 use crate::ops::{Ops, fault, monitor, vram, watchdog};
 use crate::pool::local::{LocalHooks, LocalStates, LocalWorker};
 use crate::pool::supervise::Floor;
@@ -210,7 +210,7 @@ fn local_starter(
             config.model.ctx_size
         },
         n_batch: config.model.batch_size,
-        n_seq_max: (slots + s.prefix_cache_entries) as u32,
+        n_seq_max: scheduler::n_seq_max(slots, s.prefix_cache_entries) as u32,
         threads: if worker.threads > 0 {
             worker.threads
         } else {

@@ -5,10 +5,11 @@
 //! - `core`: the domain (requests, sampling parameters, outcomes, events,
 //!   status), free of I/O and wire formats;
 //! - `config`: settings, defaults < TOML file < flags;
-//! - `ops`: heartbeat, watchdog, metrics, sensors, thermal throttle, VRAM plan;
 //! - `engine`: the thread that owns the model: supervisor, step loop, step
 //!   planner, scheduler, KV pages, prefix cache, and llama.cpp behind the
 //!   `Backend` seam (`engine::llama`, the only module with `unsafe`);
+//! - `ops`: heartbeat, watchdog, metrics, sensors, thermal throttle, VRAM
+//!   plan; it implements the engine's `Hooks`;
 //! - `http1`: the HTTP/1.1 codec (heads, bodies) the server and the upstream
 //!   client share;
 //! - `pool`: the workers behind the server (engines in this process,

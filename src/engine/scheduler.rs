@@ -56,7 +56,6 @@ pub struct Job {
 
 #[derive(Debug, PartialEq)]
 pub struct Admitted {
-    pub key: RequestKey,
     pub seq: SeqId,
     /// Prompt tokens whose cells were copied from the prefix cache.
     pub cached_tokens: usize,
@@ -98,9 +97,15 @@ pub struct Scheduler {
     changes: u64,
 }
 
+/// Sequence ids llama.cpp must provide for `slots` and `cache_entries`: one
+/// each.
+pub fn n_seq_max(slots: usize, cache_entries: usize) -> usize {
+    slots + cache_entries
+}
+
 impl Scheduler {
     pub fn new(cfg: Config) -> Scheduler {
-        let n_seq = (cfg.slots + cfg.cache_entries) as SeqId;
+        let n_seq = n_seq_max(cfg.slots, cfg.cache_entries) as SeqId;
         Scheduler {
             kv: KvPages::new(cfg.n_ctx, cfg.page_size),
             cache: PrefixCache::new(cfg.page_size),
@@ -121,9 +126,9 @@ impl Scheduler {
         }
     }
 
-    /// Sequence ids llama.cpp must provide: one per slot and per cache entry.
+    /// Sequence ids llama.cpp must provide (`n_seq_max`).
     pub fn n_seq_max(&self) -> usize {
-        self.cfg.slots + self.cfg.cache_entries
+        n_seq_max(self.cfg.slots, self.cfg.cache_entries)
     }
 
     pub fn status(&self) -> Status {
@@ -188,11 +193,9 @@ impl Scheduler {
         self.queue.len() >= self.cfg.queue_limit
     }
 
-    /// Removes a waiting request; false if it is not waiting (already admitted).
-    pub fn cancel_queued(&mut self, key: RequestKey) -> bool {
-        let before = self.queue.len();
+    /// Removes a waiting request, if it is waiting (not yet admitted).
+    pub fn cancel_queued(&mut self, key: RequestKey) {
         self.queue.retain(|w| w.req.key != key);
-        before != self.queue.len()
     }
 
     /// Waiting requests whose position is new or changed since they were last told.
@@ -294,7 +297,6 @@ impl Scheduler {
         pages.extend(self.kv.alloc(fresh).expect("pages were made free"));
         self.active.insert(req.key, Active { seq, pages });
         Some(Admitted {
-            key: req.key,
             seq,
             cached_tokens,
             limit,

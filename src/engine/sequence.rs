@@ -23,7 +23,7 @@ pub struct Seq<S> {
     pub sampler: S,
     /// Its constraint, if it has one.
     pub guide: Option<Guide>,
-    /// Tokens it may not sample now (see `step::banned`).
+    /// Tokens it may not sample now (see `step::intake::banned`).
     pub banned: Vec<Token>,
     pub stream: TextStream,
     pub progress: Progress,
@@ -178,8 +178,8 @@ impl Progress {
         }
     }
 
-    /// "TTFT 31.2 ms: 0.1 to the engine, 0.4 preparing, ..." once it has
-    /// a first token.
+    /// "TTFT 31.20 ms: 0.05 reaching the engine, 0.23 tokenizing and
+    /// building its sampler, ..." once it has a first token.
     pub fn ttft_parts(&self) -> Option<String> {
         let p = &self.ttft;
         let (first, taken, prepared, decode, logits) = (

@@ -13,8 +13,9 @@
 //! length beats plain decoding.
 
 use crate::engine::backend::Token;
+use crate::engine::planner;
 
-/// Settings (`[scheduler] draft_max`, `draft_ngram`).
+/// Settings (`[scheduler] draft_max`, `draft_min_match`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
     /// Most draft tokens one step verifies for a sequence; 0: off.
@@ -238,12 +239,11 @@ pub fn length(available: usize, p: f64, rows: usize, step_ms: f64, token_ms: f64
 /// its own.
 pub fn fit_tile(k: usize, available: usize, outputs: usize, tile: usize) -> usize {
     let total = outputs + k;
-    if k == 0 || tile <= 1 || total <= tile || total.is_multiple_of(tile) {
-        return k;
-    }
-    let up = total.next_multiple_of(tile);
-    if up - outputs <= available {
-        up - outputs
+    let pad = planner::padded_outputs(total, tile);
+    if k == 0 || pad == 0 {
+        k
+    } else if k + pad <= available {
+        k + pad
     } else {
         (total - total % tile).saturating_sub(outputs)
     }
@@ -251,8 +251,8 @@ pub fn fit_tile(k: usize, available: usize, outputs: usize, tile: usize) -> usiz
 
 /// How long a drafted step of a stream decoded alone may take without
 /// `itl_target_ms`, in plain steps: its tokens then come in bursts at most
-/// this far apart.
-pub const ALONE_STEPS: f64 = 8.0;
+/// this far apart. The bound a step carrying a prompt has.
+pub const ALONE_STEPS: f64 = planner::AUTO_TARGET_STEPS;
 /// What drafts may add to a step shared with other streams, as a share of it.
 const SHARED: f64 = 0.25;
 

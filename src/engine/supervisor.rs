@@ -166,8 +166,6 @@ fn supervise<L: Loader>(
     log::info!("engine stopped");
 }
 
-/// Loads the model if needed, opens a backend and serves until it parks or
-/// stops. On failure the waking request comes back with the error.
 /// What the supervisor keeps from one opening of the backend to the next.
 struct Held<L: Loader> {
     /// Answered once, at start-up; later (re)loads happen when waking from idle.
@@ -179,6 +177,8 @@ struct Held<L: Loader> {
     store: Option<Store>,
 }
 
+/// Loads the model if needed, opens a backend and serves until it parks or
+/// stops. On failure the waking request comes back with the error.
 fn serve_once<L: Loader>(
     loader: &L,
     config: &EngineConfig,

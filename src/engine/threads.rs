@@ -17,7 +17,8 @@
 //! the kept count, never a probe's.
 //!
 //! Where the box is known to be quiet (other processes took less than
-//! `QUIET_CORES` of the CPUs in the last second: `engine::cpu_share`), the
+//! `QUIET_CORES` of the CPUs between its last two readings, at least a
+//! second apart: `engine::cpu_share`), the
 //! tuner at every thread does not probe at all: there is nothing to find,
 //! and each probe's steps at one thread of two were the slowest gaps of a
 //! lone stream (2x a plain step, 1% of its gaps: its ITL p99). Probes start

@@ -121,8 +121,9 @@ impl<B: Backend> Engine<'_, B> {
     /// `gap_ms`. Four streams' steps took 33 ms with one tile and 41 with
     /// two on one day (`docs/BENCHMARKS.md`), 55 and 86 on another: 31
     /// right guesses in 100 pay on the first, 65 on the second
-    /// (`speculate::tile_pays`). A step it has not seen is tried; one that
-    /// did not pay, now and then again, for the rate moves. True where it
+    /// (`speculate::tile_pays`). A step it has not seen is tried while half the
+    /// guesses or more are right; one that did not pay, now and then again,
+    /// for the rate moves. True where it
     /// added the tile.
     fn guess_tile(&mut self, decodes: usize, gap_ms: Option<f64>) -> bool {
         let tile = self.cfg.output_tile;
@@ -132,7 +133,7 @@ impl<B: Backend> Engine<'_, B> {
         let rows = |s: &Seq<B::Sampler>| (s.work == Work::Decode).then_some(1 + s.draft.len());
         let outputs: usize = self.active.iter().filter_map(rows).sum();
         let want = (outputs / tile + 1) * tile;
-        if (outputs > tile && !outputs.is_multiple_of(tile)) || want > self.cfg.n_batch {
+        if planner::padded_outputs(outputs, tile) > 0 || want > self.cfg.n_batch {
             return false;
         }
         let Some(base_ms) = self.costs.outputs(outputs) else {

@@ -101,6 +101,12 @@ pub enum Exit {
     Park,
 }
 
+/// A sequence's draft tokens in the step. Guesses only fill a tile: a step
+/// with them is a decode step.
+fn drafted<S>(s: &Seq<S>) -> usize {
+    if s.guessed { 0 } else { s.draft.len() }
+}
+
 /// How a request ended, before it becomes an event.
 enum Outcome {
     End(FinishReason),
@@ -121,7 +127,7 @@ pub struct Engine<'a, B: Backend> {
     io: &'a Io,
     cfg: &'a EngineConfig,
     scheduler: Scheduler,
-    /// Admitted sequences, in admission order (prefill goes first-come first-served).
+    /// Admitted sequences, in admission order (the planner orders their prompts).
     active: Vec<Seq<B::Sampler>>,
     /// Requests the scheduler holds in its queue, with what is known of them.
     waiting: HashMap<RequestKey, Waiting<B::Sampler>>,
@@ -354,8 +360,6 @@ impl<'a, B: Backend> Engine<'a, B> {
         if self.batch.is_empty() {
             return;
         }
-        // Guesses only fill a tile: a step with them is a decode step.
-        let drafted = |s: &Seq<B::Sampler>| if s.guessed { 0 } else { s.draft.len() };
         let decode_only = self
             .active
             .iter()
@@ -387,52 +391,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             let t0 = Instant::now();
             let result = self.backend.decode(&self.batch, &should_abort);
             if result.is_ok() {
-                let now = Instant::now();
-                for s in self.active.iter_mut() {
-                    if let Work::Prefill(_) = s.work {
-                        let t = &mut s.progress.ttft;
-                        t.first_decode.get_or_insert(t0);
-                        t.prefill_steps += 1;
-                        t.prefill += now - t0;
-                        if s.row.is_some() {
-                            t.logits = Some(now);
-                        }
-                    }
-                }
-                let rows = self
-                    .active
-                    .iter()
-                    .filter(|s| s.work == Work::Decode)
-                    .count();
-                let ms = t0.elapsed().as_secs_f64() * 1e3;
-                let drafts: usize = self.active.iter().map(drafted).sum();
-                let guessed = self.active.iter().filter(|s| s.guessed);
-                let guesses: usize = guessed.map(|s| s.draft.len()).sum();
-                let prompt_tokens = self.batch.len() - rows - drafts - guesses;
-                let outputs = rows + drafts + guesses;
-                if prompt_tokens == 0 {
-                    self.costs.observe_outputs(outputs, ms);
-                }
-                // A step with a tile of guesses more costs what its rows of
-                // logits do, not what its decode rows and drafts would.
-                if !self.extra_tile {
-                    self.costs.observe(rows, prompt_tokens, drafts, ms);
-                }
-                // The engine's own work between two decodes (sampling,
-                // events, planning), or its idle time.
-                let host_ms = self
-                    .decoded_at
-                    .replace(now)
-                    .map_or(0.0, |at| (t0 - at).as_secs_f64() * 1e3);
-                log::trace!(
-                    "step: {rows} rows, {prompt_tokens} prompt tokens, {drafts} drafts, {guesses} guesses: {ms:.1} ms ({host_ms:.2} ms since the last)"
-                );
-                if decode_only {
-                    self.threads.others(self.cpu.others(now));
-                    if let Some(n) = self.threads.observe(outputs, ms) {
-                        log::debug!("decoding with {n} threads");
-                    }
-                }
+                self.record_decode(t0, decode_only);
             }
             match result {
                 Err(DecodeError::NoKvSlot) => match self.scheduler.evict_lru() {
@@ -467,6 +426,58 @@ impl<'a, B: Backend> Engine<'a, B> {
             match s.row.take().and_then(|row| self.on_rows(i, row)) {
                 Some(outcome) => self.finish(i, outcome),
                 None => i += 1,
+            }
+        }
+    }
+
+    /// What a decode that began at `t0` and just ended tells: its prompts'
+    /// TTFT parts, what steps cost (`Costs`), and the thread tuner's step
+    /// times and the other processes' share of the CPUs.
+    fn record_decode(&mut self, t0: Instant, decode_only: bool) {
+        let now = Instant::now();
+        for s in self.active.iter_mut() {
+            if let Work::Prefill(_) = s.work {
+                let t = &mut s.progress.ttft;
+                t.first_decode.get_or_insert(t0);
+                t.prefill_steps += 1;
+                t.prefill += now - t0;
+                if s.row.is_some() {
+                    t.logits = Some(now);
+                }
+            }
+        }
+        let rows = self
+            .active
+            .iter()
+            .filter(|s| s.work == Work::Decode)
+            .count();
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let drafts: usize = self.active.iter().map(drafted).sum();
+        let guessed = self.active.iter().filter(|s| s.guessed);
+        let guesses: usize = guessed.map(|s| s.draft.len()).sum();
+        let prompt_tokens = self.batch.len() - rows - drafts - guesses;
+        let outputs = rows + drafts + guesses;
+        if prompt_tokens == 0 {
+            self.costs.observe_outputs(outputs, ms);
+        }
+        // A step with a tile of guesses more costs what its rows of
+        // logits do, not what its decode rows and drafts would.
+        if !self.extra_tile {
+            self.costs.observe(rows, prompt_tokens, drafts, ms);
+        }
+        // The engine's own work between two decodes (sampling,
+        // events, planning), or its idle time.
+        let host_ms = self
+            .decoded_at
+            .replace(now)
+            .map_or(0.0, |at| (t0 - at).as_secs_f64() * 1e3);
+        log::trace!(
+            "step: {rows} rows, {prompt_tokens} prompt tokens, {drafts} drafts, {guesses} guesses: {ms:.1} ms ({host_ms:.2} ms since the last)"
+        );
+        if decode_only {
+            self.threads.others(self.cpu.others(now));
+            if let Some(n) = self.threads.observe(outputs, ms) {
+                log::debug!("decoding with {n} threads");
             }
         }
     }
