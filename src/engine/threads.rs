@@ -18,11 +18,11 @@
 //!
 //! Where the box is known to be quiet (other processes took less than
 //! `QUIET_CORES` of the CPUs between its last two readings, at least a
-//! second apart: `engine::cpu_share`), the
-//! tuner at every thread does not probe at all: there is nothing to find,
-//! and each probe's steps at one thread of two were the slowest gaps of a
-//! lone stream (2x a plain step, 1% of its gaps: its ITL p99). Probes start
-//! again as soon as the box is not quiet. Sans-I/O: it sees step times and
+//! second apart: `engine::cpu_share`), the tuner at every thread does not
+//! probe at all: there is nothing to find, and each probe's steps at one
+//! thread of two were the slowest gaps of a lone stream (2x a plain step,
+//! 1% of its gaps: its ITL p99). Probes start again as soon as the box is
+//! not quiet. Sans-I/O: it sees step times and
 //! the others' share, and answers thread counts.
 
 /// Decode-only steps between two probes, at first.

@@ -121,10 +121,9 @@ impl<B: Backend> Engine<'_, B> {
     /// `gap_ms`. Four streams' steps took 33 ms with one tile and 41 with
     /// two on one day (`docs/BENCHMARKS.md`), 55 and 86 on another: 31
     /// right guesses in 100 pay on the first, 65 on the second
-    /// (`speculate::tile_pays`). A step it has not seen is tried while half the
-    /// guesses or more are right; one that did not pay, now and then again,
-    /// for the rate moves. True where it
-    /// added the tile.
+    /// (`speculate::tile_pays`). A step it has not seen is tried while half
+    /// the guesses or more are right; one that did not pay, now and then
+    /// again, for the rate moves. True where it added the tile.
     fn guess_tile(&mut self, decodes: usize, gap_ms: Option<f64>) -> bool {
         let tile = self.cfg.output_tile;
         if tile <= 1 || decodes < 2 {
