@@ -13,6 +13,9 @@ use crate::core::SamplingParams;
 pub const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 /// The default model's GGUF carries no chat template; it uses Gemma's turns.
 const DEFAULT_MODEL_CHAT_TEMPLATE: &str = "gemma";
+/// The longest any setting in seconds may be: far beyond a sensible value,
+/// and what keeps one from overflowing a `Duration` or an `Instant`.
+pub const MAX_SECONDS: f64 = 86_400.0;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -607,20 +610,9 @@ impl Config {
             );
         }
         let sv = &self.server;
-        if !(sv.handshake_timeout_s > 0.0
-            && sv.ping_interval_s >= 0.0
-            && sv.pong_timeout_s > 0.0
-            && sv.shutdown_timeout_s >= 0.0)
-        {
-            return bad(
-                "server.handshake_timeout_s and server.pong_timeout_s must be above 0, server.ping_interval_s and server.shutdown_timeout_s at least 0",
-            );
-        }
-        if sv.keep_alive_timeout_s.is_nan()
-            || sv.keep_alive_timeout_s <= 0.0
-            || sv.max_body_bytes == 0
-        {
-            return bad("server.keep_alive_timeout_s and server.max_body_bytes must be above 0");
+        self.validate_seconds()?;
+        if sv.max_body_bytes == 0 {
+            return bad("server.max_body_bytes must be above 0");
         }
         if !sv.echo_path.is_empty() && !sv.echo_path.starts_with('/') {
             return bad("server.echo_path must be empty or start with /");
@@ -631,9 +623,9 @@ impl Config {
                 "scheduler.slots and scheduler.page_size must be at least 1, and slots + prefix_cache_entries at most 256",
             );
         }
-        if s.itl_target_ms.is_nan() || s.itl_target_ms < 0.0 {
+        if !(0.0..=MAX_SECONDS * 1e3).contains(&s.itl_target_ms) {
             return bad(
-                "scheduler.itl_target_ms must be 0 (derived from the measured steps) or more",
+                "scheduler.itl_target_ms must be 0 (derived from the measured steps) or more, at most a day",
             );
         }
         if s.draft_min_match == 0 || s.draft_max >= self.model.batch_size as usize {
@@ -647,22 +639,76 @@ impl Config {
         if self.constraints.max_bytes == 0 || self.constraints.compile_ms == 0 {
             return bad("constraints.max_bytes and constraints.compile_ms must be at least 1");
         }
-        if self.monitor.interval_s < 0.01 {
-            return bad("monitor.interval_s must be at least 0.01");
-        }
-        if self.thermal.resume_c > self.thermal.limit_c {
+        let t = &self.thermal;
+        if !(t.limit_c.is_finite() && t.resume_c.is_finite() && t.resume_c <= t.limit_c) {
             return bad("thermal.resume_c must not exceed thermal.limit_c");
         }
-        if self.state.save_every_s < 0.0 {
-            return bad("state.save_every_s must not be negative");
-        }
-        if self.watchdog.stall_s <= 0.0 || self.idle.park_after_s < 0.0 {
-            return bad("watchdog.stall_s must be positive and idle.park_after_s not negative");
+        if !(self.watchdog.min_tps.is_finite() && self.watchdog.min_tps >= 0.0) {
+            return bad("watchdog.min_tps must be 0 (off) or more");
         }
         self.validate_workers()?;
         self.defaults
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("defaults.{e}")))
+    }
+
+    /// Every setting in seconds is a number within its range and at most a
+    /// day (`MAX_SECONDS`): NaN, infinity or a huge value would otherwise
+    /// pass and panic later, where it becomes a `Duration`.
+    fn validate_seconds(&self) -> Result<(), ConfigError> {
+        // (key, value, least, whether the least itself is allowed)
+        let settings = [
+            (
+                "server.handshake_timeout_s",
+                self.server.handshake_timeout_s,
+                0.0,
+                false,
+            ),
+            (
+                "server.ping_interval_s",
+                self.server.ping_interval_s,
+                0.0,
+                true,
+            ),
+            (
+                "server.pong_timeout_s",
+                self.server.pong_timeout_s,
+                0.0,
+                false,
+            ),
+            (
+                "server.shutdown_timeout_s",
+                self.server.shutdown_timeout_s,
+                0.0,
+                true,
+            ),
+            (
+                "server.keep_alive_timeout_s",
+                self.server.keep_alive_timeout_s,
+                0.0,
+                false,
+            ),
+            ("monitor.interval_s", self.monitor.interval_s, 0.01, true),
+            ("state.save_every_s", self.state.save_every_s, 0.0, true),
+            ("idle.park_after_s", self.idle.park_after_s, 0.0, true),
+            ("watchdog.stall_s", self.watchdog.stall_s, 0.0, false),
+            (
+                "watchdog.slow_window_s",
+                self.watchdog.slow_window_s,
+                0.0,
+                false,
+            ),
+        ];
+        for (key, v, least, inclusive) in settings {
+            let low = if inclusive { v >= least } else { v > least };
+            if !(low && v <= MAX_SECONDS) {
+                let bound = if inclusive { "at least" } else { "above" };
+                return Err(ConfigError::Invalid(format!(
+                    "{key} must be {bound} {least} and at most {MAX_SECONDS} (a day), not {v}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Gives unnamed workers `llama-N` / `upstream-N`.
@@ -721,7 +767,7 @@ impl Config {
                             o.name, o.url
                         ));
                     }
-                    let seconds = |v: f64| v > 0.0 && v <= 86_400.0;
+                    let seconds = |v: f64| v > 0.0 && v <= MAX_SECONDS;
                     if o.max_inflight == 0
                         || !(seconds(o.timeout_s)
                             && seconds(o.probe_every_s)
@@ -860,6 +906,50 @@ mod tests {
         }
         let off = Config::from_toml("[scheduler]\ndraft_max = 0\n", "t").unwrap();
         assert!(off.validate().is_ok());
+    }
+
+    #[test]
+    fn every_setting_in_seconds_is_a_bounded_number() {
+        for (table, key, zero_ok) in [
+            ("server", "handshake_timeout_s", false),
+            ("server", "ping_interval_s", true),
+            ("server", "pong_timeout_s", false),
+            ("server", "shutdown_timeout_s", true),
+            ("server", "keep_alive_timeout_s", false),
+            ("state", "save_every_s", true),
+            ("idle", "park_after_s", true),
+            ("watchdog", "stall_s", false),
+            ("watchdog", "slow_window_s", false),
+        ] {
+            let zero = if zero_ok { None } else { Some("0.0") };
+            for v in ["nan", "inf", "-1.0", "1e20"].into_iter().chain(zero) {
+                let toml = format!("[{table}]\n{key} = {v}\n");
+                let e = Config::from_toml(&toml, "t")
+                    .unwrap()
+                    .validate()
+                    .unwrap_err();
+                assert!(
+                    e.to_string().contains(&format!("{table}.{key} must be")),
+                    "{toml}: {e}"
+                );
+            }
+            let fine = format!("[{table}]\n{key} = 5.0\n");
+            assert!(
+                Config::from_toml(&fine, "t").unwrap().validate().is_ok(),
+                "{fine}"
+            );
+        }
+        for bad in [
+            "[monitor]\ninterval_s = 0.001\n",
+            "[scheduler]\nitl_target_ms = inf\n",
+            "[watchdog]\nmin_tps = nan\n",
+            "[thermal]\nlimit_c = nan\n",
+        ] {
+            assert!(
+                Config::from_toml(bad, "t").unwrap().validate().is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
