@@ -6,6 +6,7 @@
 mod util;
 
 use std::collections::HashMap;
+use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -238,7 +239,18 @@ fn a_frozen_upstream_leaves_rotation_and_comes_back() {
 #[test]
 fn a_pure_front_serves_the_openai_api_from_an_upstream_and_says_when_it_cannot() {
     let a = Upstream::start(2);
-    let server = Server::start(&["--no-local", "--upstream", &a.url()]);
+    // Under systemd (its notification socket, a watchdog of 0.4 s).
+    let notify = std::env::temp_dir().join(format!("ic-pool-notify-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&notify);
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let server = Server::start_with_env(
+        &["--no-local", "--upstream", &a.url()],
+        &[
+            ("NOTIFY_SOCKET", notify.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
     let w = workers(&server);
     assert_eq!(w.len(), 1, "{w:?}");
     assert_eq!(w["upstream-1"]["kind"], "openai");
@@ -319,6 +331,24 @@ fn a_pure_front_serves_the_openai_api_from_an_upstream_and_says_when_it_cannot()
         "{}",
         out.last
     );
+    // systemd keeps hearing from it: restarting the front would not bring
+    // the upstream back, and it must be up when the upstream is.
+    let mut buf = [0u8; 4096];
+    sock.set_nonblocking(true).unwrap();
+    while sock.recv(&mut buf).is_ok() {}
+    sock.set_nonblocking(false).unwrap();
+    let pings = (0..3)
+        .filter(|_| {
+            let n = sock
+                .recv(&mut buf)
+                .expect("WATCHDOG=1 while the upstream is down");
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "WATCHDOG=1")
+        })
+        .count();
+    assert_eq!(pings, 3);
+    let _ = std::fs::remove_file(&notify);
 }
 
 #[test]

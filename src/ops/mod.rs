@@ -31,8 +31,11 @@ pub struct Ops {
     /// Several workers: the pool supervises each (stalls, slow ones), and
     /// the watchdog only tells systemd whether the pool serves.
     pub pooled: AtomicBool,
-    /// At least one worker of the pool is in rotation.
-    pub serving: AtomicBool,
+    /// The pool serves, or only upstream workers are out (see
+    /// `Pool::healthy`): what systemd's watchdog hears, with `reactor`.
+    pub pool_healthy: AtomicBool,
+    /// Beaten by the reactor's loop (at least once a second while it turns).
+    pub reactor: Heartbeat,
 }
 
 impl Ops {
@@ -44,7 +47,8 @@ impl Ops {
             fault,
             idle,
             pooled: AtomicBool::new(false),
-            serving: AtomicBool::new(true),
+            pool_healthy: AtomicBool::new(true),
+            reactor: Heartbeat::default(),
         }
     }
 

@@ -6,8 +6,9 @@
 //! answered by exiting with `EXIT_STALL` and letting systemd
 //! (`Restart=on-failure`) start a fresh process. Before that, the reactor
 //! tells every client in flight (`error` `internal`). systemd's own watchdog
-//! (`WatchdogSec`) backs this up: WATCHDOG=1 is only sent while the heartbeat
-//! is fresh, so a process too wedged to exit is killed by systemd.
+//! (`WatchdogSec`) backs this up: WATCHDOG=1 is only sent while the process
+//! is well (`well`: the reactor turns, the engine beats, the pool serves), so
+//! a process too wedged to exit is killed by systemd.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -70,10 +71,19 @@ pub fn spawn(
                     ops.metrics.stalls.fetch_add(1, Ordering::Relaxed);
                     restart(&ops, &wake, exit_now);
                 }
-                // A pool is healthy while one of its workers serves.
+                let engine_lag = match hb.state() {
+                    _ if pooled => Duration::ZERO,
+                    EngineState::Busy | EngineState::Waking => lag,
+                    EngineState::Idle | EngineState::Parked => Duration::ZERO,
+                };
                 if let Some(period) = systemd
                     && last_ping.elapsed() >= period
-                    && ops.serving.load(Ordering::Relaxed)
+                    && well(
+                        ops.reactor.since_beat(),
+                        engine_lag,
+                        stall,
+                        ops.pool_healthy.load(Ordering::Relaxed),
+                    )
                 {
                     notify(&[NotifyState::Watchdog]);
                     last_ping = Instant::now();
@@ -99,6 +109,17 @@ pub fn spawn(
             }
         })?;
     Ok(())
+}
+
+/// The reactor beats at least once a second while its loop turns.
+const REACTOR_LAG: Duration = Duration::from_secs(10);
+
+/// Whether systemd hears WATCHDOG=1: the reactor's loop turns, the engine
+/// (alone, not pooled) has made progress within `stall` while it has work
+/// or wakes, and the pool is healthy (`Pool::healthy`). Otherwise systemd
+/// restarts the process after `WatchdogSec`.
+fn well(reactor_lag: Duration, engine_lag: Duration, stall: Duration, pool_healthy: bool) -> bool {
+    reactor_lag < REACTOR_LAG && engine_lag <= stall && pool_healthy
 }
 
 /// Hands over to the reactor (which fails every request and exits); exits
@@ -145,5 +166,23 @@ impl Window {
         let tokens = ops.metrics.tokens.load(Ordering::Relaxed) - self.tokens;
         *self = Window::new(ops);
         Some(tokens as f64 / elapsed.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_hears_only_of_a_process_that_is_well() {
+        let (s, stall) = (Duration::from_secs, Duration::from_secs(30));
+        assert!(well(s(1), s(0), stall, true));
+        // The engine busy (or waking) and beating within the stall bound.
+        assert!(well(s(1), s(29), stall, true));
+        // A wedged reactor loop, a stuck engine, a pool whose local
+        // workers are all out.
+        assert!(!well(s(11), s(0), stall, true));
+        assert!(!well(s(1), s(31), stall, true));
+        assert!(!well(s(1), s(0), stall, false));
     }
 }

@@ -450,6 +450,14 @@ impl Pool {
             .any(|s| s.watch.in_rotation() && !s.restarting)
     }
 
+    /// Whether systemd's watchdog should hear that the process is well: a
+    /// worker serves, or the pool has only upstream workers, whose outage
+    /// restarting this process would not end (a front over a vLLM that is
+    /// reloading must not be killed over and over meanwhile).
+    pub fn healthy(&self) -> bool {
+        self.serving() || self.slots.iter().all(|s| s.kind == Kind::OpenAi)
+    }
+
     /// A request's abort flag was set: upstream workers look at once.
     pub fn nudge(&self) {
         for s in &self.slots {

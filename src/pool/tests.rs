@@ -17,6 +17,8 @@ struct Script {
     events: Vec<Event>,
     down: Option<String>,
     stopped: bool,
+    /// It plays a local llama.cpp engine, not an upstream.
+    local: bool,
 }
 
 impl Scripted {
@@ -30,7 +32,11 @@ impl Scripted {
 
 impl Worker for Scripted {
     fn kind(&self) -> Kind {
-        Kind::OpenAi
+        if self.0.lock().unwrap().local {
+            Kind::Llama
+        } else {
+            Kind::OpenAi
+        }
     }
     fn submit(&self, req: Request) -> Result<(), Box<Request>> {
         self.0.lock().unwrap().got.push(req.key);
@@ -64,6 +70,10 @@ impl Worker for Scripted {
 
 fn pool(n: usize) -> (Pool, Vec<Scripted>) {
     let workers: Vec<Scripted> = (0..n).map(|_| Scripted::default()).collect();
+    (pool_over(&workers), workers)
+}
+
+fn pool_over(workers: &[Scripted]) -> Pool {
     let entries = workers
         .iter()
         .enumerate()
@@ -80,10 +90,7 @@ fn pool(n: usize) -> (Pool, Vec<Scripted>) {
             window: Duration::from_secs(10),
         },
     };
-    (
-        Pool::new(entries, Policy::LeastLoaded, supervision),
-        workers,
-    )
+    Pool::new(entries, Policy::LeastLoaded, supervision)
 }
 
 fn request(key: RequestKey) -> Request {
@@ -206,6 +213,8 @@ fn a_worker_that_goes_down_hands_over_what_has_not_started() {
     w[1].0.lock().unwrap().down = Some("gone".into());
     assert!(!p.tick(Instant::now(), false));
     assert_eq!(p.submit(request(6)), Err(Refused::NoneServing));
+    // Upstreams only: restarting this process would not bring them back.
+    assert!(p.healthy());
     // Healthy again: back after the backoff.
     w[0].0.lock().unwrap().down = None;
     assert!(p.tick(Instant::now() + Duration::from_secs(2), false));
@@ -219,4 +228,17 @@ fn counting_tokens_needs_a_local_worker() {
     let mut req = request(1);
     req.kind = RequestKind::CountTokens;
     assert_eq!(p.submit(req), Err(Refused::CannotCount));
+}
+
+#[test]
+fn systemd_hears_of_a_pool_whose_local_worker_is_down_and_nothing_serves() {
+    let workers: Vec<Scripted> = (0..2).map(|_| Scripted::default()).collect();
+    workers[0].0.lock().unwrap().local = true;
+    let mut p = pool_over(&workers);
+    workers[1].0.lock().unwrap().down = Some("gone".into());
+    assert!(p.tick(Instant::now(), false));
+    assert!(p.healthy(), "the local worker serves");
+    workers[0].0.lock().unwrap().down = Some("wedged".into());
+    assert!(!p.tick(Instant::now(), false));
+    assert!(!p.healthy(), "a restart may bring the local worker back");
 }

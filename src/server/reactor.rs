@@ -586,10 +586,11 @@ impl Reactor {
             return;
         }
         self.last_sweep = now;
-        let serving = self.pool.tick(now, self.ops.monitor.throttled());
+        self.ops.reactor.beat_at(now);
+        self.pool.tick(now, self.ops.monitor.throttled());
         self.ops
-            .serving
-            .store(serving, std::sync::atomic::Ordering::Relaxed);
+            .pool_healthy
+            .store(self.pool.healthy(), std::sync::atomic::Ordering::Relaxed);
         self.drain_engine();
         let ping_every = Duration::from_secs_f64(self.server.ping_interval_s);
         let pong_within = Duration::from_secs_f64(self.server.pong_timeout_s);
