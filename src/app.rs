@@ -193,22 +193,22 @@ fn local_starter(
     } else {
         s.slots
     };
-    // The worker's own layer count, planned as `[model]`'s would be.
-    let n_gpu_layers = match worker.n_gpu_layers {
-        None => vram::gpu_layers(config),
-        Some(layers) => {
-            let mut own = config.clone();
-            own.model.n_gpu_layers = layers;
-            vram::gpu_layers(&own)
-        }
+    let n_ctx = if worker.ctx_size > 0 {
+        worker.ctx_size
+    } else {
+        config.model.ctx_size
     };
+    // The worker's own layer count, planned as `[model]`'s would be, for
+    // its own context (its KV cache is part of the plan).
+    let mut own = config.clone();
+    own.model.ctx_size = n_ctx;
+    if let Some(layers) = worker.n_gpu_layers {
+        own.model.n_gpu_layers = layers;
+    }
+    let n_gpu_layers = vram::gpu_layers(&own);
     let llama_config = LlamaConfig {
         model_path: config.model_path(),
-        n_ctx: if worker.ctx_size > 0 {
-            worker.ctx_size
-        } else {
-            config.model.ctx_size
-        },
+        n_ctx,
         n_batch: config.model.batch_size,
         n_seq_max: scheduler::n_seq_max(slots, s.prefix_cache_entries) as u32,
         threads: if worker.threads > 0 {
