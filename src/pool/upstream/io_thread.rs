@@ -268,19 +268,25 @@ impl Io {
         }
     }
 
-    /// The address to connect to: resolved once (IPv4 first: `localhost`
-    /// servers often listen on 127.0.0.1 only); a failed connection moves
-    /// on to the next one. Resolved again (blocking) only while it has none.
+    /// The address to connect to (IPv4 first: `localhost` servers often
+    /// listen on 127.0.0.1 only); a failed connection moves on to the next
+    /// one. Resolved (blocking) while it has none.
     fn address(&mut self) -> io::Result<SocketAddr> {
         if self.addrs.is_empty() {
             self.addrs = resolve(&self.cfg.target)?;
+            self.next_addr = 0;
         }
         Ok(self.addrs[self.next_addr % self.addrs.len()])
     }
 
-    /// A connection failed: the next one tries the next address.
+    /// A connection failed: the next one tries the next address, and once
+    /// each has failed, the name is resolved again (an upstream in a
+    /// container may come back at another address).
     fn connect_failed(&mut self, now: Instant) {
         self.next_addr = self.next_addr.wrapping_add(1);
+        if self.next_addr >= self.addrs.len() {
+            self.addrs.clear();
+        }
         self.next_probe = self.next_probe.min(now);
     }
 
