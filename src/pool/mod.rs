@@ -177,7 +177,9 @@ impl Pool {
         mut tried: Vec<usize>,
     ) -> Result<(), Box<Request>> {
         loop {
-            let counting = req.kind == RequestKind::CountTokens;
+            // Workers that do all it asks, where one does; else any (an
+            // upstream then says clearly what it cannot do).
+            let any_kind = self.slots.iter().all(|s| !s.kind.serves(&req));
             let candidates: Vec<Candidate> = self
                 .slots
                 .iter()
@@ -186,7 +188,7 @@ impl Pool {
                     eligible: s.watch.in_rotation()
                         && !s.restarting
                         && !tried.contains(&i)
-                        && (!counting || s.kind == Kind::Llama),
+                        && (any_kind || s.kind.serves(&req)),
                     load: s.in_flight,
                     capacity: s.worker.capacity(),
                 })

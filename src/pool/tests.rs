@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::core::{PromptInput, SamplingParams};
+use crate::core::{Constraint, PromptInput, SamplingParams, Truncate};
 use worker::Health;
 
 /// A worker whose requests, events and health the test controls.
@@ -241,4 +241,33 @@ fn systemd_hears_of_a_pool_whose_local_worker_is_down_and_nothing_serves() {
     workers[0].0.lock().unwrap().down = Some("wedged".into());
     assert!(!p.tick(Instant::now(), false));
     assert!(!p.healthy(), "a restart may bring the local worker back");
+}
+
+#[test]
+fn what_only_a_local_engine_does_goes_to_one() {
+    let workers: Vec<Scripted> = (0..2).map(|_| Scripted::default()).collect();
+    workers[1].0.lock().unwrap().local = true;
+    let mut p = pool_over(&workers);
+    let regex = |key| {
+        let mut r = request(key);
+        r.params.constraint = Some(Constraint::Regex("[a-z]+".into()));
+        r
+    };
+    let left = |key| Request {
+        truncate: Truncate::Left,
+        ..request(key)
+    };
+    for r in [regex(1), left(2), regex(3)] {
+        p.submit(r).unwrap();
+    }
+    // A JSON schema and a plain request: either kind (the least loaded).
+    let mut schema = request(4);
+    schema.params.constraint = Some(Constraint::JsonSchema(serde_json::json!({})));
+    p.submit(schema).unwrap();
+    assert_eq!(workers[1].got(), [1, 2, 3]);
+    assert_eq!(workers[0].got(), [4]);
+    // Upstreams only: it goes to one, which says what it cannot do.
+    let (mut p, w) = pool(1);
+    p.submit(regex(5)).unwrap();
+    assert_eq!(w[0].got(), [5]);
 }

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::core::{Event, Request, RequestKey, Status};
+use crate::core::{Constraint, Event, Request, RequestKey, RequestKind, Status, Truncate};
 
 /// What serves behind a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +22,23 @@ impl Kind {
         match self {
             Kind::Llama => "llama",
             Kind::OpenAi => "openai",
+        }
+    }
+
+    /// Whether this kind of worker does everything the request asks. An
+    /// upstream counts no tokens, truncates no prompt (`truncate: left`) and
+    /// constrains only by a JSON schema or a GBNF grammar.
+    pub fn serves(self, req: &Request) -> bool {
+        match self {
+            Kind::Llama => true,
+            Kind::OpenAi => {
+                req.kind != RequestKind::CountTokens
+                    && req.truncate == Truncate::None
+                    && matches!(
+                        req.params.constraint,
+                        None | Some(Constraint::JsonSchema(_) | Constraint::Gbnf(_))
+                    )
+            }
         }
     }
 }
