@@ -217,6 +217,63 @@ fn a_client_that_never_reads_is_disconnected_and_others_are_unaffected() {
 }
 
 #[test]
+fn a_client_that_pipelines_without_reading_waits_and_gets_every_answer_after() {
+    // Without constrained decoding, whose ~125 MB land whenever it is ready.
+    let server =
+        Server::start_with_config("limits-pipelining", "[constraints]\nenabled = false\n", &[]);
+    // A first request has had its share of memory (llama.cpp's buffers).
+    finish_bystander(start_bystander(&server));
+    let rss_before = server.rss_kib();
+    let bystander = start_bystander(&server);
+    // Requests for the page (13 KB each) sent one after another while not
+    // one answer is read: queued, the answers would take 50 MB.
+    let n = 4000;
+    let mut writer = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let mut reader = writer.try_clone().unwrap();
+    let sending = std::thread::spawn(move || {
+        let request = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        for _ in 0..n {
+            writer.write_all(request).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let grew = server.rss_kib().saturating_sub(rss_before);
+    assert!(grew < 16 << 10, "the server's memory grew by {grew} KiB");
+    // Meanwhile everyone else is served.
+    finish_bystander(bystander);
+    // Reading, the client gets all its answers, in order.
+    reader
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let one = loop {
+        let k = reader.read(&mut buf).unwrap();
+        assert!(k > 0, "closed");
+        got.extend_from_slice(&buf[..k]);
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let length: usize = head
+            .split("content-length:")
+            .nth(1)
+            .and_then(|v| v.lines().next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{head}"));
+        break end + 4 + length;
+    };
+    while got.len() < n * one {
+        let k = reader.read(&mut buf).unwrap();
+        assert!(k > 0, "closed after {} answers", got.len() / one);
+        got.extend_from_slice(&buf[..k]);
+    }
+    assert_eq!(got.len(), n * one);
+    sending.join().unwrap();
+}
+
+#[test]
 fn silent_clients_are_pinged_and_closed_while_answering_ones_stay() {
     let server = Server::start_with_config(
         "limits-idle",

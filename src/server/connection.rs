@@ -121,7 +121,18 @@ struct Http {
     close_after: bool,
     /// The client closed its side: nothing more to read.
     eof: bool,
+    /// The next request waits until the client has read the answers before
+    /// it (`PIPELINE_BACKLOG`).
+    paused: bool,
 }
+
+/// Answers a pipelining client has not read yet, in bytes, above which its
+/// next request waits: what it sends without reading does not grow memory.
+const PIPELINE_BACKLOG: usize = 64 << 10;
+
+/// WebSocket messages handled per readiness event; the rest are read on the
+/// loop's next turn, after the other connections' events.
+pub(super) const MESSAGES_PER_TURN: usize = 64;
 
 enum Reading {
     Head,
@@ -192,6 +203,9 @@ pub struct Connection {
     pub ping_sent: Option<Instant>,
     /// A close to send at the next `flush`, after what is queued.
     failing: Option<(CloseCode, String)>,
+    /// More is waiting to be read or parsed: the reactor comes back to it
+    /// on the loop's next turn (mio reports no new readiness for it).
+    pub unread: bool,
 }
 
 impl Connection {
@@ -210,6 +224,7 @@ impl Connection {
                 written: 0,
                 close_after: false,
                 eof: false,
+                paused: false,
             })),
             deadline: Some(deadline),
             session: None,
@@ -219,6 +234,7 @@ impl Connection {
             last_seen: Instant::now(),
             ping_sent: None,
             failing: None,
+            unread: false,
         }
     }
 
@@ -281,6 +297,10 @@ impl Connection {
     fn after_read(&mut self, read: ReadEnd) -> Liveness {
         match read {
             ReadEnd::Alive => Liveness::Alive,
+            ReadEnd::More => {
+                self.unread = true;
+                Liveness::Alive
+            }
             ReadEnd::Gone => Liveness::Gone,
             ReadEnd::Fail(code, why) => {
                 self.failing = Some((code, why));
@@ -322,6 +342,9 @@ impl Connection {
                 }
                 http.out.clear();
                 http.written = 0;
+                if std::mem::take(&mut http.paused) {
+                    self.unread = true;
+                }
                 if http.close_after {
                     let _ = http.stream.shutdown(std::net::Shutdown::Write);
                     return Liveness::Gone;
@@ -482,6 +505,10 @@ impl Connection {
             }
             match &mut http.reading {
                 Reading::Exchange(_) => return Liveness::Alive,
+                Reading::Head if http.out.len() - http.written > PIPELINE_BACKLOG => {
+                    http.paused = true;
+                    return Liveness::Alive;
+                }
                 Reading::Head => {
                     let head = match http1::parse_head(&http.inbuf, settings.limits) {
                         Ok(Some(head)) => head,
@@ -674,13 +701,15 @@ fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Resul
 #[derive(Debug, PartialEq)]
 pub(super) enum ReadEnd {
     Alive,
+    /// `MESSAGES_PER_TURN` were read; more may be waiting.
+    More,
     Gone,
     /// Fail the connection with this close once the inputs are answered.
     Fail(CloseCode, String),
 }
 
-/// Reads every available message; returns how it ended and whether the
-/// client sent anything.
+/// Reads the available messages, at most `MESSAGES_PER_TURN`; returns how
+/// it ended and whether the client sent anything.
 /// Pings, pongs and the close handshake are answered by tungstenite itself
 /// (queued; the reactor flushes afterwards). On the echo route, text and
 /// binary messages are queued straight back, before a close that may follow
@@ -691,7 +720,7 @@ pub(super) fn read_messages<S: Read + Write>(
     inputs: &mut Vec<Input>,
 ) -> (ReadEnd, bool) {
     let mut active = false;
-    loop {
+    for _ in 0..MESSAGES_PER_TURN {
         let result = ws.read();
         if result.is_ok() {
             active = true;
@@ -737,6 +766,7 @@ pub(super) fn read_messages<S: Read + Write>(
             }
         }
     }
+    (ReadEnd::More, active)
 }
 
 /// Fails the connection: a close frame with `code`, written at once if the

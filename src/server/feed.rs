@@ -64,12 +64,16 @@ pub fn feed(bytes: &[u8], config: &WebSocketConfig, echo: bool) -> Fed {
     };
     let mut ws = WebSocket::from_raw_socket(memory, Role::Server, Some(*config));
     let mut inputs = Vec::new();
-    let liveness = match read_messages(&mut ws, echo, &mut inputs).0 {
-        ReadEnd::Alive => Liveness::Alive,
-        ReadEnd::Gone => Liveness::Gone,
-        ReadEnd::Fail(code, why) => {
-            fail(&mut ws, code, &why);
-            Liveness::Gone
+    // The reactor comes back for more on its next turn; here at once.
+    let liveness = loop {
+        match read_messages(&mut ws, echo, &mut inputs).0 {
+            ReadEnd::More => {}
+            ReadEnd::Alive => break Liveness::Alive,
+            ReadEnd::Gone => break Liveness::Gone,
+            ReadEnd::Fail(code, why) => {
+                fail(&mut ws, code, &why);
+                break Liveness::Gone;
+            }
         }
     };
     let _ = ws.flush();
@@ -273,6 +277,27 @@ mod tests {
         let fed = feed(&bytes, &config(), true);
         assert_eq!(fed.liveness, Liveness::Gone);
         assert_eq!(close_code(&fed.output), Some(1007));
+    }
+
+    #[test]
+    fn one_turn_reads_at_most_messages_per_turn_and_the_next_goes_on() {
+        let bytes: Vec<u8> = (0..100)
+            .flat_map(|i| frame(true, 0x1, format!("m{i}").as_bytes(), [5, 6, 7, 8]))
+            .collect();
+        let memory = Memory {
+            input: &bytes,
+            output: Vec::new(),
+            limit: 1 << 20,
+        };
+        let mut ws = WebSocket::from_raw_socket(memory, Role::Server, Some(config()));
+        let mut inputs = Vec::new();
+        let (end, _) = read_messages(&mut ws, false, &mut inputs);
+        assert!(matches!(end, ReadEnd::More));
+        assert_eq!(inputs.len(), crate::server::connection::MESSAGES_PER_TURN);
+        let (end, _) = read_messages(&mut ws, false, &mut inputs);
+        assert!(matches!(end, ReadEnd::Alive));
+        let want: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
+        assert_eq!(texts(&inputs), want);
     }
 
     #[test]

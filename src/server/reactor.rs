@@ -85,7 +85,9 @@ pub struct Reactor {
     last_sweep: Instant,
     inputs: Vec<Input>,
     dirty: Vec<usize>,
-    /// HTTP connections whose request was answered: parse the next one.
+    /// Connections to read again on the loop's next turn: an HTTP request
+    /// was answered (parse the next one), or more is waiting than one turn
+    /// reads (`Connection::unread`).
     resume: Vec<usize>,
     /// When the server started (`created` of `/v1/models`).
     started: u64,
@@ -161,7 +163,9 @@ impl Reactor {
     pub fn run(mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.shutdown_deadline.is_some() {
+            let timeout = if !self.resume.is_empty() {
+                Duration::ZERO
+            } else if self.shutdown_deadline.is_some() {
                 Duration::from_millis(50)
             } else {
                 Duration::from_secs(1)
@@ -185,7 +189,7 @@ impl Reactor {
                 }
             }
             self.flush_dirty();
-            self.resume_http();
+            self.resume_reading();
             if self.ops.heartbeat.stalled() {
                 self.fail_all(RequestError::Stalled);
                 log::error!("exiting with status {}", watchdog::EXIT_STALL);
@@ -281,6 +285,9 @@ impl Reactor {
             && let Some(conn) = self.conns.get_mut(slot)
         {
             live = conn.flush();
+            if std::mem::take(&mut conn.unread) {
+                self.resume.push(slot);
+            }
         }
         if live == Liveness::Gone {
             self.remove(slot);
@@ -382,18 +389,17 @@ impl Reactor {
         }
     }
 
-    /// Goes on with HTTP connections whose request was answered: the next
-    /// pipelined request may be buffered already.
-    fn resume_http(&mut self) {
-        while !self.resume.is_empty() {
-            let mut slots = std::mem::take(&mut self.resume);
-            slots.sort_unstable();
-            slots.dedup();
-            for slot in slots {
-                self.on_socket(slot, true, false);
-            }
-            self.flush_dirty();
+    /// Goes on with the connections to read again (`resume`), once each a
+    /// turn: what they queue again waits for the next turn, after the other
+    /// connections' events, so no client holds the loop.
+    fn resume_reading(&mut self) {
+        let mut slots = std::mem::take(&mut self.resume);
+        slots.sort_unstable();
+        slots.dedup();
+        for slot in slots {
+            self.on_socket(slot, true, false);
         }
+        self.flush_dirty();
     }
 
     fn health(&self) -> Health {
@@ -531,10 +537,13 @@ impl Reactor {
         dirty.sort_unstable();
         dirty.dedup();
         for &slot in &dirty {
-            if let Some(conn) = self.conns.get_mut(slot)
-                && conn.flush() == Liveness::Gone
-            {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if conn.flush() == Liveness::Gone {
                 self.remove(slot);
+            } else if std::mem::take(&mut conn.unread) {
+                self.resume.push(slot);
             }
         }
         dirty.clear();
