@@ -352,6 +352,14 @@ fn api_keys_guard_every_route_but_health() {
         ws(base.clone(), Some(("Sec-WebSocket-Protocol", offered))),
         Ok("inference-core.v1".into())
     );
+    // With the key in a query, an offered protocol is answered all the same.
+    assert_eq!(
+        ws(
+            format!("{base}?api_key=key-two-5678"),
+            Some(("Sec-WebSocket-Protocol", "inference-core.v1"))
+        ),
+        Ok("inference-core.v1".into())
+    );
 
     let log = server.log_text();
     assert!(log.contains("API keys: 2"), "{log}");
@@ -365,6 +373,18 @@ fn api_keys_guard_every_route_but_health() {
 fn without_keys_the_log_says_there_is_no_authentication() {
     let server = Server::start(&[]);
     server.wait_log("no API keys set");
+    // A browser that offers a subprotocol fails the handshake unless it
+    // gets one back (tungstenite's client too).
+    let mut req = format!("ws://127.0.0.1:{}/", server.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "inference-core.v1".parse().unwrap(),
+    );
+    let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let (_, r) = tungstenite::client(req, stream).expect("the handshake");
+    assert_eq!(r.headers()["sec-websocket-protocol"], "inference-core.v1");
 }
 
 #[test]

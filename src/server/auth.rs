@@ -22,8 +22,9 @@ pub enum AuthError {
 /// What an accepted request authenticated with.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Granted {
-    /// The WebSocket subprotocol to answer with (the client offered its key
-    /// as one, and a client that offers protocols must get one back).
+    /// The WebSocket subprotocol to answer with: a client that offers
+    /// protocols must get one back (browsers fail the handshake otherwise),
+    /// the first that is not a key, else the first.
     pub protocol: Option<String>,
 }
 
@@ -71,8 +72,15 @@ impl ApiKeys {
             .header("sec-websocket-protocol")
             .map(|v| v.split(',').map(str::trim).collect())
             .unwrap_or_default();
+        let granted = Granted {
+            protocol: offered
+                .iter()
+                .find(|p| !p.starts_with(PROTOCOL_PREFIX))
+                .or(offered.first())
+                .map(|p| p.to_string()),
+        };
         if self.keys.is_empty() || exempt(head) {
-            return Ok(Granted::default());
+            return Ok(granted);
         }
         let bearer = head
             .header("authorization")
@@ -86,17 +94,7 @@ impl ApiKeys {
         match key {
             None => Err(AuthError::Missing),
             Some(k) if !self.allows(k) => Err(AuthError::Wrong),
-            Some(_) => Ok(Granted {
-                // Answer with the first protocol that is not the key, if any.
-                protocol: in_protocol.map(|_| {
-                    offered
-                        .iter()
-                        .find(|p| !p.starts_with(PROTOCOL_PREFIX))
-                        .or(offered.first())
-                        .expect("a key came in a protocol")
-                        .to_string()
-                }),
-            }),
+            Some(_) => Ok(granted),
         }
     }
 }
@@ -137,6 +135,12 @@ mod tests {
             keys.check(&head("POST /v1/chat/completions HTTP/1.1"))
                 .is_ok()
         );
+        // Offered subprotocols are answered with keys or without.
+        let ws = "GET / HTTP/1.1\r\nSec-WebSocket-Protocol: inference-core.v1, bearer.k";
+        assert_eq!(
+            keys.check(&head(ws)).unwrap().protocol.as_deref(),
+            Some("inference-core.v1")
+        );
     }
 
     #[test]
@@ -168,6 +172,13 @@ mod tests {
             Granted {
                 protocol: Some("bearer.k1".into())
             }
+        );
+        assert_eq!(
+            ok("GET / HTTP/1.1\r\nAuthorization: Bearer k1\r\nSec-WebSocket-Protocol: v1")
+                .unwrap()
+                .protocol
+                .as_deref(),
+            Some("v1")
         );
         assert!(ok("GET /health HTTP/1.1").is_ok());
         assert!(ok("OPTIONS /v1/completions HTTP/1.1").is_ok());
