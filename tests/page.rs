@@ -46,6 +46,25 @@ fn root_serves_the_page_as_html() {
         body.contains("://${location.host}/"),
         "the page connects elsewhere"
     );
+    // HEAD: the same head, no body, and the kept-alive connection goes on.
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "HEAD / HTTP/1.1\r\nHost: localhost\r\n\r\nGET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut both = String::new();
+    s.read_to_string(&mut both).unwrap();
+    let (head, health) = both.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let length = format!("\r\nContent-Length: {}\r\n", body.len());
+    assert!(head.contains(&length), "{head}");
+    assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
+    assert!(
+        health.trim_end().ends_with(r#"{"status":"ready"}"#),
+        "{health}"
+    );
 }
 
 #[test]

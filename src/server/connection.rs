@@ -150,6 +150,8 @@ struct Exchange {
     /// The `Access-Control-Allow-Origin` to answer with.
     cors: Option<String>,
     streaming: bool,
+    /// A `HEAD` request: the answer's head only, as `GET` would have it.
+    head_only: bool,
 }
 
 /// What a client sent, for the reactor to act on.
@@ -376,14 +378,18 @@ impl Connection {
         let State::Http(http) = &mut self.state else {
             return false;
         };
-        let (keep_alive, cors) = match &http.reading {
-            Reading::Exchange(x) if !x.streaming => (x.keep_alive, x.cors.clone()),
+        let (keep_alive, cors, head_only) = match &http.reading {
+            Reading::Exchange(x) if !x.streaming => (x.keep_alive, x.cors.clone(), x.head_only),
             Reading::Exchange(_) => return false,
-            _ => (false, None),
+            _ => (false, None, false),
         };
         let keep_alive = keep_alive && !http.close_after && !http.eof;
-        http.out
-            .extend_from_slice(&response.to_bytes(keep_alive, cors.as_deref()));
+        let bytes = if head_only {
+            response.head_bytes(Some(response.body.len()), keep_alive, cors.as_deref())
+        } else {
+            response.to_bytes(keep_alive, cors.as_deref())
+        };
+        http.out.extend_from_slice(&bytes);
         self.end_exchange(keep_alive, settings)
     }
 
@@ -574,6 +580,7 @@ impl Connection {
                         keep_alive: head.keep_alive,
                         cors: cors_origin(&head, &settings.cors_origins),
                         streaming: false,
+                        head_only: head.method == "HEAD",
                     });
                     self.deadline = None;
                     inputs.push(Input::Http { head, body });

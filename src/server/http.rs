@@ -146,6 +146,8 @@ pub fn route(
     metrics: impl FnOnce() -> String,
 ) -> Response {
     let path = target.split('?').next().unwrap_or("");
+    // HEAD is GET without the body (the connection leaves it out).
+    let method = if method == "HEAD" { "GET" } else { method };
     match (method, path) {
         // A CORS preflight: the connection adds the origin if it is allowed.
         ("OPTIONS", _) => Response::new(204, "text/plain", "")
