@@ -295,6 +295,12 @@ impl Reactor {
     }
 
     fn handle_input(&mut self, slot: usize, input: Input) {
+        // Closing (a slow reader, a silent client): its requests were
+        // aborted, and what it still sends is not started.
+        let closing = self.conns.get(slot).is_some_and(|c| c.is_closing());
+        if closing && matches!(input, Input::Text(_) | Input::Binary | Input::TooLarge(_)) {
+            return;
+        }
         match input {
             Input::Opened => {
                 if let Some(conn) = self.conns.get_mut(slot) {
