@@ -772,6 +772,10 @@ impl Host for ConnHost<'_> {
         self.pool.nudge();
     }
 
+    fn in_flight(&self, id: &str) -> bool {
+        self.table.has(self.conn, id)
+    }
+
     fn status(&self) -> Status {
         let mut status = self.pool.status();
         status.ops = self.ops.status();

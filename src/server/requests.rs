@@ -117,6 +117,13 @@ impl RequestTable {
         Ok(Opened { key, id, cancel })
     }
 
+    /// Whether `conn` has a request `id` in flight.
+    pub fn has(&self, conn: ConnId, id: &str) -> bool {
+        self.by_conn
+            .get(&conn)
+            .is_some_and(|ids| ids.contains_key(id))
+    }
+
     pub fn get_mut(&mut self, key: RequestKey) -> Option<&mut Route> {
         self.routes.get_mut(&key)
     }

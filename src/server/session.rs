@@ -154,6 +154,8 @@ pub trait Host {
     fn submit(&mut self, id: Option<&str>, spec: RequestSpec) -> Result<String, SubmitError>;
     /// Aborts this connection's request `id`, or all of them; unknown ids are ignored.
     fn abort(&mut self, id: Option<&str>);
+    /// Whether this connection has a request `id` in flight.
+    fn in_flight(&self, id: &str) -> bool;
     fn status(&self) -> Status;
 }
 
@@ -206,6 +208,9 @@ pub mod testing {
         }
         fn abort(&mut self, id: Option<&str>) {
             self.aborted.push(id.map(Into::into));
+        }
+        fn in_flight(&self, id: &str) -> bool {
+            self.submitted.iter().any(|(s, _)| s.as_deref() == Some(id))
         }
         fn status(&self) -> Status {
             Status {

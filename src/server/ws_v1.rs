@@ -98,7 +98,15 @@ impl Session for WsV1 {
                 let status = (&host.status()).into();
                 out.push(ServerMsg::Status(&status).to_json())
             }
-            Err(e) => out.push(ServerMsg::error(e.id.as_deref(), e.code, &e.message)),
+            // An error with an id ends that request for the client: one
+            // about a request in flight says its id in words only.
+            Err(e) => match e.id.as_deref() {
+                Some(id) if host.in_flight(id) => {
+                    let message = format!("{} (about id {id:?}, which goes on)", e.message);
+                    out.push(ServerMsg::error(None, e.code, &message))
+                }
+                id => out.push(ServerMsg::error(id, e.code, &e.message)),
+            },
         }
     }
 
@@ -316,6 +324,23 @@ mod tests {
             (&out[0]["id"], &out[0]["code"]),
             (&json!("b"), &json!("overloaded"))
         );
+    }
+
+    #[test]
+    fn a_bad_message_about_a_live_request_does_not_end_it() {
+        let mut host = FakeHost::default();
+        assert!(send(&mut host, json!({"op":"infer","id":"r1","prompt":"Hi"})).is_empty());
+        let out = send(&mut host, json!({"op":"abort","id":"r1","x":1}));
+        assert_eq!(out[0]["op"], "error");
+        assert_eq!(out[0]["id"], Value::Null);
+        assert!(
+            out[0]["message"].as_str().unwrap().contains("\"r1\""),
+            "{}",
+            out[0]
+        );
+        // About an id not in flight, the error carries it.
+        let out = send(&mut host, json!({"op":"abort","id":"r2","x":1}));
+        assert_eq!(out[0]["id"], "r2");
     }
 
     #[test]
