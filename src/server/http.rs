@@ -137,11 +137,17 @@ pub enum Health {
     Unavailable,
 }
 
+/// The headers a CORS preflight allows when it names none.
+const ALLOW_HEADERS: &str = "Authorization, Content-Type";
+
 /// Answers a plain request that no session serves; `metrics` renders
-/// `/metrics` when asked.
+/// `/metrics` when asked. A CORS preflight is allowed the headers it asks
+/// for (`Access-Control-Request-Headers`: the OpenAI SDKs send headers of
+/// their own), whether its origin is allowed is the connection's to say.
 pub fn route(
     method: &str,
     target: &str,
+    request_headers: Option<&str>,
     health: Health,
     metrics: impl FnOnce() -> String,
 ) -> Response {
@@ -154,7 +160,7 @@ pub fn route(
             .with_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
             .with_header(
                 "Access-Control-Allow-Headers",
-                "Authorization, Content-Type",
+                request_headers.unwrap_or(ALLOW_HEADERS),
             )
             .with_header("Access-Control-Max-Age", "600"),
         ("GET", "/health") => match health {
@@ -190,30 +196,39 @@ mod tests {
     #[test]
     fn routes() {
         let none = || -> String { panic!("metrics not asked for") };
-        assert_eq!(route("GET", "/health", Health::Ready, none).status, 200);
+        assert_eq!(
+            route("GET", "/health", None, Health::Ready, none).status,
+            200
+        );
         assert!(
-            route("GET", "/health?x", Health::Parked, none)
+            route("GET", "/health?x", None, Health::Parked, none)
                 .body
                 .contains("parked")
         );
-        assert_eq!(route("GET", "/health", Health::Draining, none).status, 503);
         assert_eq!(
-            route("GET", "/metrics", Health::Ready, || "m 1".into()).body,
+            route("GET", "/health", None, Health::Draining, none).status,
+            503
+        );
+        assert_eq!(
+            route("GET", "/metrics", None, Health::Ready, || "m 1".into()).body,
             "m 1"
         );
         assert!(
-            route("GET", "/", Health::Ready, none)
+            route("GET", "/", None, Health::Ready, none)
                 .body
                 .contains("<html")
         );
-        assert_eq!(route("GET", "/nope", Health::Ready, none).status, 404);
-        assert_eq!(route("POST", "/", Health::Ready, none).status, 405);
-        assert_eq!(route("GET", "/tokenize", Health::Ready, none).status, 405);
+        assert_eq!(route("GET", "/nope", None, Health::Ready, none).status, 404);
+        assert_eq!(route("POST", "/", None, Health::Ready, none).status, 405);
         assert_eq!(
-            route("OPTIONS", "/v1/models", Health::Ready, none).status,
+            route("GET", "/tokenize", None, Health::Ready, none).status,
+            405
+        );
+        assert_eq!(
+            route("OPTIONS", "/v1/models", None, Health::Ready, none).status,
             204
         );
-        assert_eq!(route("PUT", "/", Health::Ready, none).status, 405);
+        assert_eq!(route("PUT", "/", None, Health::Ready, none).status, 405);
     }
 
     #[test]

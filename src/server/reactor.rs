@@ -438,7 +438,8 @@ impl Reactor {
         let model = &self.ready.model_name;
         let response =
             openai::models_route(method, path, model, self.started).unwrap_or_else(|| {
-                http::route(method, &head.target, self.health(), || {
+                let asked = head.header("access-control-request-headers");
+                http::route(method, &head.target, asked, self.health(), || {
                     self.ops
                         .render_metrics(self.pool.status(), self.conns.len())
                 })
