@@ -261,7 +261,8 @@ impl Connection {
                         Err(_) => return Liveness::Gone,
                     }
                 }
-                if was_idle && !http.inbuf.is_empty() {
+                // A refused connection keeps the short deadline it came with.
+                if was_idle && !http.inbuf.is_empty() && !self.refused {
                     self.deadline = Some(Instant::now() + settings.request_timeout);
                 }
                 let live = self.advance(settings, inputs);
